@@ -1,0 +1,215 @@
+"""One frozen Settings model: TOML file + environment + command line, validated once, passed down.
+
+Precedence, lowest first: built-in defaults, the TOML file, APPLIANCE_* environment variables,
+command-line flags. A relative ``data_dir`` in a file resolves against the file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+DEFAULT_PORT = 8100
+DEFAULT_DATA_DIR = "appliance-data"
+
+# Ports probed on 127.0.0.1 when no backend is configured (zero-config discovery).
+DISCOVERY_PORTS = (11434, 8000, 8080, 9931, 1234, 30000)
+
+
+class ConfigError(Exception):
+    """A config file or value is wrong; the message names the file, the key and the problem."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Model):
+    host: str = Field("127.0.0.1", description="Address to bind. Loopback unless told otherwise.")
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="TCP port to listen on.")
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64,
+                         description="Worker processes (default: CPU count).")
+    single_process: bool = Field(False, description="Serve from one process, no workers (tiny hosts).")
+    data_dir: Path = Field(Path(DEFAULT_DATA_DIR), description="Folder for the SQLite database and files.")
+    max_body_mb: float = Field(32, gt=0, description="Largest accepted request body, in MB.")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS ('*' for any).")
+    tls_cert: Path | None = Field(None, description="PEM certificate for HTTPS.")
+    tls_key: Path | None = Field(None, description="PEM private key for HTTPS.")
+    graceful_timeout_s: float = Field(15, ge=0, description="How long in-flight requests may drain on stop.")
+    drain_delay_s: float = Field(0, ge=0, le=60,
+                                 description="Seconds /ready answers 503 before the listener closes on stop.")
+    flush_interval_ms: int = Field(250, ge=10, le=60_000, description="Buffered database writes, flush period.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+
+class BackendSettings(_Model):
+    name: str = Field(description="Unique name; `name/model` in a request forces this backend.")
+    type: Literal["openai", "ollama"] = Field("openai", description="Wire protocol of the backend.")
+    url: str = Field(description="Base URL, e.g. http://127.0.0.1:8000/v1 (openai) or http://127.0.0.1:11434.")
+    api_key: SecretStr | None = Field(None, description="Sent to the backend as a bearer token.")
+    timeout_s: float = Field(300, gt=0, description="Total time allowed per upstream request.")
+    connect_timeout_s: float = Field(3, gt=0, description="Time allowed to open a connection.")
+    discover: bool = Field(True, description="List the backend's models at start and every interval.")
+    models: list[str] = Field(default_factory=list, description="Models served, when discover is off.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (no '/')")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
+
+
+class ModelSettings(_Model):
+    name: str = Field(description="The model name clients send.")
+    target: str | None = Field(None, description="`backend/model` or a model name this alias points to.")
+    context_window: int | None = Field(None, gt=0, description="Overrides the discovered context window.")
+    max_output_tokens: int | None = Field(None, gt=0, description="Advertised output limit.")
+    capabilities: dict[str, bool] | None = Field(None, description="Overrides discovered capabilities.")
+
+
+class DiscoverySettings(_Model):
+    enabled: bool = Field(True, description="Probe local ports for backends when none is configured.")
+    interval_s: float = Field(60, gt=0, description="How often backends are probed and listed.")
+    host: str = Field("127.0.0.1", description="Host probed for zero-config backends.")
+    ports: list[int] = Field(default_factory=lambda: list(DISCOVERY_PORTS), description="Ports probed.")
+
+
+class Settings(_Model):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    backends: list[BackendSettings] = Field(default_factory=list)
+    models: list[ModelSettings] = Field(default_factory=list)
+    discovery: DiscoverySettings = Field(default_factory=DiscoverySettings)
+    config_file: Path | None = Field(None, description="Where these settings came from (not a TOML key).")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        for kind, names in (("backends", [b.name for b in self.backends]),
+                            ("models", [m.name for m in self.models])):
+            seen: set[str] = set()
+            for i, name in enumerate(names):
+                if name in seen:
+                    raise ValueError(f"{kind}[{i}].name: duplicate name {name!r}")
+                seen.add(name)
+        return self
+
+    @property
+    def data_dir(self) -> Path:
+        return self.server.data_dir
+
+    @property
+    def longest_timeout_s(self) -> float:
+        return max([b.timeout_s for b in self.backends] or [BackendSettings.model_fields["timeout_s"].default])
+
+    def masked(self) -> dict[str, Any]:
+        """The resolved settings as plain data, secrets replaced by '********'."""
+        return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, where: str, environ: dict[str, str]) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string value."""
+    if isinstance(value, str):
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in environ:
+                return environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {name} is not set")
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{where}.{k}" if where else k, environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{where}[{i}]", environ) for i, v in enumerate(value)]
+    return value
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        loc = _key_path(tuple(p for p in e["loc"] if p not in ("function-after",)))
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if not msg.startswith(loc) else msg)
+    return "; ".join(lines)
+
+
+def read_file(path: Path, environ: dict[str, str]) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        data = _interpolate(raw, "", environ)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    data_dir = data.get("server", {}).get("data_dir") if isinstance(data.get("server"), dict) else None
+    if isinstance(data_dir, str) and not Path(data_dir).is_absolute():
+        data["server"]["data_dir"] = str((path.parent / data_dir).resolve())
+    return data
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Build Settings from a file (or APPLIANCE_CONFIG), APPLIANCE_* variables and CLI overrides.
+
+    ``overrides`` maps section -> {key: value}; values that are None are ignored.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    path_text = config_file or environ.get("APPLIANCE_CONFIG") or None
+    path = Path(path_text).resolve() if path_text else None
+    data = read_file(path, environ) if path else {}
+    if environ.get("APPLIANCE_DATA_DIR"):
+        data.setdefault("server", {})["data_dir"] = environ["APPLIANCE_DATA_DIR"]
+    for section, values in (overrides or {}).items():
+        for key, value in values.items():
+            if value is not None:
+                data.setdefault(section, {})[key] = value
+    data["config_file"] = str(path) if path else None
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path or 'settings'}: {_describe(exc)}") from None
+    # Anchor a relative data dir once, so workers and the CLI agree whatever their cwd.
+    server = settings.server.model_copy(update={"data_dir": settings.server.data_dir.resolve()})
+    return settings.model_copy(update={"server": server})

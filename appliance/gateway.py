@@ -1,0 +1,129 @@
+"""One worker's gateway: its backends, their catalog, its database buffers, and the refresh loop.
+
+Built in before_server_start, hung on app.ctx, passed explicitly to the pipeline. No globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from appliance import discovery
+from appliance.catalog import Catalog
+from appliance.config import BackendSettings, Settings
+from appliance.errors import GatewayError
+from appliance.providers import registry
+from appliance.providers.base import ModelInfo, Provider
+from appliance.storage.db import BufferedWriter, Database
+from appliance.transport import Transport
+
+log = logging.getLogger("appliance.gateway")
+
+# How long a request waits for the first discovery when it arrives right after start.
+FIRST_DISCOVERY_WAIT_S = 5.0
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    transport: Transport
+    db: Database
+    writer: BufferedWriter
+    catalog: Catalog = field(init=False)
+    providers: dict[str, Provider] = field(default_factory=dict, init=False)
+    draining: bool = field(default=False, init=False)
+    _backends: dict[str, BackendSettings] = field(default_factory=dict, init=False)
+    _discovered: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.catalog = Catalog(self.settings.models)
+        for backend in self.settings.backends:
+            self._add(backend, kind="ollama" if backend.type == "ollama" else "openai")
+
+    @property
+    def zero_config(self) -> bool:
+        return not self.settings.backends and self.settings.discovery.enabled
+
+    def _add(self, backend: BackendSettings, kind: str) -> None:
+        self._backends[backend.name] = backend
+        self.providers[backend.name] = registry.build(backend, self.transport, kind)
+        self.catalog.add_backend(backend.name, kind)
+        if not backend.discover and backend.models:
+            self.catalog.update(backend.name, models=[ModelInfo(id=m) for m in backend.models])
+            self.catalog.backends[backend.name].up = None  # listed from config; not probed yet
+
+    # ------------------------------------------------------------------ discovery
+
+    async def refresh(self) -> None:
+        """Find new local servers (zero-config), then probe every backend and list its models."""
+        if self.zero_config:
+            await self._scan()
+        await asyncio.gather(*(self._probe(name) for name in list(self.providers)))
+        self._discovered.set()
+
+    async def _scan(self) -> None:
+        cfg = self.settings.discovery
+        known_urls = {b.url.removesuffix("/v1") for b in self._backends.values()}
+        for port, kind in (await discovery.scan(self.transport, cfg.host, cfg.ports)).items():
+            backend = discovery.backend_for(kind, cfg.host, port, set(self._backends))
+            if backend.url.removesuffix("/v1") in known_urls:
+                continue
+            self._add(backend, kind)
+            log.info("found %s at %s: registered as backend %r", kind, backend.url, backend.name)
+
+    async def _probe(self, name: str) -> None:
+        provider, backend = self.providers[name], self._backends[name]
+        try:
+            models = await provider.list_models()
+        except GatewayError as exc:
+            if self.catalog.backends[name].up is not False:
+                log.warning("backend %r is not answering: %s", name, exc.message)
+            self.catalog.update(name, models=None, error=exc.message)
+            return
+        if not backend.discover:
+            models = [ModelInfo(id=m) for m in backend.models] if backend.models else models
+        state = self.catalog.backends[name]
+        if state.up is not True:
+            log.info("backend %r (%s) is up with %d model(s)", name, provider.kind, len(models))
+        state.kind = provider.kind
+        self.catalog.update(name, models=models)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._refresh_loop(), name="backend-refresh")
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # never let one bad probe end the loop
+                log.exception("backend refresh failed")
+            await asyncio.sleep(self.settings.discovery.interval_s)
+
+    async def wait_discovered(self) -> None:
+        """Let a request that arrives in the first moments of a worker's life see the catalog."""
+        if not self._discovered.is_set():
+            try:
+                await asyncio.wait_for(self._discovered.wait(), FIRST_DISCOVERY_WAIT_S)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.writer.stop()
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "shutting down"
+        answered = [s.name for s in self.catalog.backends.values() if s.up]
+        if answered:
+            return True, "ok"
+        if not self.catalog.backends:
+            return False, "no backend configured or discovered"
+        return False, "no backend answered its last probe"

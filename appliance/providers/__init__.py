@@ -1,0 +1,1 @@
+"""Backends by wire format: each module translates to and from OpenAI's shapes."""

@@ -1,0 +1,98 @@
+"""The Provider protocol: what the pipeline asks of a backend, whatever wire format it speaks.
+
+Providers translate wire formats and do I/O through the transport. They never touch storage or the
+web server. Every failure leaves a provider as a GatewayError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from appliance.errors import GatewayError
+from appliance.transport import ConnectError, Limits, ReadError, Timeout, TransportError
+
+# The OpenAI endpoints a provider can serve, as the path after /v1/.
+CHAT = "chat/completions"
+COMPLETIONS = "completions"
+EMBEDDINGS = "embeddings"
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """What a backend tells about one of its models (None: not known)."""
+
+    id: str
+    created: int | None = None
+    context_window: int | None = None  # the window the server runs with
+    context_window_trained: int | None = None  # the model's trained maximum
+    capabilities: dict[str, bool] = field(default_factory=dict)
+    loaded: bool | None = None
+    aliases: tuple[str, ...] = ()  # other names that reach it (Ollama: 'llama3.2' for 'llama3.2:latest')
+
+
+@dataclass(slots=True)
+class Call:
+    """One upstream request in OpenAI terms: the body is already addressed to the backend's model."""
+
+    endpoint: str
+    body: dict[str, Any]
+    request_id: str
+    headers: dict[str, str] = field(default_factory=dict)  # client headers that may travel upstream
+    limits: Limits | None = None  # None: the backend's configured timeouts
+
+
+@dataclass(slots=True)
+class Reply:
+    """A successful non-streaming answer, as OpenAI JSON."""
+
+    body: bytes
+    data: dict[str, Any] | None  # the parsed body, when the provider had to parse it anyway
+    upstream_s: float
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class EventStream(Protocol):
+    """A streaming answer: OpenAI chat/completions SSE events, whole, in the order received."""
+
+    headers_after_s: float  # time the backend took to start answering
+    headers: dict[str, str]
+
+    def __aiter__(self) -> AsyncIterator[list[bytes]]: ...
+
+
+class Provider(Protocol):
+    name: str
+    kind: str  # what the backend is: ollama, vllm, llamacpp, llama-cpp-python, lmstudio, sglang, openai
+
+    async def send(self, call: Call) -> Reply: ...
+
+    def stream(self, call: Call) -> AbstractAsyncContextManager[EventStream]: ...
+
+    async def list_models(self) -> list[ModelInfo]: ...
+
+    def supports(self, endpoint: str) -> bool: ...
+
+
+def transport_failure(exc: TransportError, backend: str, limits: Limits) -> GatewayError:
+    """A transport failure in the gateway's vocabulary."""
+    if isinstance(exc, Timeout):
+        return GatewayError("backend_timeout", f"backend {backend!r} did not answer within {limits.total_s:g} s")
+    if isinstance(exc, ConnectError):
+        return GatewayError("backend_unreachable", f"backend {backend!r} is unreachable: {exc}")
+    assert isinstance(exc, ReadError | TransportError)
+    return GatewayError("backend_unreachable", f"connection to backend {backend!r} failed: {exc}")
+
+
+# Upstream response headers that describe the hop, not the answer.
+HOP_HEADERS = frozenset(
+    ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+     "transfer-encoding", "upgrade", "content-length", "content-encoding", "date", "server", "x-request-id")
+)
+
+
+def answer_headers(headers: Any) -> dict[str, str]:
+    """Upstream response headers worth passing to the client."""
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_HEADERS and k.lower() != "content-type"}

@@ -1,0 +1,174 @@
+"""Any OpenAI-compatible server: vLLM, llama.cpp, llama-cpp-python, LM Studio, SGLang, TGI, OpenAI.
+
+The body goes upstream as the client sent it (model renamed); answers come back byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+
+from appliance.config import BackendSettings
+from appliance.errors import GatewayError, upstream_error
+from appliance.providers.base import (
+    EMBEDDINGS,
+    Call,
+    ModelInfo,
+    Reply,
+    answer_headers,
+    transport_failure,
+)
+from appliance.sse import EventSplitter
+from appliance.transport import Limits, StreamResponse, Transport, TransportError
+
+
+def api_base(url: str) -> str:
+    """Base URL for /chat/completions etc.: a URL without a path means the server's /v1."""
+    rest = url.partition("://")[2]
+    return url if "/" in rest else url + "/v1"
+
+
+class OpenAIStream:
+    def __init__(self, response: StreamResponse, backend: str, limits: Limits) -> None:
+        self._response = response
+        self._backend = backend
+        self._limits = limits
+        self.headers_after_s = response.headers_after_s
+        self.headers = answer_headers(response.headers)
+
+    async def __aiter__(self) -> AsyncIterator[list[bytes]]:
+        splitter = EventSplitter()
+        try:
+            async for chunk in self._response.chunks():
+                events = splitter.feed(chunk)
+                if events:
+                    yield events
+        except TransportError as exc:
+            raise transport_failure(exc, self._backend, self._limits) from exc
+        tail = splitter.close()
+        if tail:
+            yield [tail]
+
+
+class OpenAICompatProvider:
+    def __init__(self, settings: BackendSettings, transport: Transport, kind: str = "openai") -> None:
+        self.name = settings.name
+        self.kind = kind
+        self._base = api_base(settings.url)
+        self._transport = transport
+        self._limits = Limits(settings.timeout_s, settings.connect_timeout_s)
+        self._auth = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
+
+    def supports(self, endpoint: str) -> bool:
+        return True  # what the server lacks, it answers with 404, mapped by the caller
+
+    def _headers(self, call: Call) -> dict[str, str]:
+        return {**call.headers, "Content-Type": "application/json", "X-Request-ID": call.request_id,
+                **self._auth}
+
+    async def send(self, call: Call) -> Reply:
+        limits = call.limits or self._limits
+        try:
+            response = await self._transport.request(
+                "POST", f"{self._base}/{call.endpoint}", limits=limits, headers=self._headers(call),
+                body=orjson.dumps(call.body),
+            )
+        except TransportError as exc:
+            raise transport_failure(exc, self.name, limits) from exc
+        if response.status >= 400:
+            raise self._error(call, response.status, response.body)
+        try:
+            data = orjson.loads(response.body)
+        except orjson.JSONDecodeError:
+            raise GatewayError("backend_error", f"backend {self.name!r} sent a body that is not JSON") from None
+        return Reply(response.body, data, response.elapsed_s, answer_headers(response.headers))
+
+    @asynccontextmanager
+    async def stream(self, call: Call) -> AsyncIterator[OpenAIStream]:
+        limits = call.limits or self._limits
+        try:
+            async with self._transport.stream(
+                "POST", f"{self._base}/{call.endpoint}", limits=limits, headers=self._headers(call),
+                body=orjson.dumps(call.body),
+            ) as response:
+                if response.status >= 400:
+                    raise self._error(call, response.status, await response.read())
+                yield OpenAIStream(response, self.name, limits)
+        except TransportError as exc:
+            raise transport_failure(exc, self.name, limits) from exc
+
+    def _error(self, call: Call, status: int, body: bytes) -> GatewayError:
+        error = upstream_error(status, body, self.name)
+        if call.endpoint == EMBEDDINGS and status in (404, 405, 501) and error.body is None:
+            # The server has no embeddings route (a bare 404 page), as opposed to an unknown model.
+            return GatewayError("unsupported", f"backend {self.name!r} does not serve embeddings")
+        return error
+
+    async def list_models(self) -> list[ModelInfo]:
+        """GET /models, enriched with what llama.cpp and vLLM put there."""
+        try:
+            response = await self._transport.request("GET", f"{self._base}/models", limits=self._limits,
+                                                     headers=self._auth)
+        except TransportError as exc:
+            raise transport_failure(exc, self.name, self._limits) from exc
+        if response.status >= 400:
+            raise upstream_error(response.status, response.body, self.name)
+        try:
+            entries = orjson.loads(response.body)["data"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise GatewayError("backend_error", f"backend {self.name!r} sent an unreadable model list") from None
+        entries = [entry for entry in entries if isinstance(entry, dict) and entry.get("id")]
+        if self.kind == "openai" and entries:
+            self.kind = kind_from_owner(entries[0].get("owned_by"))
+        models = [model_info(entry) for entry in entries]
+        if self.kind == "llamacpp" and len(models) == 1:
+            await self._add_props(models[0])
+        return models
+
+    async def _add_props(self, info: ModelInfo) -> None:
+        """llama.cpp's /props: the runtime window per slot and what the chat template can do."""
+        root = self._base.removesuffix("/v1")
+        try:
+            response = await self._transport.request("GET", f"{root}/props", limits=self._limits,
+                                                     headers=self._auth)
+            props = orjson.loads(response.body) if response.status == 200 else {}
+        except (TransportError, orjson.JSONDecodeError):
+            return
+        if not isinstance(props, dict):
+            return
+        settings = props.get("default_generation_settings")
+        if isinstance(settings, dict):
+            info.context_window = _int(settings.get("n_ctx")) or info.context_window
+        caps = props.get("chat_template_caps")
+        if isinstance(caps, dict) and isinstance(caps.get("supports_tools"), bool):
+            info.capabilities["tools"] = caps["supports_tools"]
+        modalities = props.get("modalities")
+        if isinstance(modalities, dict) and isinstance(modalities.get("vision"), bool):
+            info.capabilities["vision"] = modalities["vision"]
+
+
+# owned_by in /v1/models tells the servers apart.
+_OWNERS = {"vllm": "vllm", "llamacpp": "llamacpp", "me": "llama-cpp-python", "sglang": "sglang",
+           "organization_owner": "lmstudio"}
+
+
+def kind_from_owner(owned_by: Any) -> str:
+    return _OWNERS.get(owned_by, "openai") if isinstance(owned_by, str) else "openai"
+
+
+def model_info(entry: dict[str, Any]) -> ModelInfo:
+    meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+    created = entry.get("created")
+    return ModelInfo(
+        id=str(entry["id"]),
+        created=created if isinstance(created, int) else None,
+        context_window=_int(entry.get("max_model_len")) or _int(entry.get("context_length")),
+        context_window_trained=_int(meta.get("n_ctx_train")),
+    )
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and value > 0 else None

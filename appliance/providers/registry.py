@@ -1,0 +1,15 @@
+"""Provider instances from backend settings."""
+
+from __future__ import annotations
+
+from appliance.config import BackendSettings
+from appliance.providers.base import Provider
+from appliance.providers.ollama import OllamaProvider
+from appliance.providers.openai_compat import OpenAICompatProvider
+from appliance.transport import Transport
+
+
+def build(settings: BackendSettings, transport: Transport, kind: str | None = None) -> Provider:
+    if settings.type == "ollama":
+        return OllamaProvider(settings, transport)
+    return OpenAICompatProvider(settings, transport, kind or "openai")

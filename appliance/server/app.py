@@ -1,0 +1,90 @@
+"""create_app(settings): the one factory, rebuilt in every worker by Sanic's AppLoader."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from sanic import Request, Sanic
+from sanic.response import HTTPResponse
+
+from appliance.config import Settings
+from appliance.resources import static_dir
+from appliance.server import lifecycle
+from appliance.server.responses import GatewayErrorHandler
+from appliance.server.routes import openai as openai_routes
+from appliance.server.routes import ops
+
+APP_NAME = "appliance"
+# Sanic's own response timeout must never cut a backend call the settings still allow.
+_RESPONSE_TIMEOUT_MARGIN_S = 30
+
+
+def configure_logging() -> None:
+    logger = logging.getLogger("appliance")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def create_app(settings: Settings) -> Sanic:
+    configure_logging()
+    app = Sanic(APP_NAME, error_handler=GatewayErrorHandler())
+    app.config.update(
+        REQUEST_MAX_SIZE=int(settings.server.max_body_mb * 1024 * 1024),
+        RESPONSE_TIMEOUT=settings.longest_timeout_s + _RESPONSE_TIMEOUT_MARGIN_S,
+        REQUEST_TIMEOUT=60,
+        KEEP_ALIVE_TIMEOUT=75,
+        GRACEFUL_SHUTDOWN_TIMEOUT=settings.server.graceful_timeout_s,
+        NOISY_EXCEPTIONS=False,
+        FALLBACK_ERROR_FORMAT="json",
+        MOTD=False,
+        ACCESS_LOG=False,
+        REQUEST_ID_HEADER="X-Request-ID",
+    )
+    app.ctx.settings = settings
+    app.blueprint(openai_routes.bp)
+    app.blueprint(ops.bp)
+    app.static("/static", static_dir(), name="static")
+    if settings.server.cors_origins:
+        _add_cors(app, settings.server.cors_origins)
+    lifecycle.register(app)
+    return app
+
+
+def _add_cors(app: Sanic, origins: list[str]) -> None:
+    """Answer preflights and label responses for the configured origins (no sanic-ext needed)."""
+    any_origin = "*" in origins
+
+    def allowed(request: Request) -> str | None:
+        origin = request.headers.get("origin")
+        if origin and (any_origin or origin in origins):
+            return origin
+        return None
+
+    @app.on_request
+    async def preflight(request: Request) -> HTTPResponse | None:
+        # A middleware, not a route: an OPTIONS route would lose to the path's own POST route (405).
+        if request.method != "OPTIONS":
+            return None
+        origin = allowed(request)
+        if origin is None:
+            return HTTPResponse(status=403)
+        return HTTPResponse(status=204, headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": request.headers.get("access-control-request-headers", "*"),
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        })
+
+    @app.on_response
+    async def label(request: Request, response: HTTPResponse) -> None:
+        origin = allowed(request)
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = "*"
+            response.headers["Vary"] = "Origin"

@@ -1,0 +1,54 @@
+"""The OpenAI-compatible surface: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+import orjson
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse
+
+from appliance import pipeline
+from appliance.providers.base import CHAT, COMPLETIONS, EMBEDDINGS
+from appliance.server.responses import SanicResponder, exchange, json_response
+
+bp = Blueprint("openai")
+
+
+async def _proxy(request: Request, endpoint: str) -> HTTPResponse | None:
+    responder = SanicResponder(request)
+    await pipeline.proxy(request.app.ctx.gateway, endpoint, request.body, exchange(request), responder)
+    return responder.response
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> HTTPResponse | None:
+    return await _proxy(request, CHAT)
+
+
+@bp.post("/v1/completions")
+async def completions(request: Request) -> HTTPResponse | None:
+    return await _proxy(request, COMPLETIONS)
+
+
+@bp.post("/v1/embeddings")
+async def embeddings(request: Request) -> HTTPResponse | None:
+    return await _proxy(request, EMBEDDINGS)
+
+
+@bp.get("/v1/models")
+async def list_models(request: Request) -> HTTPResponse:
+    gateway = request.app.ctx.gateway
+    await gateway.wait_discovered()
+    return json_response(orjson.dumps({"object": "list", "data": gateway.catalog.list_models()}), request)
+
+
+@bp.get("/v1/models/<model:path>")
+async def get_model(request: Request, model: str) -> HTTPResponse:
+    gateway = request.app.ctx.gateway
+    await gateway.wait_discovered()
+    model = unquote(model)  # SDKs percent-encode the '/' in ids like Qwen/Qwen2.5-7B-Instruct
+    entry = gateway.catalog.describe(model)
+    if entry is None:
+        raise gateway.catalog.not_found(model)
+    return json_response(orjson.dumps(entry), request)

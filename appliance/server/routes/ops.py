@@ -1,0 +1,39 @@
+"""Operations: liveness, readiness and the status page."""
+
+from __future__ import annotations
+
+import os
+
+import orjson
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, file
+
+from appliance import __version__
+from appliance.resources import static_dir
+from appliance.server.responses import json_response
+
+bp = Blueprint("ops")
+
+
+@bp.get("/health", name="health")
+@bp.get("/healthz", name="healthz")
+async def health(request: Request) -> HTTPResponse:
+    return json_response(orjson.dumps({"status": "ok", "version": __version__, "pid": os.getpid()}), request)
+
+
+@bp.get("/ready")
+async def ready(request: Request) -> HTTPResponse:
+    gateway = request.app.ctx.gateway
+    ok, reason = gateway.readiness()
+    backends = {
+        name: {"state": state.state, "kind": state.kind, "models": len(state.models), "error": state.last_error}
+        for name, state in gateway.catalog.backends.items()
+    }
+    body = {"status": "ready" if ok else "not_ready", "reason": reason, "backends": backends}
+    return json_response(orjson.dumps(body), request, status=200 if ok else 503)
+
+
+@bp.get("/", name="root")
+@bp.get("/status", name="status")
+async def status_page(request: Request) -> HTTPResponse:
+    return await file(static_dir() / "index.html", mime_type="text/html; charset=utf-8")

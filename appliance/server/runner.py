@@ -1,0 +1,156 @@
+"""Start the server: one appliance per data dir, migrations, workers or a single process, a watchdog."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import IO, Any
+
+from sanic import Sanic
+from sanic.worker.loader import AppLoader
+
+from appliance.config import Settings
+from appliance.resources import migrations_dir
+from appliance.server.app import configure_logging, create_app
+from appliance.storage.migrate import database_path, migrate
+
+log = logging.getLogger("appliance.server")
+
+LOCK_FILE = "appliance.lock"
+PID_FILE = "appliance.pid"
+
+
+class AlreadyRunning(Exception):
+    """Another appliance holds the data dir."""
+
+
+@contextmanager
+def data_dir_lock(data_dir: Path) -> Any:
+    """Hold an exclusive lock on the data dir and publish our pid, for the process's lifetime."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle: IO[str] = open(data_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        pid = _read_pid(data_dir / PID_FILE)
+        owner = f" (pid {pid})" if pid else ""
+        raise AlreadyRunning(
+            f"another appliance is already running with data dir {data_dir}{owner}; "
+            "stop it or pass a different --data-dir"
+        ) from None
+    pid_file = data_dir / PID_FILE
+    pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        pid_file.unlink(missing_ok=True)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def serve(settings: Settings) -> None:
+    configure_logging()
+    server = settings.server
+    with data_dir_lock(settings.data_dir):
+        applied = migrate(database_path(settings.data_dir), migrations_dir())
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        loader = AppLoader(factory=partial(create_app, settings))
+        app = loader.load()
+        ssl = {"cert": str(server.tls_cert), "key": str(server.tls_key)} if server.tls_cert else None
+        app.prepare(host=server.host, port=server.port, workers=1 if server.single_process else server.workers,
+                    single_process=server.single_process, motd=False, access_log=False, ssl=ssl)
+        scheme = "https" if ssl else "http"
+        mode = "single process" if server.single_process else f"{server.workers} workers"
+        log.info("appliance listening on %s://%s:%d (%s, data in %s)", scheme, server.host, server.port, mode,
+                 settings.data_dir)
+        if server.single_process:
+            Sanic.serve_single(primary=app)
+        else:
+            app.main_process_ready(_relay_signals)
+            app.main_process_ready(_start_watchdog)
+            Sanic.serve(primary=app, app_loader=loader)
+
+
+STARTUP_WAIT_S = 30.0
+
+
+def _relay_signals(app: Sanic) -> None:
+    """Handle SIGTERM/SIGINT on a thread, not inside the signal handler's frame.
+
+    Sanic's handler talks to its SyncManager over the same per-thread connection the main loop uses
+    for worker state; a signal that lands mid-call (likely while workers start up) interleaves two
+    requests on one connection and the main process waits forever. The relay thread has its own.
+    """
+    manager = app.manager
+    received: queue.SimpleQueue[int] = queue.SimpleQueue()  # put() is safe inside a signal handler
+
+    def started() -> bool:
+        try:
+            return bool(manager._all_workers_ack())
+        except (OSError, EOFError):
+            return True  # the manager is gone: nothing left to wait for
+
+    def relay() -> None:
+        while True:
+            signum = received.get()
+            # A worker interrupted half-way through its start never acknowledges and wedges Sanic's
+            # startup wait; let the start finish (Sanic gives up on its own after 30 s), then stop.
+            deadline = time.monotonic() + STARTUP_WAIT_S
+            while not started() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if getattr(manager, "_shutting_down", False):
+                log.warning("second %s: killing the workers", signal.Signals(signum).name)
+                try:
+                    manager.kill()
+                finally:
+                    os._exit(1)
+            manager.shutdown_signal(signum, None)
+
+    threading.Thread(target=relay, daemon=True, name="signal-relay").start()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, _frame: received.put(signum))
+
+
+WATCHDOG_INTERVAL_S = 1.0
+
+
+def _start_watchdog(app: Sanic) -> None:
+    """Respawn crashed workers: Sanic 25.12 leaves a worker that died as FAILED and never restarts it.
+
+    Relies on WorkerManager internals (``_shutting_down``, the monitor message format), which is why
+    Sanic is pinned; tests kill -9 a worker to hold it to that.
+    """
+    manager = app.manager
+    restarted: dict[str, float] = {}  # name -> when we asked, so one death is not restarted twice
+
+    def loop() -> None:
+        while not getattr(manager, "_shutting_down", False):
+            time.sleep(WATCHDOG_INTERVAL_S)
+            now = time.monotonic()
+            for process in list(manager.transient_processes):
+                if process.state.name != "FAILED" or getattr(manager, "_shutting_down", False):
+                    continue
+                if now - restarted.get(process.name, 0.0) < 5 * WATCHDOG_INTERVAL_S:
+                    continue
+                restarted[process.name] = now
+                log.warning("worker %s (pid %s) died; starting a new one", process.name, process.pid)
+                manager.monitor_publisher.send(process.name)
+
+    threading.Thread(target=loop, daemon=True, name="worker-watchdog").start()

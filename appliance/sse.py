@@ -1,0 +1,43 @@
+"""Server-sent events, on the side of a byte stream: split into whole events, read their data."""
+
+from __future__ import annotations
+
+DONE = b"data: [DONE]\n\n"
+
+
+class EventSplitter:
+    """Cuts an SSE byte stream into whole events, keeping each event's bytes as received.
+
+    Events end with a blank line (``\\n\\n``; ``\\r\\n\\r\\n`` from stricter servers). A partial event
+    is held until its end arrives, so the client never sees half an event.
+    """
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._tail + chunk if self._tail else chunk
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        events = data.split(b"\n\n")
+        self._tail = events.pop()
+        return [event + b"\n\n" for event in events if event]
+
+    def close(self) -> bytes:
+        """Whatever is left when the stream ends (an unterminated event), or b""."""
+        tail, self._tail = self._tail.strip(), b""
+        return tail + b"\n\n" if tail else b""
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The data payload of one event (data lines joined), or None for comments and empty events."""
+    if event.startswith(b"data:") and event.count(b"\n") <= 2:  # the common one-line event
+        return event[5:].strip()
+    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def encode(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"

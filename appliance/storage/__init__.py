@@ -1,0 +1,1 @@
+"""Everything that knows the data lives in SQLite. SQL appears nowhere else."""

@@ -1,0 +1,175 @@
+"""Token accounting: usage reported by backends, estimated when they report none.
+
+Estimates use about four characters per token (plus a few tokens of chat framing per message), the
+rule of thumb for English with BPE tokenizers; they are marked ``estimated`` wherever they appear.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from appliance.sse import DONE, event_data
+
+_CHARS_PER_TOKEN = 4
+_TOKENS_PER_MESSAGE = 4
+
+
+@dataclass(slots=True)
+class Tokens:
+    prompt: int | None = None
+    completion: int | None = None
+    estimated: bool = False
+
+    def as_usage(self) -> dict[str, Any]:
+        prompt, completion = self.prompt or 0, self.completion or 0
+        usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion}
+        if self.estimated:
+            usage["estimated"] = True
+        return usage
+
+
+def estimate_text(text: str) -> int:
+    return -(-len(text) // _CHARS_PER_TOKEN) if text else 0
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def estimate_prompt(body: dict[str, Any]) -> int:
+    """Prompt tokens of a chat, completions or embeddings body, estimated."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        total = 3
+        for message in messages:
+            if isinstance(message, dict):
+                total += _TOKENS_PER_MESSAGE + estimate_text(_content_text(message.get("content")))
+                if message.get("tool_calls"):
+                    total += estimate_text(orjson.dumps(message["tool_calls"]).decode())
+        if body.get("tools"):
+            total += estimate_text(orjson.dumps(body["tools"]).decode())
+        return total
+    prompt = body.get("prompt", body.get("input"))
+    if isinstance(prompt, str):
+        return estimate_text(prompt)
+    if isinstance(prompt, list):
+        return sum(estimate_text(p) if isinstance(p, str) else (len(p) if isinstance(p, list) else 1)
+                   for p in prompt)
+    return 0
+
+
+def _reported(usage: Any) -> Tokens | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not isinstance(prompt, int):
+        return None
+    return Tokens(prompt, completion if isinstance(completion, int) else 0)
+
+
+def from_reply(data: dict[str, Any] | None, body: dict[str, Any]) -> Tokens:
+    """Tokens of a non-streaming answer: its usage, else an estimate from its text."""
+    reported = _reported(data.get("usage")) if data else None
+    if reported:
+        return reported
+    text = ""
+    for choice in (data or {}).get("choices") or ():
+        if isinstance(choice, dict):
+            message = choice.get("message") or {}
+            text += _content_text(message.get("content")) if isinstance(message, dict) else ""
+            text += choice.get("text") or "" if isinstance(choice.get("text"), str) else ""
+    return Tokens(estimate_prompt(body), estimate_text(text), estimated=True)
+
+
+class StreamMeter:
+    """Watches a relayed SSE stream for usage, errors and the first token; decides what is forwarded.
+
+    The gateway always asks the backend for a usage chunk; when the client did not ask for one, that
+    chunk is dropped here. ``[DONE]`` is held back so an estimated usage chunk can precede it.
+    """
+
+    __slots__ = ("_drop_usage", "_template", "completion_chars", "content_events", "done", "error",
+                 "first_event_at", "tokens")
+
+    def __init__(self, *, client_wants_usage: bool) -> None:
+        self._drop_usage = not client_wants_usage
+        self._template: dict[str, Any] | None = None
+        self.first_event_at: float | None = None
+        self.tokens: Tokens | None = None
+        self.error: dict[str, Any] | None = None
+        self.completion_chars = 0
+        self.content_events = 0
+        self.done = False
+
+    def feed(self, events: list[bytes]) -> bytes:
+        if self.first_event_at is None:
+            self.first_event_at = time.perf_counter()
+        kept = []
+        for event in events:
+            data = event_data(event)
+            if data == b"[DONE]":
+                self.done = True
+                continue
+            if data and data[:1] == b"{" and self._observe(data):
+                continue
+            kept.append(event)
+        return b"".join(kept)
+
+    def _observe(self, data: bytes) -> bool:
+        """Note what the chunk tells; True when it must not reach the client."""
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(chunk, dict):
+            return False
+        if "error" in chunk:
+            self.error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+            return False
+        if self._template is None:
+            self._template = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict):
+                self._count(choice)
+        reported = _reported(chunk.get("usage"))
+        if reported:
+            self.tokens = reported
+            return self._drop_usage and not chunk.get("choices")
+        return False
+
+    def _count(self, choice: dict[str, Any]) -> None:
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if isinstance(delta, dict):
+            for call in delta.get("tool_calls") or ():
+                args = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+                if isinstance(args, str) and args:
+                    self.completion_chars += len(args)
+                    self.content_events += 1
+        if isinstance(text, str) and text:
+            self.completion_chars += len(text)
+            self.content_events += 1
+
+    def final_tokens(self, body: dict[str, Any]) -> Tokens:
+        if self.tokens is not None:
+            return self.tokens
+        # About one token per streamed delta is typical; characters catch servers that send words.
+        completion = max(self.content_events, -(-self.completion_chars // _CHARS_PER_TOKEN))
+        return Tokens(estimate_prompt(body), completion, estimated=True)
+
+    def finish(self, body: dict[str, Any]) -> bytes:
+        """What ends the stream: an estimated usage chunk when the client asked and got none, then [DONE]."""
+        tail = b""
+        if not self._drop_usage and self.tokens is None and self.error is None:
+            chunk = {**(self._template or {}), "choices": [], "usage": self.final_tokens(body).as_usage()}
+            tail = b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return tail + DONE

@@ -1,0 +1,124 @@
+"""Session-wide test setup: the fakes, the real llama.cpp server, and one shared appliance (2 workers).
+
+One appliance per session serves most tests; tests that need their own settings or must stop the
+process start a private one with ``start_appliance``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.fakes.ollama import FakeOllama
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.llamacpp import LlamaCpp
+from tests.support.threaded import free_port
+
+_llamacpp: LlamaCpp | None = None
+
+
+def _wants_llamacpp(config: pytest.Config) -> bool:
+    markexpr = config.getoption("markexpr") or ""
+    return "not llamacpp" not in markexpr
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start building/starting the real server at once: it runs while the fake-backed tests do."""
+    global _llamacpp
+    if _wants_llamacpp(session.config):
+        log_dir = Path(session.config.rootpath) / "tests" / "artifacts"
+        log_dir.mkdir(exist_ok=True)
+        _llamacpp = LlamaCpp(log_dir)
+        _llamacpp.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _llamacpp is not None:
+        _llamacpp.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests on the real server run last, so its first build overlaps with everything else.
+    items.sort(key=lambda item: item.get_closest_marker("llamacpp") is not None)
+
+
+@pytest.fixture(scope="session")
+def llamacpp_url() -> str:
+    if _llamacpp is None:
+        pytest.skip("llama.cpp server not started (deselected with -m 'not llamacpp')")
+    return _llamacpp.wait()
+
+
+@pytest.fixture(scope="session")
+def fake_openai() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_ollama() -> Iterator[FakeOllama]:
+    fake = FakeOllama().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def llamacpp_port() -> int:
+    return _llamacpp.port if _llamacpp is not None else free_port()
+
+
+def base_config(fake_openai: FakeOpenAI, fake_ollama: FakeOllama, llamacpp_port: int) -> dict[str, Any]:
+    """The backends most tests share: the fakes, the real server, one down and one impatient backend."""
+    return {
+        "discovery": {"enabled": False, "interval_s": 2},
+        "backends": [
+            {"name": "fake", "url": fake_openai.url + "/v1", "api_key": "sk-backend-secret"},
+            {"name": "ollama", "type": "ollama", "url": fake_ollama.url},
+            {"name": "llamacpp", "url": f"http://127.0.0.1:{llamacpp_port}/v1", "timeout_s": 120},
+            {"name": "down", "url": f"http://127.0.0.1:{free_port()}/v1", "discover": False,
+             "models": ["down-model"]},
+            {"name": "impatient", "url": fake_openai.url + "/v1", "timeout_s": 1, "discover": False,
+             "models": ["fake-hang"]},
+        ],
+        "models": [
+            {"name": "chat", "target": "fake/fake-chat"},
+            {"name": "tiny-chat", "target": "llamacpp/tiny"},
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI, fake_ollama: FakeOllama,
+            llamacpp_port: int) -> Iterator[Appliance]:
+    """The shared appliance: 2 workers, every test backend."""
+    app = Appliance(tmp_path_factory.mktemp("gateway"), base_config(fake_openai, fake_ollama, llamacpp_port))
+    app.start()
+    yield app
+    app.stop()
+
+
+@pytest.fixture(scope="session")
+def client(gateway: Appliance) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def start_appliance(tmp_path: Path) -> Iterator[Callable[..., Appliance]]:
+    """Start a private appliance with its own config; stopped (or killed) after the test."""
+    started: list[Appliance] = []
+
+    def start(config: dict[str, Any], **kwargs: Any) -> Appliance:
+        app = Appliance(tmp_path / f"app{len(started)}", config, **kwargs)
+        started.append(app)
+        return app.start()
+
+    yield start
+    for app in started:
+        if app.proc is not None and app.proc.poll() is None:
+            app.stop()

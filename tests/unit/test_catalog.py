@@ -1,0 +1,78 @@
+import pytest
+
+from appliance.catalog import Catalog
+from appliance.config import ModelSettings
+from appliance.errors import GatewayError
+from appliance.providers.base import ModelInfo
+
+
+@pytest.fixture
+def catalog():
+    catalog = Catalog([ModelSettings(name="chat", target="vllm/Qwen/Qwen2.5-7B"),
+                       ModelSettings(name="Qwen/Qwen2.5-7B", context_window=16384),
+                       ModelSettings(name="broken", target="nowhere-model")])
+    catalog.add_backend("vllm", "vllm")
+    catalog.add_backend("ollama", "ollama")
+    catalog.update("vllm", models=[ModelInfo("Qwen/Qwen2.5-7B", created=5, context_window=32768),
+                                   ModelInfo("shared", context_window_trained=4096)])
+    catalog.update("ollama", models=[ModelInfo("llama3.2:latest", aliases=("llama3.2",),
+                                               capabilities={"tools": True, "embeddings": False}),
+                                     ModelInfo("shared", capabilities={"vision": True})])
+    return catalog
+
+
+def test_backend_prefix_forces_a_backend_even_for_unlisted_models(catalog):
+    route = catalog.resolve("ollama/qwen2.5:7b")
+    assert (route.backend, route.upstream_model) == ("ollama", "qwen2.5:7b")
+
+
+def test_aliases_then_catalog_with_first_backend_owning_a_shared_model(catalog):
+    assert catalog.resolve("chat").upstream_model == "Qwen/Qwen2.5-7B"
+    assert catalog.resolve("chat").backend == "vllm"
+    assert catalog.resolve("Qwen/Qwen2.5-7B").backend == "vllm"  # a model id with a slash, no such backend
+    assert catalog.resolve("shared").backend == "vllm"
+    llama = catalog.resolve("llama3.2")
+    assert (llama.backend, llama.upstream_model) == ("ollama", "llama3.2:latest")
+
+
+def test_unknown_model_lists_known_ids(catalog):
+    with pytest.raises(GatewayError) as info:
+        catalog.resolve("gpt-9")
+    error = info.value
+    assert (error.status, error.code, error.param) == (404, "model_not_found", "model")
+    assert "chat" in error.message and "llama3.2:latest" in error.message
+    with pytest.raises(GatewayError, match="points to 'nowhere-model'"):
+        catalog.resolve("broken")
+
+
+def test_unknown_model_lists_at_most_ten(catalog):
+    catalog.update("ollama", models=[ModelInfo(f"m{i}") for i in range(20)])
+    message = catalog.not_found("x").message
+    assert message.count(", ") == 10 and message.endswith(", ....")
+
+
+def test_listing_deduplicates_and_enriches(catalog):
+    entries = {e["id"]: e for e in catalog.list_models()}
+    assert set(entries) == {"chat", "broken", "Qwen/Qwen2.5-7B", "shared", "llama3.2:latest"}
+    shared = entries["shared"]
+    assert shared["owned_by"] == "vllm"
+    assert [b["id"] for b in shared["backends"]] == ["vllm", "ollama"]
+    assert shared["context_window"] == 4096 and shared["capabilities"]["vision"] is True
+    qwen = entries["Qwen/Qwen2.5-7B"]
+    assert qwen["context_window"] == 16384  # the operator's override wins
+    assert qwen["created"] == 5
+    chat = entries["chat"]
+    assert chat["owned_by"] == "appliance" and chat["target"] == "vllm/Qwen/Qwen2.5-7B"
+    assert chat["context_window"] == 16384
+    assert entries["llama3.2:latest"]["capabilities"]["tools"] is True
+
+
+def test_describe_accepts_untagged_ollama_names(catalog):
+    assert catalog.describe("llama3.2")["id"] == "llama3.2:latest"
+    assert catalog.describe("nope") is None
+
+
+def test_a_failed_probe_keeps_the_last_model_list(catalog):
+    catalog.update("vllm", models=None, error="connection refused")
+    assert catalog.backends["vllm"].state == "unreachable"
+    assert catalog.resolve("Qwen/Qwen2.5-7B").backend == "vllm"
