@@ -10,10 +10,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
-from appliance.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from appliance.config import Settings
 
 EXIT_CONFIG = 2
 
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, config_file: str | None = None) -> Settings:
+    from appliance.config import load_settings
+
     server: dict[str, Any] = {"data_dir": args.data_dir}
     for name in ("host", "port", "workers", "single_process"):
         server[name] = getattr(args, name, None)
@@ -64,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"appliance {__version__}")
         return 0
+    # Imported here, not at the top: building the pydantic models costs ~0.2 s that --help and version
+    # need not pay (nor, from source, Sanic's SyncManager child, which re-imports appliance.__main__).
+    from appliance.config import ConfigError
+
     try:
         settings = _settings(args, getattr(args, "file", None))
     except ConfigError as exc:

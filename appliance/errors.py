@@ -34,6 +34,7 @@ CODES: dict[str, tuple[int, str]] = {
     "shutting_down": (503, "server_error"),
     "backend_timeout": (504, "server_error"),
     "internal_error": (500, "server_error"),
+    "client_closed": (499, "invalid_request_error"),  # logged only: the client is gone
 }
 
 # Statuses a client must not retry blindly: the SDKs honour x-should-retry.

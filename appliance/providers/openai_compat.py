@@ -31,6 +31,9 @@ def api_base(url: str) -> str:
     return url if "/" in rest else url + "/v1"
 
 
+LISTING_TIMEOUT_S = 10.0
+
+
 class OpenAIStream:
     def __init__(self, response: StreamResponse, backend: str, limits: Limits) -> None:
         self._response = response
@@ -60,6 +63,8 @@ class OpenAICompatProvider:
         self._base = api_base(settings.url)
         self._transport = transport
         self._limits = Limits(settings.timeout_s, settings.connect_timeout_s)
+        # Listing runs in the refresh loop: a hung backend must not hold it for a generation timeout.
+        self._listing_limits = Limits(min(settings.timeout_s, LISTING_TIMEOUT_S), settings.connect_timeout_s)
         self._auth = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
 
     def supports(self, endpoint: str) -> bool:
@@ -110,10 +115,10 @@ class OpenAICompatProvider:
     async def list_models(self) -> list[ModelInfo]:
         """GET /models, enriched with what llama.cpp and vLLM put there."""
         try:
-            response = await self._transport.request("GET", f"{self._base}/models", limits=self._limits,
+            response = await self._transport.request("GET", f"{self._base}/models", limits=self._listing_limits,
                                                      headers=self._auth)
         except TransportError as exc:
-            raise transport_failure(exc, self.name, self._limits) from exc
+            raise transport_failure(exc, self.name, self._listing_limits) from exc
         if response.status >= 400:
             raise upstream_error(response.status, response.body, self.name)
         try:
@@ -132,7 +137,7 @@ class OpenAICompatProvider:
         """llama.cpp's /props: the runtime window per slot and what the chat template can do."""
         root = self._base.removesuffix("/v1")
         try:
-            response = await self._transport.request("GET", f"{root}/props", limits=self._limits,
+            response = await self._transport.request("GET", f"{root}/props", limits=self._listing_limits,
                                                      headers=self._auth)
             props = orjson.loads(response.body) if response.status == 200 else {}
         except (TransportError, orjson.JSONDecodeError):

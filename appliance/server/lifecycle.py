@@ -7,6 +7,7 @@ import ctypes
 import logging
 import signal
 import sys
+import threading
 
 from sanic import Sanic
 
@@ -20,8 +21,48 @@ log = logging.getLogger("appliance.server")
 
 def register(app: Sanic) -> None:
     app.before_server_start(open_gateway)
+    app.after_server_start(mark_serving)
     app.before_server_stop(start_draining)
     app.after_server_stop(close_gateway)
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_STOP_RETRY_S = 0.25
+
+
+def _watch_stop_signals(app: Sanic) -> None:
+    """Turn SIGTERM/SIGINT into a stop that sticks, whenever it arrives.
+
+    Sanic's own handlers lose signals around startup: it resets them to SIG_IGN (which discards a
+    pending one) just before serving, and a stop that lands while its after_server_start event runs
+    is swallowed by the event loop it was meant to end. Instead, the signals are blocked in every
+    thread of this process and taken by one sigwait thread, which only records the request; a small
+    task then stops the loop, again if needed, until the stop takes.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # before any other thread: all inherit it
+    loop = asyncio.get_running_loop()
+
+    def wait_for_signals() -> None:
+        # Ctrl-C reaches a worker twice (the terminal's group signal and Sanic's own), so a repeat
+        # means nothing more than the first.
+        while True:
+            signal.sigwait(_STOP_SIGNALS)
+            app.ctx.stop_requested = True
+
+    async def apply_stop() -> None:
+        # loop.stop() is all a stop is: run_forever returns and Sanic's own shutdown (drain, then the
+        # after_server_stop flush) follows. Repeated, because one issued before run_forever is lost.
+        while True:
+            await asyncio.sleep(_STOP_RETRY_S)
+            if getattr(app.ctx, "stop_requested", False) and getattr(app.ctx, "serving", False):
+                loop.stop()
+
+    threading.Thread(target=wait_for_signals, daemon=True, name="stop-signals").start()
+    app.ctx.stop_task = loop.create_task(apply_stop(), name="stop-signals")
+
+
+async def mark_serving(app: Sanic) -> None:
+    app.ctx.serving = True
 
 
 def _stop_with_parent() -> None:
@@ -35,6 +76,7 @@ def _stop_with_parent() -> None:
 
 
 async def open_gateway(app: Sanic) -> None:
+    _watch_stop_signals(app)
     settings = app.ctx.settings
     if not settings.server.single_process:
         _stop_with_parent()
@@ -49,6 +91,8 @@ async def open_gateway(app: Sanic) -> None:
 
 async def start_draining(app: Sanic) -> None:
     """/ready turns 503 now; the listener closes after the configured delay, then requests drain."""
+    app.ctx.serving = False
+    app.ctx.stop_task.cancel()
     gateway: Gateway = app.ctx.gateway
     gateway.draining = True
     delay = app.ctx.settings.server.drain_delay_s

@@ -10,6 +10,7 @@ from sanic.exceptions import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RequestCancelled,
     RequestTimeout,
     SanicException,
     ServiceUnavailable,
@@ -64,6 +65,8 @@ def json_response(data: bytes, request: Request, status: int = 200) -> HTTPRespo
 def as_gateway_error(exception: BaseException) -> GatewayError:
     if isinstance(exception, GatewayError):
         return exception
+    if isinstance(exception, RequestCancelled):  # the client left; nobody reads this answer
+        return GatewayError("client_closed", "The client closed the connection.", status=pipeline.CLIENT_CLOSED)
     if isinstance(exception, PayloadTooLarge):
         return GatewayError("body_too_large", "The request body is larger than this gateway accepts "
                             "(server.max_body_mb).")

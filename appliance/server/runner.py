@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from sanic import Sanic
+from sanic.worker.constants import ProcessState
 from sanic.worker.loader import AppLoader
 
 from appliance.config import Settings
@@ -81,6 +82,7 @@ def serve(settings: Settings) -> None:
         log.info("appliance listening on %s://%s:%d (%s, data in %s)", scheme, server.host, server.port, mode,
                  settings.data_dir)
         if server.single_process:
+            _hold_early_signals(app)
             Sanic.serve_single(primary=app)
         else:
             app.main_process_ready(_relay_signals)
@@ -89,6 +91,17 @@ def serve(settings: Settings) -> None:
 
 
 STARTUP_WAIT_S = 30.0
+
+
+def _hold_early_signals(app: Sanic) -> None:
+    """A stop that arrives while the single process is still starting must not kill it outright: note
+    it; the worker's stop watcher (server/lifecycle.py) carries it out once the server runs."""
+
+    def note(_signum: int, _frame: object) -> None:
+        app.ctx.stop_requested = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, note)
 
 
 def _relay_signals(app: Sanic) -> None:
@@ -102,10 +115,11 @@ def _relay_signals(app: Sanic) -> None:
     received: queue.SimpleQueue[int] = queue.SimpleQueue()  # put() is safe inside a signal handler
 
     def started() -> bool:
-        try:
-            return bool(manager._all_workers_ack())
-        except (OSError, EOFError):
-            return True  # the manager is gone: nothing left to wait for
+        # Sanic's main thread must have left its startup wait (WorkerManager.wait_for_ack), not just have
+        # every worker acknowledged: a stop that reaches that wait is re-queued forever once the workers
+        # are TERMINATED (a busy hang, seen ~1 in 4 Ctrl-C right after start, frozen). Only the main
+        # loop's _sync_states copies ACKED into process.state, so this is true only once it runs.
+        return all(process.state >= ProcessState.ACKED for process in manager.transient_processes)
 
     def relay() -> None:
         while True:

@@ -173,8 +173,9 @@ def test_cors_for_configured_origins(start_appliance, fake_openai):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls(start_appliance, fake_openai, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
     config = fake_only(fake_openai, tls_cert=str(cert), tls_key=str(key))
     app = Appliance(tmp_path / "tls", config, workers=1)
     app.proc = subprocess.Popen([*appliance_cmd(), "serve", "--config", str(app.config_path)], cwd=app.root,

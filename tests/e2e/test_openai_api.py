@@ -182,3 +182,12 @@ def test_request_log_rows_hold_no_prompt_text(gateway, client):
     assert row["estimated"] == 0 and row["latency_ms"] > 0
     dump = (gateway.data_dir / "appliance.db").read_bytes() + (gateway.data_dir / "appliance.db-wal").read_bytes()
     assert secret.encode() not in dump
+
+
+def test_status_page_and_its_files(gateway):
+    status, html, headers = gateway.get("/")
+    assert status == 200 and "text/html" in headers["Content-Type"]
+    assert '<script src="/static/app.js">' in html
+    assert gateway.get("/status")[0] == 200
+    for name in ("app.js", "style.css"):
+        assert gateway.get(f"/static/{name}")[0] == 200
