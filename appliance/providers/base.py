@@ -19,6 +19,9 @@ CHAT = "chat/completions"
 COMPLETIONS = "completions"
 EMBEDDINGS = "embeddings"
 
+# Model listing runs in the refresh loop: a hung backend must not hold it for a generation timeout.
+LISTING_TIMEOUT_S = 10.0
+
 
 @dataclass(slots=True)
 class ModelInfo:

@@ -17,7 +17,16 @@ import orjson
 
 from appliance.config import BackendSettings
 from appliance.errors import GatewayError
-from appliance.providers.base import CHAT, COMPLETIONS, EMBEDDINGS, Call, ModelInfo, Reply, transport_failure
+from appliance.providers.base import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    LISTING_TIMEOUT_S,
+    Call,
+    ModelInfo,
+    Reply,
+    transport_failure,
+)
 from appliance.providers.ollama_translate import (
     DROPPED_FIELDS,
     ChunkTranslator,
@@ -34,7 +43,6 @@ from appliance.providers.ollama_translate import (
     shown_model,
     text_completion,
 )
-from appliance.providers.openai_compat import LISTING_TIMEOUT_S
 from appliance.transport import Limits, StreamResponse, Transport, TransportError
 
 log = logging.getLogger("appliance.providers.ollama")

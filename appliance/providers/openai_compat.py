@@ -15,6 +15,7 @@ from appliance.config import BackendSettings
 from appliance.errors import GatewayError, upstream_error
 from appliance.providers.base import (
     EMBEDDINGS,
+    LISTING_TIMEOUT_S,
     Call,
     ModelInfo,
     Reply,
@@ -29,9 +30,6 @@ def api_base(url: str) -> str:
     """Base URL for /chat/completions etc.: a URL without a path means the server's /v1."""
     rest = url.partition("://")[2]
     return url if "/" in rest else url + "/v1"
-
-
-LISTING_TIMEOUT_S = 10.0
 
 
 class OpenAIStream:
