@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,7 +46,7 @@ class Responder(Protocol):
 
     async def send(self, data: bytes) -> None: ...
 
-    async def end_stream(self) -> None: ...
+    async def end_stream(self, data: bytes) -> None: ...
 
 
 @dataclass(slots=True)
@@ -54,7 +55,8 @@ class Exchange:
 
     path: str
     request_id: str
-    headers: dict[str, str]  # the client's headers, lower-cased names
+    upstream_id: str  # the id sent to the backend: UUID-shaped, as some backends insist
+    headers: dict[str, str]  # the client's headers that may travel upstream (see forwardable)
     started: float = field(default_factory=time.perf_counter)
     arrived_at: float = field(default_factory=time.time)
     body: dict[str, Any] | None = None
@@ -106,8 +108,9 @@ def validate(endpoint: str, body: dict[str, Any]) -> None:
         raise GatewayError("invalid_value", "Embeddings cannot be streamed.", param="stream")
 
 
-def forwardable(headers: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k not in _PRIVATE_HEADERS and not k.startswith("x-appliance-")}
+def forwardable(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Client headers that may reach a backend (names lower-cased, as the web layer gives them)."""
+    return {k: v for k, v in headers if k not in _PRIVATE_HEADERS and not k.startswith("x-appliance-")}
 
 
 def _upstream_body(body: dict[str, Any], route: Route) -> dict[str, Any]:
@@ -133,7 +136,7 @@ async def proxy(gw: Gateway, endpoint: str, raw: bytes, x: Exchange, responder: 
         ):
             raise GatewayError("unsupported", f"{route.upstream_model!r} on backend {route.backend!r} "
                                f"does not serve /v1/{endpoint}", param="model")
-        call = Call(endpoint, _upstream_body(body, route), x.request_id, forwardable(x.headers))
+        call = Call(endpoint, _upstream_body(body, route), x.upstream_id, x.headers)
         if body.get("stream"):
             await _relay_stream(gw, call, x, responder)
         else:
@@ -185,13 +188,11 @@ async def _relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Respond
             raise
         except GatewayError as exc:
             # The status line is gone: the failure travels as an SSE error event, then [DONE].
-            await responder.send(exc.sse_event(x.request_id) + DONE)
-            await responder.end_stream()
+            await responder.end_stream(exc.sse_event(x.request_id) + DONE)
             record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=exc.code,
                    overhead_s=overhead, ttft_s=_ttft(meter, x))
             return
-        await responder.send(meter.finish(call.body))
-        await responder.end_stream()
+        await responder.end_stream(meter.finish(call.body))
     error_code = None
     if meter.error is not None:
         error_code = str(meter.error.get("code") or meter.error.get("type") or "backend_error")

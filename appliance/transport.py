@@ -103,6 +103,26 @@ class Transport:
             self._timeouts[limits] = timeout
         return timeout
 
+    async def _send(self, method: str, url: str, limits: Limits, headers: Mapping[str, str] | None,
+                    body: bytes | None) -> aiohttp.ClientResponse:
+        timeout = self._timeout(limits)
+        try:
+            try:
+                return await self._session.request(
+                    method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                )
+            except aiohttp.ServerDisconnectedError:
+                # A pooled keep-alive socket closed under us before any answer: one fresh attempt.
+                return await self._session.request(
+                    method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                )
+        except TimeoutError as exc:
+            raise Timeout(str(exc) or "timed out") from exc
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
+            raise ConnectError(str(exc) or type(exc).__name__) from exc
+        except aiohttp.ClientError as exc:
+            raise ReadError(str(exc) or type(exc).__name__) from exc
+
     async def request(
         self,
         method: str,
@@ -112,10 +132,22 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         body: bytes | None = None,
     ) -> Response:
+        """A whole request and its whole answer."""
         started = time.perf_counter()
-        async with self.stream(method, url, limits=limits, headers=headers, body=body) as response:
-            data = await response.read()
-        return Response(response.status, response.headers, data, time.perf_counter() - started)
+        raw = await self._send(method, url, limits, headers, body)
+        try:
+            data = await raw.read()
+        except TimeoutError as exc:
+            raw.close()
+            raise Timeout(str(exc) or "read timed out") from exc
+        except aiohttp.ClientError as exc:
+            raw.close()
+            raise ReadError(str(exc) or type(exc).__name__) from exc
+        except BaseException:  # cancelled: drop the connection so the backend sees the client leave
+            raw.close()
+            raise
+        raw.release()
+        return Response(raw.status, raw.headers, data, time.perf_counter() - started)
 
     @asynccontextmanager
     async def stream(
@@ -128,23 +160,7 @@ class Transport:
         body: bytes | None = None,
     ) -> AsyncIterator[StreamResponse]:
         started = time.perf_counter()
-        timeout = self._timeout(limits)
-        try:
-            try:
-                raw = await self._session.request(
-                    method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False
-                )
-            except aiohttp.ServerDisconnectedError:
-                # A pooled keep-alive socket closed under us before any answer: one fresh attempt.
-                raw = await self._session.request(
-                    method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False
-                )
-        except TimeoutError as exc:
-            raise Timeout(str(exc) or "timed out") from exc
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
-            raise ConnectError(str(exc) or type(exc).__name__) from exc
-        except aiohttp.ClientError as exc:
-            raise ReadError(str(exc) or type(exc).__name__) from exc
+        raw = await self._send(method, url, limits, headers, body)
         try:
             yield StreamResponse(raw, started)
         finally:

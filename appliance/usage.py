@@ -6,6 +6,7 @@ rule of thumb for English with BPE tokenizers; they are marked ``estimated`` whe
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -90,15 +91,20 @@ def from_reply(data: dict[str, Any] | None, body: dict[str, Any]) -> Tokens:
     return Tokens(estimate_prompt(body), estimate_text(text), estimated=True)
 
 
+# A chunk that carries output: a non-empty content, text or tool-call arguments string.
+_OUTPUT = re.compile(rb'"(?:content|text|arguments)":\s*"(?!")')
+
+
 class StreamMeter:
     """Watches a relayed SSE stream for usage, errors and the first token; decides what is forwarded.
 
     The gateway always asks the backend for a usage chunk; when the client did not ask for one, that
-    chunk is dropped here. ``[DONE]`` is held back so an estimated usage chunk can precede it.
+    chunk is dropped here. ``[DONE]`` is held back so an estimated usage chunk can precede it. Only the
+    first chunk and those that mention usage or an error are parsed; the rest are counted by a byte
+    search (about one token per streamed chunk), which is what an estimate needs.
     """
 
-    __slots__ = ("_drop_usage", "_template", "completion_chars", "content_events", "done", "error",
-                 "first_event_at", "tokens")
+    __slots__ = ("_drop_usage", "_template", "content_events", "done", "error", "first_event_at", "tokens")
 
     def __init__(self, *, client_wants_usage: bool) -> None:
         self._drop_usage = not client_wants_usage
@@ -106,7 +112,6 @@ class StreamMeter:
         self.first_event_at: float | None = None
         self.tokens: Tokens | None = None
         self.error: dict[str, Any] | None = None
-        self.completion_chars = 0
         self.content_events = 0
         self.done = False
 
@@ -119,10 +124,18 @@ class StreamMeter:
             if data == b"[DONE]":
                 self.done = True
                 continue
-            if data and data[:1] == b"{" and self._observe(data):
-                continue
+            if data:
+                if _OUTPUT.search(data):
+                    self.content_events += 1
+                if self._worth_parsing(data) and self._observe(data):
+                    continue
             kept.append(event)
-        return b"".join(kept)
+        return b"".join(kept) if len(kept) != 1 else kept[0]
+
+    def _worth_parsing(self, data: bytes) -> bool:
+        if self._template is None or b'"error"' in data:
+            return True
+        return b'"usage"' in data and b'"usage":null' not in data  # OpenAI puts "usage":null in every chunk
 
     def _observe(self, data: bytes) -> bool:
         """Note what the chunk tells; True when it must not reach the client."""
@@ -137,34 +150,16 @@ class StreamMeter:
             return False
         if self._template is None:
             self._template = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
-        for choice in chunk.get("choices") or ():
-            if isinstance(choice, dict):
-                self._count(choice)
         reported = _reported(chunk.get("usage"))
         if reported:
             self.tokens = reported
             return self._drop_usage and not chunk.get("choices")
         return False
 
-    def _count(self, choice: dict[str, Any]) -> None:
-        delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-        if isinstance(delta, dict):
-            for call in delta.get("tool_calls") or ():
-                args = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
-                if isinstance(args, str) and args:
-                    self.completion_chars += len(args)
-                    self.content_events += 1
-        if isinstance(text, str) and text:
-            self.completion_chars += len(text)
-            self.content_events += 1
-
     def final_tokens(self, body: dict[str, Any]) -> Tokens:
         if self.tokens is not None:
             return self.tokens
-        # About one token per streamed delta is typical; characters catch servers that send words.
-        completion = max(self.content_events, -(-self.completion_chars // _CHARS_PER_TOKEN))
-        return Tokens(estimate_prompt(body), completion, estimated=True)
+        return Tokens(estimate_prompt(body), self.content_events, estimated=True)
 
     def finish(self, body: dict[str, Any]) -> bytes:
         """What ends the stream: an estimated usage chunk when the client asked and got none, then [DONE]."""

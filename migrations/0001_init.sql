@@ -18,4 +18,3 @@ CREATE TABLE requests (
     estimated INTEGER NOT NULL DEFAULT 0 -- token counts estimated by the gateway, not reported by the backend
 );
 CREATE INDEX requests_created_at ON requests (created_at);
-CREATE INDEX requests_request_id ON requests (request_id);

@@ -11,7 +11,7 @@ from sanic.response import HTTPResponse
 from appliance.config import Settings
 from appliance.resources import static_dir
 from appliance.server import lifecycle
-from appliance.server.responses import GatewayErrorHandler
+from appliance.server.responses import GatewayErrorHandler, RequestIds
 from appliance.server.routes import openai as openai_routes
 from appliance.server.routes import ops
 
@@ -43,9 +43,9 @@ def create_app(settings: Settings) -> Sanic:
         FALLBACK_ERROR_FORMAT="json",
         MOTD=False,
         ACCESS_LOG=False,
-        REQUEST_ID_HEADER="X-Request-ID",
     )
     app.ctx.settings = settings
+    app.ctx.request_ids = RequestIds()
     app.blueprint(openai_routes.bp)
     app.blueprint(ops.bp)
     app.static("/static", static_dir(), name="static")

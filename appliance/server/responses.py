@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import secrets
+import uuid
 
 from sanic import Request
 from sanic.exceptions import (
@@ -48,18 +51,58 @@ class SanicResponder:
     async def send(self, data: bytes) -> None:
         await self._stream.send(data)  # type: ignore[union-attr]
 
-    async def end_stream(self) -> None:
-        await self._stream.eof()  # type: ignore[union-attr]
+    async def end_stream(self, data: bytes) -> None:
+        await self._stream.send(data, end_stream=True)  # type: ignore[union-attr]
+
+
+class RequestIds:
+    """Request ids for one process: a random prefix and a counter, cheaper than a uuid4 per request.
+
+    They are shaped like UUIDs because some backends (llama-cpp-python) refuse any other X-Request-ID.
+    """
+
+    def __init__(self) -> None:
+        prefix = secrets.token_hex(8)
+        self._prefix = f"{prefix[:8]}-{prefix[8:12]}-{prefix[12:16]}-"
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        n = next(self._count)
+        return f"{self._prefix}{n >> 48 & 0xFFFF:04x}-{n & 0xFFFFFFFFFFFF:012x}"
+
+
+def _uuid_shaped(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+_MAX_CLIENT_ID = 200
+
+
+def request_id(request: Request) -> str:
+    """The client's X-Request-ID, echoed as sent, or a new one."""
+    rid = getattr(request.ctx, "request_id", None)
+    if rid is None:
+        sent = request.headers.get("x-request-id")
+        rid = sent if sent and len(sent) <= _MAX_CLIENT_ID and sent.isprintable() else request.app.ctx.request_ids()
+        request.ctx.request_id = rid
+    return rid
 
 
 def exchange(request: Request) -> pipeline.Exchange:
-    x = pipeline.Exchange(path=request.path, request_id=str(request.id), headers=dict(request.headers))
+    rid = request_id(request)
+    upstream_id = rid if "x-request-id" not in request.headers or _uuid_shaped(rid) else request.app.ctx.request_ids()
+    x = pipeline.Exchange(path=request.path, request_id=rid, upstream_id=upstream_id,
+                          headers=pipeline.forwardable(request.headers.items()))
     request.ctx.exchange = x
     return x
 
 
 def json_response(data: bytes, request: Request, status: int = 200) -> HTTPResponse:
-    return HTTPResponse(data, status=status, headers={"X-Request-ID": str(request.id)}, content_type=JSON)
+    return HTTPResponse(data, status=status, headers={"X-Request-ID": request_id(request)}, content_type=JSON)
 
 
 def as_gateway_error(exception: BaseException) -> GatewayError:
@@ -98,7 +141,7 @@ class GatewayErrorHandler(ErrorHandler):
             x = exchange(request)  # failed before its handler ran (e.g. body too large): still logged
         if x is not None and gateway is not None:
             pipeline.record(gateway, x, error.status, error_code=error.code)
-        headers = x.response_headers() if x is not None else {"X-Request-ID": str(request.id)}
+        headers = x.response_headers() if x is not None else {"X-Request-ID": request_id(request)}
         headers.update(error.headers)
-        return HTTPResponse(error.json_body(str(request.id)), status=error.status, headers=headers,
+        return HTTPResponse(error.json_body(request_id(request)), status=error.status, headers=headers,
                             content_type=JSON)

@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -49,13 +50,25 @@ def data_dir_lock(data_dir: Path) -> Any:
             "stop it or pass a different --data-dir"
         ) from None
     pid_file = data_dir / PID_FILE
-    pid_file.write_text(f"{os.getpid()}\n")
+    pid_file.write_text(f"{_launcher_pid()}\n")
     try:
         yield
     finally:
         pid_file.unlink(missing_ok=True)
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def _launcher_pid() -> int:
+    """The pid to signal: ours, or in the one-file binary the PyInstaller bootloader that started us
+    (the process the user or systemd sees; it forwards signals to us and removes its _MEI* dir after)."""
+    if getattr(sys, "frozen", False):
+        try:
+            if os.readlink(f"/proc/{os.getppid()}/exe") == os.readlink("/proc/self/exe"):
+                return os.getppid()
+        except OSError:
+            pass
+    return os.getpid()
 
 
 def _read_pid(path: Path) -> int | None:

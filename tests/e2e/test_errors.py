@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+import uuid
 
 import httpx
 import openai
@@ -119,7 +120,7 @@ def test_mid_stream_reset_through_the_sdk_raises(client):
 
 
 def test_client_disconnect_cancels_the_upstream_request(gateway, fake_openai):
-    request_id = "disconnect-test-1"
+    request_id = str(uuid.uuid4())
     with httpx.stream("POST", gateway.url + "/v1/chat/completions", timeout=10,
                       headers={**AUTH, "X-Request-ID": request_id},
                       json={"model": "fake-long", "stream": True, "messages": HELLO}) as response:
@@ -137,7 +138,7 @@ def test_client_disconnect_cancels_the_upstream_request(gateway, fake_openai):
 
 
 def test_client_disconnect_on_a_non_stream_request_cancels_it_too(gateway, fake_openai):
-    request_id = "disconnect-test-2"
+    request_id = str(uuid.uuid4())
     body = b'{"model": "fake-hang", "messages": [{"role": "user", "content": "x"}]}'
     with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import httpx
 import openai
@@ -26,11 +27,19 @@ def test_chat_non_stream(client, fake_openai):
     assert seen.body["model"] == "fake-chat"
 
 
-def test_request_id_is_echoed(gateway):
-    status, _, headers = gateway.post("/v1/chat/completions", {
-        "model": "fake-chat", "messages": [{"role": "user", "content": "Hi"}]}, headers={"X-Request-ID": "my-id-42"})
-    assert status == 200
-    assert headers["X-Request-ID"] == "my-id-42"
+def test_request_ids_echoed_and_uuid_shaped_upstream(gateway, fake_openai):
+    body = {"model": "fake-chat", "messages": [{"role": "user", "content": "Hi"}]}
+    client_uuid = "0D4C5C1E-7A43-4C39-9B7B-1B0F4A3E5C11"
+    status, _, headers = gateway.post("/v1/chat/completions", body, headers={"X-Request-ID": client_uuid})
+    assert status == 200 and headers["X-Request-ID"] == client_uuid  # as sent, case included
+    assert fake_openai.find(client_uuid).body["model"] == "fake-chat"
+    status, _, headers = gateway.post("/v1/chat/completions", body, headers={"X-Request-ID": "my-id-42"})
+    assert status == 200 and headers["X-Request-ID"] == "my-id-42"
+    # llama-cpp-python answers 400 to a non-UUID X-Request-ID, so the backend gets a UUID-shaped id of ours
+    upstream_id = fake_openai.requests[-1].headers["X-Request-ID"]
+    assert uuid.UUID(upstream_id) and upstream_id != "my-id-42"
+    generated = gateway.post("/v1/chat/completions", body)[2]["X-Request-ID"]
+    assert uuid.UUID(generated)
 
 
 def test_unknown_fields_reach_the_backend_and_gateway_fields_do_not(client, fake_openai):

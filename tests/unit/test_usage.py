@@ -39,9 +39,19 @@ def test_missing_usage_is_estimated_and_marked_when_the_client_asked():
     assert usage_chunk["choices"] == [] and usage_chunk["id"] == "c1" and usage_chunk["model"] == "m"
     usage = usage_chunk["usage"]
     assert usage["estimated"] is True
-    assert usage["completion_tokens"] == 3  # 11 characters, ~4 per token
+    assert usage["completion_tokens"] == 1  # one streamed chunk of output
     assert usage["prompt_tokens"] == estimate_prompt(BODY)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_only_chunks_with_output_count():
+    meter = StreamMeter(client_wants_usage=False)
+    role = chunk({"choices": [{"delta": {"role": "assistant", "content": ""}}]})
+    finish = chunk({"choices": [{"delta": {}, "finish_reason": "stop"}]})
+    spaced = b'data: {"choices": [{"delta": {"content": " w"}}]}\n\n'  # Python's json.dumps spacing
+    text = chunk({"choices": [{"text": "Once"}]})
+    meter.feed([role, CONTENT, spaced, text, finish, DONE])
+    assert meter.content_events == 3
 
 
 def test_tool_call_fragments_count_as_output_and_errors_are_noted():
@@ -50,7 +60,7 @@ def test_tool_call_fragments_count_as_output_and_errors_are_noted():
     frag = chunk({"choices": [{"delta": {"tool_calls": [call]}}]})
     error = chunk({"error": {"message": "boom", "type": "server_error"}})
     assert meter.feed([frag, error]) == frag + error
-    assert meter.content_events == 1 and meter.completion_chars == 17
+    assert meter.content_events == 1
     assert meter.error == {"message": "boom", "type": "server_error"}
 
 
