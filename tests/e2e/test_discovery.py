@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.threaded import free_port
+
+# The frozen subset runs this module again against the built binary (tests/run).
+pytestmark = pytest.mark.frozen
 
 
 def poll_models(app, want: set[str], timeout: float = 15) -> dict[str, dict]:

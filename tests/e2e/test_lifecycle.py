@@ -16,6 +16,9 @@ import pytest
 
 from tests.support.appliance import ADMIN_KEY, Appliance, appliance_cmd
 
+# The frozen subset runs this module again against the built binary (tests/run).
+pytestmark = pytest.mark.frozen
+
 HELLO = [{"role": "user", "content": "Hi"}]
 
 
