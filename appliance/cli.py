@@ -1,4 +1,4 @@
-"""The command line: serve, check-config, version.
+"""The command line: serve, check-config, keys, usage, backup, version.
 
 Thin on purpose: parse arguments, build Settings, call into the layers below. Heavy imports (the web
 server) happen only once a command needs them, so `appliance --help` stays fast, frozen too.
@@ -46,8 +46,63 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", metavar="FILE", help="config file (same as --config)")
     _common(check)
 
+    _add_key_commands(commands)
+
+    usage = commands.add_parser("usage", help="requests, tokens and cost from the ledger")
+    _common(usage)
+    usage.add_argument("--key", metavar="ID", help="only this key")
+    usage.add_argument("--model", help="only this model (as requested)")
+    usage.add_argument("--from", dest="start", metavar="DAY", help="first UTC day, YYYY-MM-DD")
+    usage.add_argument("--to", dest="end", metavar="DAY", help="last UTC day, YYYY-MM-DD")
+    usage.add_argument("--group-by", choices=("day", "model", "key"), default="day")
+    usage.add_argument("--json", action="store_true", help="print JSON")
+
+    backup = commands.add_parser("backup", help="copy the database to FILE, safely, also while serving")
+    backup.add_argument("target", metavar="FILE")
+    _common(backup)
+
     commands.add_parser("version", help="print the version")
     return parser
+
+
+def _add_key_commands(commands: Any) -> None:
+    keys = commands.add_parser("keys", help="create and manage API keys (works while the server runs)")
+    actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="create a key and print its secret (shown once)")
+    _common(create)
+    create.add_argument("--name", required=True)
+    _key_fields(create)
+    update = actions.add_parser("update", help="change a key's settings")
+    update.add_argument("id")
+    _common(update)
+    update.add_argument("--name")
+    _key_fields(update)
+    listing = actions.add_parser("list", help="list keys (prefixes only: secrets are not stored)")
+    _common(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    for action, text in (("show", "show one key"), ("disable", "stop a key from working"),
+                         ("enable", "let a disabled key work again"),
+                         ("rotate", "give a key a new secret (printed once); the old one stops working"),
+                         ("delete", "delete a key")):
+        command = actions.add_parser(action, help=text)
+        command.add_argument("id")
+        _common(command)
+
+
+def _key_fields(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--role", choices=("admin", "user", "read-only"))
+    parser.add_argument("--models", action="append", metavar="GLOB",
+                        help="allowed models, glob patterns (repeat or comma-separate; default all)")
+    parser.add_argument("--endpoints", action="append", metavar="GLOB",
+                        help="allowed paths, e.g. '/v1/chat/*' (default: all but /admin)")
+    parser.add_argument("--expires", metavar="WHEN", help="expiry: ISO date-time (UTC) or unix seconds")
+    parser.add_argument("--rpm", type=int, help="requests per minute")
+    parser.add_argument("--tpm", type=int, help="tokens per minute")
+    parser.add_argument("--max-concurrent", type=int, help="requests in flight")
+    parser.add_argument("--budget-usd", type=float, help="USD per budget period")
+    parser.add_argument("--budget-tokens", type=int, help="tokens per budget period")
+    parser.add_argument("--budget-period", choices=("day", "week", "month"))
+    parser.add_argument("--metadata", metavar="JSON", help="a JSON object kept with the key")
 
 
 def _settings(args: argparse.Namespace, config_file: str | None = None) -> Settings:
@@ -80,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print(json.dumps(settings.masked(), indent=2))
         return 0
-    return _serve(settings)
+    if args.command == "serve":
+        return _serve(settings)
+    from appliance import admin_cli
+
+    return admin_cli.run(args, settings)
 
 
 def _serve(settings: Settings) -> int:

@@ -6,6 +6,7 @@ command-line flags. A relative ``data_dir`` in a file resolves against the file'
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -85,6 +86,27 @@ class ModelSettings(_Model):
     context_window: int | None = Field(None, gt=0, description="Overrides the discovered context window.")
     max_output_tokens: int | None = Field(None, gt=0, description="Advertised output limit.")
     capabilities: dict[str, bool] | None = Field(None, description="Overrides discovered capabilities.")
+    input_per_mtok: float = Field(0, ge=0, description="USD per million prompt tokens.")
+    output_per_mtok: float = Field(0, ge=0, description="USD per million completion tokens.")
+    cached_input_per_mtok: float | None = Field(None, ge=0, description="USD per million cached prompt tokens.")
+    rpm: int | None = Field(None, gt=0, description="Requests per minute for this model, all keys together.")
+    tpm: int | None = Field(None, gt=0, description="Tokens per minute for this model, all keys together.")
+    max_concurrent: int | None = Field(None, gt=0, description="Requests in flight for this model, all keys.")
+
+
+class AuthSettings(_Model):
+    mode: Literal["keys", "none"] = Field("keys", description="'keys' (default) or 'none' (loopback only).")
+    cache_ttl_s: float = Field(1.0, gt=0, le=60,
+                               description="How long a worker trusts a looked-up key; bounds revocation delay.")
+
+
+class LimitsSettings(_Model):
+    window_s: float = Field(60, gt=0, description="The rate-limit window (rpm/tpm count over this).")
+    key_slots: int = Field(1024, ge=16, le=1_000_000, description="Keys that can hold live limit counters.")
+
+
+class MetricsSettings(_Model):
+    require_key: bool = Field(False, description="Ask for an API key on /metrics (public by default).")
 
 
 class DiscoverySettings(_Model):
@@ -99,7 +121,17 @@ class Settings(_Model):
     backends: list[BackendSettings] = Field(default_factory=list)
     models: list[ModelSettings] = Field(default_factory=list)
     discovery: DiscoverySettings = Field(default_factory=DiscoverySettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     config_file: Path | None = Field(None, description="Where these settings came from (not a TOML key).")
+
+    @model_validator(mode="after")
+    def _open_only_on_loopback(self) -> Settings:
+        if self.auth.mode == "none" and not is_loopback(self.server.host):
+            raise ValueError(f"auth.mode: 'none' is only allowed when bound to a loopback address, "
+                             f"not {self.server.host!r}; create keys instead")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -123,6 +155,15 @@ class Settings(_Model):
     def masked(self) -> dict[str, Any]:
         """The resolved settings as plain data, secrets replaced by '********'."""
         return self.model_dump(mode="json")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------ loading

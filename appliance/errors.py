@@ -59,6 +59,7 @@ class GatewayError(Exception):
         type: str | None = None,
         headers: dict[str, str] | None = None,
         body: bytes | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         default_status, default_type = CODES.get(code, (500, "server_error"))
@@ -69,12 +70,14 @@ class GatewayError(Exception):
         self.type = type or default_type
         self.headers = dict(headers or {})
         self.body = body
+        self.extra = extra or {}  # more fields for the error object, e.g. retry_after
         if code in _NO_RETRY:
             self.headers.setdefault("x-should-retry", "false")
 
     def envelope(self, request_id: str | None = None) -> dict[str, Any]:
         error: dict[str, Any] = {"message": self.message, "type": self.type, "param": self.param,
                                  "code": self.code}
+        error.update(self.extra)
         if request_id:
             error["request_id"] = request_id
         return {"error": error}

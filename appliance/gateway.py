@@ -10,13 +10,16 @@ import logging
 from dataclasses import dataclass, field
 
 from appliance import discovery
+from appliance.auth import Authenticator
 from appliance.catalog import Catalog
 from appliance.config import BackendSettings, Settings
 from appliance.errors import GatewayError
+from appliance.limits import Limiter, ModelScopes
 from appliance.providers import registry
 from appliance.providers.base import ModelInfo, Provider
 from appliance.storage.db import BufferedWriter, Database
 from appliance.transport import Transport
+from appliance.usage import Prices
 
 log = logging.getLogger("appliance.gateway")
 
@@ -30,7 +33,11 @@ class Gateway:
     transport: Transport
     db: Database
     writer: BufferedWriter
+    authenticator: Authenticator
+    limiter: Limiter
     catalog: Catalog = field(init=False)
+    prices: Prices = field(init=False)
+    model_scopes: ModelScopes = field(init=False)
     providers: dict[str, Provider] = field(default_factory=dict, init=False)
     draining: bool = field(default=False, init=False)
     _backends: dict[str, BackendSettings] = field(default_factory=dict, init=False)
@@ -39,6 +46,8 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.settings.models)
+        self.prices = Prices(self.settings.models)
+        self.model_scopes = ModelScopes(self.settings.models, first_slot=self.settings.limits.key_slots)
         for backend in self.settings.backends:
             self._add(backend, kind="ollama" if backend.type == "ollama" else "openai")
 

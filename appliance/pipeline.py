@@ -1,4 +1,4 @@
-"""One request's journey: validate -> resolve the model -> call the backend -> relay -> account.
+"""One request's journey: validate -> resolve the model -> admit -> call the backend -> relay -> account.
 
 Web-server free: the route hands in an Exchange and a Responder and renders any GatewayError.
 """
@@ -13,13 +13,15 @@ from typing import Any, Protocol
 
 import orjson
 
+from appliance.auth import Principal
 from appliance.catalog import Route
 from appliance.errors import GatewayError
 from appliance.gateway import Gateway
+from appliance.limits import Admission, key_scope
 from appliance.providers.base import CHAT, COMPLETIONS, EMBEDDINGS, Call
 from appliance.sse import DONE
-from appliance.storage import requests_repo
-from appliance.usage import StreamMeter, Tokens, from_reply
+from appliance.storage import requests_repo, usage_repo
+from appliance.usage import NO_COST, Cost, StreamMeter, Tokens, cost_of, estimate_prompt, from_reply
 
 # Body fields that steer the gateway and must not reach a backend.
 GATEWAY_FIELDS = ("fallbacks", "fallback", "provider", "timeout", "retries")
@@ -59,8 +61,10 @@ class Exchange:
     headers: dict[str, str]  # the client's headers that may travel upstream (see forwardable)
     started: float = field(default_factory=time.perf_counter)
     arrived_at: float = field(default_factory=time.time)
+    principal: Principal | None = None  # set by the web layer once the key checked out
     body: dict[str, Any] | None = None
     route: Route | None = None
+    admission: Admission | None = None
     recorded: bool = False
 
     def response_headers(self) -> dict[str, str]:
@@ -68,6 +72,8 @@ class Exchange:
         if self.route is not None:
             headers["X-Appliance-Backend"] = self.route.backend
             headers["X-Appliance-Model"] = self.route.upstream_model
+        if self.admission is not None:
+            headers.update(self.admission.headers)
         return headers
 
 
@@ -123,6 +129,41 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
+def check_model(x: Exchange, route: Route) -> None:
+    """The key may use a model by the name the client sent or by the backend model that serves it."""
+    if x.principal is None:  # fail closed: only the web layer's auth step sets a principal
+        raise GatewayError("invalid_api_key", "This request was not authenticated.")
+    x.principal.check_model(route.model, f"{route.backend}/{route.upstream_model}", route.upstream_model)
+
+
+def admit(gw: Gateway, x: Exchange, body: dict[str, Any], route: Route, *, counts_tokens: bool = True) -> None:
+    """Count the request against its key's and its model's limits and budget, or refuse it (429)."""
+    scopes = tuple(scope for scope in (key_scope(x.principal), gw.model_scopes.of(route.backend, route.upstream_model))
+                   if scope is not None)
+    if not scopes:
+        return
+    prompt = estimate_prompt(body)
+    most = body.get("max_completion_tokens") or body.get("max_tokens")
+    expected = Tokens(prompt, most if isinstance(most, int) else 0)
+    cost = cost_of(gw.prices.of(route.backend, route.upstream_model), expected).total
+    shown = next((scope for scope in scopes if scope.rpm or scope.tpm), None)
+    x.admission = gw.limiter.admit(scopes, tokens=prompt, cost=cost, counts_tokens=counts_tokens, headers_for=shown)
+
+
+def usage_extras(cost: Cost, x: Exchange, ttft_s: float | None) -> dict[str, Any]:
+    """What the gateway adds to a response's usage object (the names Lunar's API uses)."""
+    extras: dict[str, Any] = cost.as_usage()
+    extras["latency_ms"] = round((time.perf_counter() - x.started) * 1000, 3)
+    extras["ttft_ms"] = round(ttft_s * 1000, 3) if ttft_s is not None else None
+    return extras
+
+
+def _price_of(gw: Gateway, x: Exchange, tokens: Tokens) -> Cost:
+    if x.route is None:
+        return NO_COST
+    return cost_of(gw.prices.of(x.route.backend, x.route.upstream_model), tokens)
+
+
 async def proxy(gw: Gateway, endpoint: str, raw: bytes, x: Exchange, responder: Responder) -> None:
     """Serve chat/completions, completions or embeddings."""
     try:
@@ -130,12 +171,14 @@ async def proxy(gw: Gateway, endpoint: str, raw: bytes, x: Exchange, responder: 
         validate(endpoint, body)
         await gw.wait_discovered()
         x.route = route = gw.catalog.resolve(body["model"])
+        check_model(x, route)
         provider = gw.providers[route.backend]
         if not provider.supports(endpoint) or (
             endpoint == EMBEDDINGS and gw.catalog.capability(route, "embeddings") is False
         ):
             raise GatewayError("unsupported", f"{route.upstream_model!r} on backend {route.backend!r} "
                                f"does not serve /v1/{endpoint}", param="model")
+        admit(gw, x, body, route)
         call = Call(endpoint, _upstream_body(body, route), x.upstream_id, x.headers)
         if body.get("stream"):
             await _relay_stream(gw, call, x, responder)
@@ -157,10 +200,23 @@ async def _answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) ->
     reply = await provider.send(call)
     latency = time.perf_counter() - x.started
     tokens = from_reply(reply.data, call.body)
-    headers = {**reply.headers, **x.response_headers(),
+    cost = _price_of(gw, x, tokens)
+    body = _with_usage_extras(reply.data, tokens, usage_extras(cost, x, latency))
+    headers = {**reply.headers, **x.response_headers(), "X-Appliance-Cost-Usd": f"{cost.total:.9f}",
                "X-Appliance-Latency-Ms": _ms(latency), "X-Appliance-Overhead-Ms": _ms(latency - reply.upstream_s)}
-    await responder.complete(200, headers, reply.body)
-    record(gw, x, 200, tokens=tokens, overhead_s=latency - reply.upstream_s)
+    await responder.complete(200, headers, body)
+    record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=latency - reply.upstream_s, ttft_s=latency)
+
+
+def _with_usage_extras(data: dict[str, Any] | None, tokens: Tokens, extras: dict[str, Any]) -> bytes:
+    """The answer with cost and timings in its usage (which is added, marked estimated, when missing)."""
+    assert data is not None  # providers parse every non-streaming answer
+    usage = data.get("usage")
+    if isinstance(usage, dict):
+        usage.update(extras)
+    else:
+        data["usage"] = {**tokens.as_usage(), **extras}
+    return orjson.dumps(data)
 
 
 async def _relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> None:
@@ -169,7 +225,8 @@ async def _relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Respond
     if not client_wants_usage:  # ask anyway, to account the tokens; the meter drops it again
         call.body["stream_options"] = {**(stream_options if isinstance(stream_options, dict) else {}),
                                        "include_usage": True}
-    meter = StreamMeter(client_wants_usage=client_wants_usage)
+    meter = StreamMeter(client_wants_usage=client_wants_usage,
+                        extras=lambda tokens: usage_extras(_price_of(gw, x, tokens), x, _ttft(meter, x)))
     provider = gw.providers[x.route.backend]  # type: ignore[union-attr]
     async with provider.stream(call) as upstream:
         first_byte = time.perf_counter() - x.started
@@ -210,23 +267,33 @@ def record(
     status: int,
     *,
     tokens: Tokens | None = None,
+    cost: Cost | None = None,
     error_code: str | None = None,
     overhead_s: float | None = None,
     ttft_s: float | None = None,
 ) -> None:
-    """Queue the request-log row (once per request)."""
+    """Once per request: release its limits with what it really used, queue its ledger row and rollup."""
     if x.recorded:
         return
     x.recorded = True
+    if cost is None:
+        cost = _price_of(gw, x, tokens) if tokens else NO_COST
+    if x.admission is not None:
+        gw.limiter.settle(x.admission, tokens=tokens.total if tokens else 0, cost=cost.total)
     body = x.body or {}
     model = body.get("model")
+    model = model if isinstance(model, str) else None
+    key_id = x.principal.key_id if x.principal else None
+    backend = x.route.backend if x.route else None
+    backend_model = x.route.upstream_model if x.route else None
+    priced = tokens is not None and tokens.prompt is not None
     requests_repo.record(gw.writer, requests_repo.RequestRecord(
         request_id=x.request_id,
         created_at=x.arrived_at,
         endpoint=x.path,
-        model=model if isinstance(model, str) else None,
-        backend=x.route.backend if x.route else None,
-        backend_model=x.route.upstream_model if x.route else None,
+        model=model,
+        backend=backend,
+        backend_model=backend_model,
         status=status,
         error_code=error_code,
         stream=bool(body.get("stream")),
@@ -236,4 +303,15 @@ def record(
         prompt_tokens=tokens.prompt if tokens else None,
         completion_tokens=tokens.completion if tokens else None,
         estimated=bool(tokens and tokens.estimated),
+        key_id=key_id,
+        cached_tokens=tokens.cached if tokens else None,
+        input_cost_usd=cost.input if priced else None,
+        output_cost_usd=cost.output if priced else None,
+        cost_usd=cost.total if priced else None,
     ))
+    if key_id is not None:
+        usage_repo.add_to_rollup(
+            gw.writer, usage_repo.day_of(x.arrived_at), key_id, model or "", backend or "", backend_model or "",
+            error=status >= 400 or error_code is not None, prompt=tokens.prompt or 0 if tokens else 0,
+            completion=tokens.completion or 0 if tokens else 0, cached=tokens.cached if tokens else 0,
+            cost=cost.total)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,11 @@ class Tokens:
     prompt: int | None = None
     completion: int | None = None
     estimated: bool = False
+    cached: int = 0  # prompt tokens the backend served from its cache
+
+    @property
+    def total(self) -> int:
+        return (self.prompt or 0) + (self.completion or 0)
 
     def as_usage(self) -> dict[str, Any]:
         prompt, completion = self.prompt or 0, self.completion or 0
@@ -32,6 +38,63 @@ class Tokens:
         if self.estimated:
             usage["estimated"] = True
         return usage
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float = 0.0
+    output: float = 0.0
+    cached_input: float | None = None  # None: cached prompt tokens cost the input price
+
+    @property
+    def free(self) -> bool:
+        return not (self.input or self.output or self.cached_input)
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    input: float = 0.0
+    output: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.input + self.output
+
+    def as_usage(self) -> dict[str, float]:
+        return {"input_cost_usd": round(self.input, 9), "output_cost_usd": round(self.output, 9),
+                "total_cost_usd": round(self.total, 9)}
+
+
+FREE = Price()
+NO_COST = Cost()
+
+
+def cost_of(price: Price, tokens: Tokens) -> Cost:
+    if price.free:
+        return NO_COST
+    cached = min(tokens.cached, tokens.prompt or 0)
+    cached_price = price.input if price.cached_input is None else price.cached_input
+    uncached = (tokens.prompt or 0) - cached
+    return Cost((uncached * price.input + cached * cached_price) / 1e6, (tokens.completion or 0) * price.output / 1e6)
+
+
+class Prices:
+    """Prices from [[models]]: by `backend/model` first, then by model name; unpriced models are free.
+
+    They attach to the backend model that served (an alias's price to its target), so a fallback to a
+    free local model costs nothing.
+    """
+
+    def __init__(self, models: list[Any]) -> None:
+        self._by_name = {m.target or m.name: Price(m.input_per_mtok, m.output_per_mtok, m.cached_input_per_mtok)
+                         for m in models if m.input_per_mtok or m.output_per_mtok or m.cached_input_per_mtok}
+
+    def of(self, backend: str, model: str) -> Price:
+        if not self._by_name:
+            return FREE
+        return self._by_name.get(f"{backend}/{model}") or self._by_name.get(model) or FREE
 
 
 def estimate_text(text: str) -> int:
@@ -74,7 +137,10 @@ def _reported(usage: Any) -> Tokens | None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if not isinstance(prompt, int):
         return None
-    return Tokens(prompt, completion if isinstance(completion, int) else 0)
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Tokens(prompt, completion if isinstance(completion, int) else 0,
+                  cached=cached if isinstance(cached, int) else 0)
 
 
 def from_reply(data: dict[str, Any] | None, body: dict[str, Any]) -> Tokens:
@@ -104,10 +170,13 @@ class StreamMeter:
     search (about one token per streamed chunk), which is what an estimate needs.
     """
 
-    __slots__ = ("_drop_usage", "_template", "content_events", "done", "error", "first_event_at", "tokens")
+    __slots__ = ("_drop_usage", "_extras", "_template", "content_events", "done", "error", "first_event_at",
+                 "tokens")
 
-    def __init__(self, *, client_wants_usage: bool) -> None:
+    def __init__(self, *, client_wants_usage: bool,
+                 extras: Callable[[Tokens], dict[str, Any]] | None = None) -> None:
         self._drop_usage = not client_wants_usage
+        self._extras = extras  # more usage fields for the client (costs, timings)
         self._template: dict[str, Any] | None = None
         self.first_event_at: float | None = None
         self.tokens: Tokens | None = None
@@ -127,8 +196,12 @@ class StreamMeter:
             if data:
                 if _OUTPUT.search(data):
                     self.content_events += 1
-                if self._worth_parsing(data) and self._observe(data):
-                    continue
+                if self._worth_parsing(data):
+                    replacement = self._observe(data)
+                    if replacement is not None:
+                        if replacement:
+                            kept.append(replacement)
+                        continue
             kept.append(event)
         return b"".join(kept) if len(kept) != 1 else kept[0]
 
@@ -137,24 +210,29 @@ class StreamMeter:
             return True
         return b'"usage"' in data and b'"usage":null' not in data  # OpenAI puts "usage":null in every chunk
 
-    def _observe(self, data: bytes) -> bool:
-        """Note what the chunk tells; True when it must not reach the client."""
+    def _observe(self, data: bytes) -> bytes | None:
+        """Note what the chunk tells. None: forward it as it came; b"": drop it; else the event to send."""
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return False
+            return None
         if not isinstance(chunk, dict):
-            return False
+            return None
         if "error" in chunk:
             self.error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-            return False
+            return None
         if self._template is None:
             self._template = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
         reported = _reported(chunk.get("usage"))
-        if reported:
-            self.tokens = reported
-            return self._drop_usage and not chunk.get("choices")
-        return False
+        if not reported:
+            return None
+        self.tokens = reported
+        if self._drop_usage and not chunk.get("choices"):
+            return b""
+        if self._extras is None:
+            return None
+        chunk["usage"].update(self._extras(reported))
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def final_tokens(self, body: dict[str, Any]) -> Tokens:
         if self.tokens is not None:
@@ -165,6 +243,10 @@ class StreamMeter:
         """What ends the stream: an estimated usage chunk when the client asked and got none, then [DONE]."""
         tail = b""
         if not self._drop_usage and self.tokens is None and self.error is None:
-            chunk = {**(self._template or {}), "choices": [], "usage": self.final_tokens(body).as_usage()}
+            tokens = self.final_tokens(body)
+            usage = tokens.as_usage()
+            if self._extras is not None:
+                usage.update(self._extras(tokens))
+            chunk = {**(self._template or {}), "choices": [], "usage": usage}
             tail = b"data: " + orjson.dumps(chunk) + b"\n\n"
         return tail + DONE

@@ -9,9 +9,11 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
 from appliance.config import Settings
+from appliance.limits import SharedTable, table_size
 from appliance.resources import static_dir
-from appliance.server import lifecycle
+from appliance.server import access, lifecycle
 from appliance.server.responses import GatewayErrorHandler, RequestIds
+from appliance.server.routes import keys as keys_routes
 from appliance.server.routes import openai as openai_routes
 from appliance.server.routes import ops
 
@@ -30,7 +32,8 @@ def configure_logging() -> None:
         logger.propagate = False
 
 
-def create_app(settings: Settings) -> Sanic:
+def create_app(settings: Settings, table: SharedTable | None = None) -> Sanic:
+    """``table`` holds the live limit counters shared by all workers (made by the main process)."""
     configure_logging()
     app = Sanic(APP_NAME, error_handler=GatewayErrorHandler())
     app.config.update(
@@ -46,11 +49,14 @@ def create_app(settings: Settings) -> Sanic:
     )
     app.ctx.settings = settings
     app.ctx.request_ids = RequestIds()
+    app.ctx.limit_table = table or SharedTable(table_size(settings), shared=False)
     app.blueprint(openai_routes.bp)
+    app.blueprint(keys_routes.bp)
     app.blueprint(ops.bp)
     app.static("/static", static_dir(), name="static")
     if settings.server.cors_origins:
-        _add_cors(app, settings.server.cors_origins)
+        _add_cors(app, settings.server.cors_origins)  # first: a preflight carries no key
+    app.on_request(access.authenticate)
     lifecycle.register(app)
     return app
 

@@ -11,7 +11,10 @@ import threading
 
 from sanic import Sanic
 
+from appliance.auth import Authenticator
 from appliance.gateway import Gateway
+from appliance.limits import Limiter, worker_index
+from appliance.storage import keys_repo
 from appliance.storage.db import BufferedWriter, Database
 from appliance.storage.migrate import database_path
 from appliance.transport import Transport
@@ -84,7 +87,11 @@ async def open_gateway(app: Sanic) -> None:
     writer = BufferedWriter(db, settings.server.flush_interval_ms / 1000)
     writer.start()
     transport = await Transport.open()
-    gateway = Gateway(settings, transport, db, writer)
+    authenticator = Authenticator(db, await keys_repo.install_secret(db), settings.auth.cache_ttl_s,
+                                  enabled=settings.auth.mode == "keys")
+    limiter = Limiter(app.ctx.limit_table, settings.limits.window_s, worker_index())
+    limiter.forget_worker()  # a worker that replaces a dead one inherits its column, not its count
+    gateway = Gateway(settings, transport, db, writer, authenticator, limiter)
     gateway.start()
     app.ctx.gateway = gateway
 

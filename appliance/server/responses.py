@@ -96,7 +96,8 @@ def exchange(request: Request) -> pipeline.Exchange:
     rid = request_id(request)
     upstream_id = rid if "x-request-id" not in request.headers or _uuid_shaped(rid) else request.app.ctx.request_ids()
     x = pipeline.Exchange(path=request.path, request_id=rid, upstream_id=upstream_id,
-                          headers=pipeline.forwardable(request.headers.items()))
+                          headers=pipeline.forwardable(request.headers.items()),
+                          principal=getattr(request.ctx, "principal", None))
     request.ctx.exchange = x
     return x
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -19,9 +20,13 @@ from sanic import Sanic
 from sanic.worker.constants import ProcessState
 from sanic.worker.loader import AppLoader
 
+from appliance import auth
 from appliance.config import Settings
+from appliance.limits import Limiter, SharedTable, key_scope, period_start_day, table_size
 from appliance.resources import migrations_dir
 from appliance.server.app import configure_logging, create_app
+from appliance.storage import usage_repo
+from appliance.storage.db import Database
 from appliance.storage.migrate import database_path, migrate
 
 log = logging.getLogger("appliance.server")
@@ -85,7 +90,9 @@ def serve(settings: Settings) -> None:
         applied = migrate(database_path(settings.data_dir), migrations_dir())
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-        loader = AppLoader(factory=partial(create_app, settings))
+        table = SharedTable(table_size(settings))
+        asyncio.run(prepare_keys(settings, table))
+        loader = AppLoader(factory=partial(create_app, settings, table))
         app = loader.load()
         ssl = {"cert": str(server.tls_cert), "key": str(server.tls_key)} if server.tls_cert else None
         app.prepare(host=server.host, port=server.port, workers=1 if server.single_process else server.workers,
@@ -101,6 +108,31 @@ def serve(settings: Settings) -> None:
             app.main_process_ready(_relay_signals)
             app.main_process_ready(_start_watchdog)
             Sanic.serve(primary=app, app_loader=loader)
+
+
+async def prepare_keys(settings: Settings, table: SharedTable) -> None:
+    """Before the workers start: an admin key exists, and budgets carry what this period already spent."""
+    db = await Database.open(database_path(settings.data_dir))
+    try:
+        generated = await auth.ensure_admin_key(db, os.environ.get("APPLIANCE_ADMIN_KEY"),
+                                                slots=settings.limits.key_slots)
+        if generated and settings.auth.mode == "keys":
+            _announce(generated)
+        limiter = Limiter(table, settings.limits.window_s)
+        now = time.time()
+        for row in await auth.list_keys(db):
+            scope = key_scope(auth.Principal.from_row(row))
+            if scope is not None and scope.budget_period:
+                usd, tokens = await usage_repo.spent(db, scope.owner, period_start_day(scope.budget_period, now))
+                limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
+    finally:
+        await db.close()
+
+
+def _announce(key: str) -> None:
+    """The first admin key, shown once: only its hash is kept."""
+    print(f"\n  Admin API key (shown once, store it now):\n\n    {key}\n\n"
+          "  Create more with: appliance keys create --name NAME\n", file=sys.stderr, flush=True)
 
 
 STARTUP_WAIT_S = 30.0

@@ -73,12 +73,13 @@ class BufferedWriter:
         self._db = db
         self._interval_s = interval_s
         self._pending: dict[str, list[tuple[Any, ...]]] = {}
+        self._sums: dict[str, dict[tuple[Any, ...], list[float]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
     @property
     def depth(self) -> int:
-        return sum(len(rows) for rows in self._pending.values())
+        return sum(len(rows) for rows in self._pending.values()) + sum(len(s) for s in self._sums.values())
 
     def add(self, sql: str, row: tuple[Any, ...]) -> None:
         rows = self._pending.get(sql)
@@ -87,7 +88,23 @@ class BufferedWriter:
         else:
             rows.append(row)
 
+    def add_sum(self, sql: str, key: tuple[Any, ...], values: tuple[float, ...]) -> None:
+        """Add ``values`` to the totals under ``key``; flushed as one (*key, *totals) row per key.
+
+        For rollups: a thousand requests to one model in a flush interval become one upsert.
+        """
+        sums = self._sums.setdefault(sql, {})
+        totals = sums.get(key)
+        if totals is None:
+            sums[key] = list(values)
+        else:
+            for i, value in enumerate(values):
+                totals[i] += value
+
     async def flush(self) -> int:
+        for sql, sums in self._sums.items():
+            self._pending.setdefault(sql, []).extend((*key, *totals) for key, totals in sums.items())
+        self._sums = {}
         if not self._pending:
             return 0
         batch, self._pending = self._pending, {}  # swap before the first await
@@ -129,3 +146,19 @@ class BufferedWriter:
                 return
             await asyncio.sleep(0.2)
         log.error("dropping %d unwritten rows at shutdown", self.depth)
+
+
+def backup(source: Path, target: str | Path) -> None:
+    """An online, consistent copy of the database (SQLite's backup API), safe while workers write."""
+    target = Path(target)
+    if target.exists():
+        raise FileExistsError(f"{target} exists; choose a new file name")
+    src = sqlite3.connect(source)
+    try:
+        dst = sqlite3.connect(target)
+        try:
+            src.backup(dst, pages=1024)  # in steps, so writers are not held off for the whole copy
+        finally:
+            dst.close()
+    finally:
+        src.close()

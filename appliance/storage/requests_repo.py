@@ -23,12 +23,18 @@ class RequestRecord(NamedTuple):
     prompt_tokens: int | None
     completion_tokens: int | None
     estimated: bool
+    key_id: str | None
+    cached_tokens: int | None
+    input_cost_usd: float | None
+    output_cost_usd: float | None
+    cost_usd: float | None
 
 
 _INSERT = (
     "INSERT INTO requests (request_id, created_at, endpoint, model, backend, backend_model, status, "
-    "error_code, stream, latency_ms, overhead_ms, ttft_ms, prompt_tokens, completion_tokens, estimated) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "error_code, stream, latency_ms, overhead_ms, ttft_ms, prompt_tokens, completion_tokens, estimated, "
+    "key_id, cached_tokens, input_cost_usd, output_cost_usd, cost_usd) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -45,3 +51,10 @@ async def recent(db: Database, limit: int = 100) -> list[dict[str, Any]]:
 async def count(db: Database) -> int:
     rows = await db.fetchall("SELECT count(*) FROM requests")
     return int(rows[0][0])
+
+
+async def recent_for_key(db: Database, key_id: str, limit: int = 20) -> list[dict[str, Any]]:
+    rows = await db.fetchall(
+        "SELECT request_id, created_at, endpoint, model, status, prompt_tokens, completion_tokens, cost_usd, "
+        "latency_ms FROM requests WHERE key_id = ? ORDER BY id DESC LIMIT ?", (key_id, limit))
+    return [dict(row) for row in rows]

@@ -138,6 +138,11 @@ class Appliance:
         except ValueError:
             return status, raw.decode(errors="replace"), hdrs
 
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run an appliance subcommand (keys, usage, backup...) on this appliance's config and data dir."""
+        return subprocess.run([*appliance_cmd(), *args, "--config", str(self.config_path)], cwd=self.root,
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+
     def worker_pids(self, want: int, timeout: float = 20) -> set[int]:
         """Distinct pids answering /health (each on a new connection) until ``want`` are seen."""
         pids: set[int] = set()

@@ -116,3 +116,10 @@ def test_settings_pickle_for_workers(tmp_path):
     path = write(tmp_path, '[[backends]]\nname = "x"\nurl = "http://h/v1"\napi_key = "k"\n')
     settings = load_settings(path, environ={})
     assert pickle.loads(pickle.dumps(settings)) == settings
+
+
+def test_auth_off_only_on_loopback(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, '[auth]\nmode = "none"\n'), environ={}).auth.mode == "none"
+    path = write(tmp_path, '[server]\nhost = "0.0.0.0"\n[auth]\nmode = "none"\n')
+    with pytest.raises(ConfigError, match="loopback"):
+        load_settings(path, environ={})

@@ -1,5 +1,6 @@
 """The README documents every config key and every route (as datasette's test_docs does)."""
 
+import re
 from pathlib import Path
 
 from appliance.config import Settings
@@ -29,6 +30,6 @@ def test_every_route_is_documented():
         paths = {route.path for route in app.router.routes}
     finally:
         app.__class__._app_registry.pop(app.name, None)
-    documented = [f"/{p}".replace("<model:path>", "{model}") for p in paths if p and not p.startswith("static")]
+    documented = [re.sub(r"<(\w+)(:\w+)?>", r"{\1}", f"/{p}") for p in paths if p and not p.startswith("static")]
     missing = [p for p in documented if f"{p}`" not in README]
     assert not missing, f"undocumented routes: {missing}"

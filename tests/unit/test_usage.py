@@ -1,6 +1,7 @@
 import orjson
 
-from appliance.usage import StreamMeter, estimate_prompt, from_reply
+from appliance.config import ModelSettings
+from appliance.usage import FREE, Price, Prices, StreamMeter, Tokens, cost_of, estimate_prompt, from_reply
 
 
 def chunk(data):
@@ -77,3 +78,19 @@ def test_prompt_estimates_cover_every_body_shape():
     assert estimate_prompt({"input": [[1, 2, 3]]}) == 3
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "abcd"}]}]}
     assert estimate_prompt(parts) == 3 + 4 + 1
+
+
+def test_costs_attach_to_the_backend_model_that_served() -> None:
+    prices = Prices([
+        ModelSettings(name="gpt", target="openai/gpt-4o", input_per_mtok=2.5, output_per_mtok=10),
+        ModelSettings(name="llama3", input_per_mtok=0.1, output_per_mtok=0.2, cached_input_per_mtok=0.05),
+        ModelSettings(name="chat", target="ollama/qwen"),
+    ])
+    assert prices.of("openai", "gpt-4o") == Price(2.5, 10)
+    assert prices.of("ollama", "llama3") == Price(0.1, 0.2, 0.05)
+    assert prices.of("ollama", "qwen") is FREE  # a fallback to a free local model costs nothing
+    cost = cost_of(Price(2.5, 10), Tokens(1_000_000, 100_000))
+    assert (cost.input, cost.output, cost.total) == (2.5, 1.0, 3.5)
+    cached = cost_of(Price(1, 0, 0.5), Tokens(1_000_000, 0, cached=400_000))
+    assert cached.input == 0.6 + 0.2
+    assert cost_of(FREE, Tokens(10**9, 10**9)).total == 0

@@ -40,7 +40,11 @@ async def embeddings(request: Request) -> HTTPResponse | None:
 async def list_models(request: Request) -> HTTPResponse:
     gateway = request.app.ctx.gateway
     await gateway.wait_discovered()
-    return json_response(orjson.dumps({"object": "list", "data": gateway.catalog.list_models()}), request)
+    models = gateway.catalog.list_models()
+    principal = request.ctx.principal
+    if principal.models != ("*",):  # a key sees the models it may use
+        models = [m for m in models if principal.allows_model(m["id"])]
+    return json_response(orjson.dumps({"object": "list", "data": models}), request)
 
 
 @bp.get("/v1/models/<model:path>")
@@ -51,4 +55,5 @@ async def get_model(request: Request, model: str) -> HTTPResponse:
     entry = gateway.catalog.describe(model)
     if entry is None:
         raise gateway.catalog.not_found(model)
+    request.ctx.principal.check_model(model)
     return json_response(orjson.dumps(entry), request)

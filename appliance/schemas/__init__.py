@@ -1,0 +1,1 @@
+"""Wire models, only where validation earns its cost."""

@@ -1,0 +1,46 @@
+"""Who may call what: the request middleware that turns a presented key into a principal.
+
+Public without a key: liveness, readiness, the status page and its files. /statsz answers loopback
+callers without a key. Everything else needs one; its role and endpoint patterns are checked here, its
+model patterns and limits in the pipeline (which knows the model).
+"""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+
+from sanic import Request
+
+from appliance.auth import presented_key
+
+PUBLIC_PATHS = frozenset(("/health", "/healthz", "/ready", "/", "/status"))
+PUBLIC_PREFIXES = ("/static/",)
+LOOPBACK_PATHS = frozenset(("/statsz",))
+
+
+def is_public(request: Request) -> bool:
+    path = request.path
+    if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+        return True
+    if path == "/metrics":
+        return not request.app.ctx.settings.metrics.require_key
+    return path in LOOPBACK_PATHS and from_loopback(request)
+
+
+def from_loopback(request: Request) -> bool:
+    try:
+        return ip_address(request.ip).is_loopback
+    except ValueError:
+        return False
+
+
+async def authenticate(request: Request) -> None:
+    """Sanic request middleware: set request.ctx.principal or raise 401/403 (rendered per surface)."""
+    if is_public(request):
+        return
+    gateway = request.app.ctx.gateway
+    headers = request.headers
+    principal = await gateway.authenticator.authenticate(
+        presented_key(headers.get("authorization"), headers.get("x-api-key")))
+    principal.check_endpoint(request.method, request.path)
+    request.ctx.principal = principal

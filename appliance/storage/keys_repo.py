@@ -1,0 +1,117 @@
+"""SQL for API keys and the install secret their hashes are keyed with."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from appliance.storage.db import Database
+
+# Columns a caller may change after creation (the hash and slot change only through rotate/create).
+EDITABLE = ("name", "role", "models", "endpoints", "expires_at", "enabled", "rpm", "tpm", "max_concurrent",
+            "budget_usd", "budget_tokens", "budget_period", "metadata")
+_JSON = ("models", "endpoints", "metadata")
+
+
+class NoFreeSlot(Exception):
+    """Every live-counter slot is taken by a key."""
+
+
+def _decode(row: Any) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    data = dict(row)
+    for column in _JSON:
+        if data.get(column) is not None:
+            data[column] = orjson.loads(data[column])
+    data["enabled"] = bool(data["enabled"])
+    return data
+
+
+def _encode(column: str, value: Any) -> Any:
+    if column in _JSON and value is not None:
+        return orjson.dumps(value).decode()
+    if column == "enabled":
+        return int(bool(value))
+    return value
+
+
+async def install_secret(db: Database) -> bytes:
+    rows = await db.fetchall("SELECT secret FROM install WHERE id = 1")
+    return bytes(rows[0][0])
+
+
+async def find_by_hash(db: Database, key_hash: str) -> dict[str, Any] | None:
+    rows = await db.fetchall("SELECT * FROM api_keys WHERE hash = ?", (key_hash,))
+    return _decode(rows[0]) if rows else None
+
+
+async def get(db: Database, key_id: str) -> dict[str, Any] | None:
+    rows = await db.fetchall("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+    return _decode(rows[0]) if rows else None
+
+
+async def list_all(db: Database) -> list[dict[str, Any]]:
+    rows = await db.fetchall("SELECT * FROM api_keys ORDER BY created_at, id")
+    return [_decode(row) for row in rows]  # type: ignore[misc]
+
+
+async def count(db: Database) -> int:
+    rows = await db.fetchall("SELECT count(*) FROM api_keys")
+    return int(rows[0][0])
+
+
+_FREE_SLOT = """
+SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM api_keys WHERE slot = 0) THEN 0
+            ELSE (SELECT min(slot) + 1 FROM api_keys AS a
+                  WHERE NOT EXISTS (SELECT 1 FROM api_keys AS b WHERE b.slot = a.slot + 1)) END
+"""
+
+
+async def create(db: Database, values: dict[str, Any], *, slots: int) -> dict[str, Any]:
+    """Insert a key (``values`` holds id, hash, prefix and EDITABLE columns) in the lowest free slot."""
+
+    async def work(conn: aiosqlite.Connection) -> None:
+        rows = await conn.execute_fetchall(_FREE_SLOT)
+        slot = int(next(iter(rows))[0])
+        if slot >= slots:
+            raise NoFreeSlot(f"all {slots} key slots are taken; raise limits.key_slots or delete unused keys")
+        now = time.time()
+        row = {column: _encode(column, value) for column, value in values.items()}
+        row.update(slot=slot, created_at=now, updated_at=now)
+        names = ", ".join(row)
+        await conn.execute(f"INSERT INTO api_keys ({names}) VALUES ({', '.join('?' * len(row))})",
+                           tuple(row.values()))
+
+    await db.write(work)
+    created = await get(db, values["id"])
+    assert created is not None
+    return created
+
+
+async def update(db: Database, key_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+    """Change EDITABLE columns (and, for rotation, hash and prefix)."""
+    allowed = {*EDITABLE, "hash", "prefix"}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise ValueError(f"not editable: {sorted(unknown)}")
+    if changes:
+        assignments = ", ".join(f"{column} = ?" for column in changes)
+        params = (*(_encode(c, v) for c, v in changes.items()), time.time(), key_id)
+
+        async def work(conn: aiosqlite.Connection) -> None:
+            await conn.execute(f"UPDATE api_keys SET {assignments}, updated_at = ? WHERE id = ?", params)
+
+        await db.write(work)
+    return await get(db, key_id)
+
+
+async def delete(db: Database, key_id: str) -> bool:
+    async def work(conn: aiosqlite.Connection) -> int:
+        cursor = await conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
+        return cursor.rowcount
+
+    return bool(await db.write(work))

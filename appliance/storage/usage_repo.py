@@ -1,0 +1,57 @@
+"""SQL for usage rollups and the reports built on them and on the request log."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from appliance.storage.db import BufferedWriter, Database
+
+_ROLLUP = (
+    "INSERT INTO usage_daily (day, key_id, model, backend, backend_model, requests, errors, prompt_tokens, "
+    "completion_tokens, cached_tokens, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (day, key_id, model, backend, backend_model) DO UPDATE SET "
+    "requests = requests + excluded.requests, errors = errors + excluded.errors, "
+    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = completion_tokens + excluded.completion_tokens, "
+    "cached_tokens = cached_tokens + excluded.cached_tokens, cost_usd = cost_usd + excluded.cost_usd"
+)
+
+
+def day_of(timestamp: float) -> str:
+    """The UTC day a rollup row belongs to."""
+    return time.strftime("%Y-%m-%d", time.gmtime(timestamp))
+
+
+def add_to_rollup(writer: BufferedWriter, day: str, key_id: str, model: str, backend: str, backend_model: str,
+                  *, error: bool, prompt: int, completion: int, cached: int, cost: float) -> None:
+    writer.add_sum(_ROLLUP, (day, key_id, model, backend, backend_model),
+                   (1, int(error), prompt, completion, cached, cost))
+
+
+_GROUPS = {"day": "day", "model": "model", "key": "key_id"}
+
+
+async def report(db: Database, *, key_id: str | None = None, model: str | None = None,
+                 day_from: str | None = None, day_to: str | None = None, group_by: str = "day") -> list[dict[str, Any]]:
+    """Totals from the daily rollups, grouped by day, model or key; days are inclusive YYYY-MM-DD."""
+    column = _GROUPS[group_by]
+    where, params = [], []
+    for clause, value in (("key_id = ?", key_id), ("model = ?", model), ("day >= ?", day_from),
+                          ("day <= ?", day_to)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    sql = (f"SELECT {column} AS {group_by}, sum(requests) AS requests, sum(errors) AS errors, "
+           "sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, "
+           "sum(cached_tokens) AS cached_tokens, round(sum(cost_usd), 9) AS cost_usd FROM usage_daily"
+           + (" WHERE " + " AND ".join(where) if where else "") + f" GROUP BY {column} ORDER BY {column}")
+    return [dict(row) for row in await db.fetchall(sql, params)]
+
+
+async def spent(db: Database, key_id: str, day_from: str) -> tuple[float, int]:
+    """(USD, tokens) a key used from ``day_from`` (YYYY-MM-DD, inclusive) on."""
+    rows = await db.fetchall(
+        "SELECT sum(cost_usd), sum(prompt_tokens + completion_tokens) FROM usage_daily "
+        "WHERE key_id = ? AND day >= ?", (key_id, day_from))
+    return float(rows[0][0] or 0), int(rows[0][1] or 0)

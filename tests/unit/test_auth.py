@@ -1,0 +1,151 @@
+"""Keys: hashing, lookup through the cache, expiry with an injected clock, roles and patterns."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import auth
+from appliance.errors import GatewayError
+from appliance.resources import migrations_dir
+from appliance.storage import keys_repo
+from appliance.storage.db import Database
+from appliance.storage.migrate import migrate
+
+
+def run(tmp_path: Path, work: Callable[[Database], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        path = tmp_path / "a.db"
+        migrate(path, migrations_dir())
+        db = await Database.open(path)
+        try:
+            return await work(db)
+        finally:
+            await db.close()
+
+    return asyncio.run(main())
+
+
+def test_keys_are_stored_only_as_hashes_and_found_again(tmp_path: Path) -> None:
+    async def work(db: Database) -> None:
+        row, secret = await auth.create_key(db, {"name": "a", "rpm": 5}, slots=16)
+        assert secret.startswith("sk-app-") and len(secret) == 50
+        assert secret not in str(await keys_repo.list_all(db))
+        assert row["prefix"] == secret[:13] and row["hash"] != secret
+        authenticator = auth.Authenticator(db, await keys_repo.install_secret(db), ttl_s=60)
+        principal = await authenticator.authenticate(secret)
+        assert principal.key_id == row["id"] and principal.rpm == 5 and principal.role == "user"
+        for bad in (None, "", "sk-app-wrong", secret + "x", "Bearer " + secret):
+            with pytest.raises(GatewayError) as info:
+                await authenticator.authenticate(bad)
+            assert info.value.status == 401 and info.value.code == "invalid_api_key"
+
+    run(tmp_path, work)
+
+
+def test_changes_show_after_the_cache_ttl_and_expiry_uses_the_clock(tmp_path: Path) -> None:
+    async def work(db: Database) -> None:
+        expires = time.time() + 3600
+        row, secret = await auth.create_key(db, {"name": "a", "expires_at": expires}, slots=16)
+        authenticator = auth.Authenticator(db, await keys_repo.install_secret(db), ttl_s=0.05)
+        await authenticator.authenticate(secret, now=expires - 1)
+        with pytest.raises(GatewayError):
+            await authenticator.authenticate(secret, now=expires)
+        await auth.update_key(db, row["id"], {"enabled": False})
+        await asyncio.sleep(0.06)
+        with pytest.raises(GatewayError) as info:
+            await authenticator.authenticate(secret, now=expires - 1)
+        assert "Incorrect API key" in info.value.message  # the same words as for an unknown key
+        rotated, new_secret = await auth.rotate_key(db, row["id"])
+        await auth.update_key(db, row["id"], {"enabled": True})
+        await asyncio.sleep(0.06)
+        assert (await authenticator.authenticate(new_secret, now=expires - 1)).key_id == row["id"]
+        with pytest.raises(GatewayError):
+            await authenticator.authenticate(secret, now=expires - 1)
+
+    run(tmp_path, work)
+
+
+def test_admin_key_from_the_environment_or_generated_once(tmp_path: Path) -> None:
+    async def work(db: Database) -> None:
+        generated = await auth.ensure_admin_key(db, None, slots=16)
+        assert generated is not None and generated.startswith("sk-app-")
+        assert await auth.ensure_admin_key(db, None, slots=16) is None  # never again
+        env_key = "sk-app-from-the-environment-0001"
+        assert await auth.ensure_admin_key(db, env_key, slots=16) is None
+        authenticator = auth.Authenticator(db, await keys_repo.install_secret(db), ttl_s=1)
+        assert (await authenticator.authenticate(env_key)).role == "admin"
+        assert len(await keys_repo.list_all(db)) == 2
+        with pytest.raises(ValueError):
+            await auth.ensure_admin_key(db, "short", slots=16)
+
+    run(tmp_path, work)
+
+
+def test_slots_are_reused_and_run_out_clearly(tmp_path: Path) -> None:
+    async def work(db: Database) -> None:
+        rows = [(await auth.create_key(db, {"name": str(i)}, slots=2))[0] for i in range(2)]
+        assert sorted(r["slot"] for r in rows) == [0, 1]
+        with pytest.raises(GatewayError) as info:
+            await auth.create_key(db, {"name": "third"}, slots=2)
+        assert "key_slots" in info.value.message
+        await auth.delete_key(db, rows[0]["id"])
+        assert (await auth.create_key(db, {"name": "again"}, slots=2))[0]["slot"] == 0
+
+    run(tmp_path, work)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({}, "name"),
+    ({"name": "a", "role": "root"}, "role"),
+    ({"name": "a", "rpm": 0}, "rpm"),
+    ({"name": "a", "budget_usd": 1}, "budget_period"),
+    ({"name": "a", "budget_period": "day"}, "budget_usd"),
+    ({"name": "a", "expires_at": 1}, "expires_at"),
+    ({"name": "a", "endpoints": ["v1/chat"]}, "endpoints"),
+    ({"name": "a", "colour": "red"}, "colour"),
+])
+def test_invalid_key_fields_name_the_field(tmp_path: Path, fields: dict[str, Any], param: str) -> None:
+    async def work(db: Database) -> None:
+        with pytest.raises(GatewayError) as info:
+            await auth.create_key(db, fields, slots=16)
+        assert info.value.status == 400 and info.value.param == param
+
+    run(tmp_path, work)
+
+
+def test_roles_and_patterns() -> None:
+    user = auth.Principal("k", "u", "user", models=("llama*", "ollama/*"))
+    user.check_endpoint("POST", "/v1/chat/completions")
+    with pytest.raises(GatewayError, match="may not call GET /admin/keys"):
+        user.check_endpoint("GET", "/admin/keys")
+    user.check_model("llama3:8b")
+    user.check_model("chat", "ollama/qwen", "qwen")  # an alias served by an allowed backend model
+    with pytest.raises(GatewayError) as info:
+        user.check_model("gpt-4o", "openai/gpt-4o", "gpt-4o")
+    assert info.value.code == "model_not_allowed" and info.value.status == 403 and "gpt-4o" in info.value.message
+
+    reader = auth.Principal("k", "r", "read-only")
+    reader.check_endpoint("GET", "/v1/models")
+    with pytest.raises(GatewayError):
+        reader.check_endpoint("POST", "/v1/embeddings")
+
+    narrow = auth.Principal("k", "n", "user", endpoints=("/v1/embeddings",))
+    narrow.check_endpoint("POST", "/v1/embeddings")
+    with pytest.raises(GatewayError):
+        narrow.check_endpoint("POST", "/v1/chat/completions")
+    admin = auth.Principal("k", "a", "admin")
+    admin.check_endpoint("DELETE", "/admin/keys/x")
+
+
+def test_presented_key_from_either_header() -> None:
+    assert auth.presented_key("Bearer sk-app-x", None) == "sk-app-x"
+    assert auth.presented_key("bearer  sk-app-x ", None) == "sk-app-x"
+    assert auth.presented_key(None, "sk-app-y") == "sk-app-y"
+    assert auth.presented_key("Basic abc", "sk-app-y") == "sk-app-y"
+    assert auth.presented_key(None, None) is None
