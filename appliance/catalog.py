@@ -5,6 +5,7 @@ Pure data, updated by discovery: resolution is a couple of dict lookups on the r
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,20 @@ class Route:
     upstream_model: str  # the name the backend knows
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Every place a model name can go, in config order, and the alias that says how to choose."""
+
+    model: str  # as the client named it
+    routes: tuple[Route, ...]
+    alias: ModelSettings | None = None
+
+    @property
+    def name(self) -> str:
+        """The route's name for X-Appliance-Route: the alias (pattern) or the model itself."""
+        return self.alias.name if self.alias is not None else self.model
+
+
 @dataclass(slots=True)
 class BackendState:
     name: str
@@ -43,7 +58,9 @@ class BackendState:
 class Catalog:
     def __init__(self, models: list[ModelSettings]) -> None:
         self.backends: dict[str, BackendState] = {}  # in config order: the first listing a model owns it
-        self._aliases = {m.name: m.target for m in models if m.target}
+        routed = [m for m in models if m.route_targets]
+        self._aliases = {m.name: m for m in routed if not _is_pattern(m.name)}
+        self._patterns = [m for m in routed if _is_pattern(m.name)]  # config order: the first match wins
         self._overrides = {m.name: m for m in models}
         self._index: dict[str, tuple[str, str]] = {}  # model name -> (backend, upstream model)
         self._first_seen: dict[str, int] = {}
@@ -80,20 +97,29 @@ class Catalog:
     # ------------------------------------------------------------------ resolution (request path)
 
     def resolve(self, model: str) -> Route:
+        """The first place ``model`` goes (config order)."""
+        return self.plan(model).routes[0]
+
+    def plan(self, model: str) -> Plan:
+        """Where ``model`` can go: ``backend/model``, an exact alias, a listed model, then alias patterns."""
         prefix, slash, rest = model.partition("/")
         if slash and rest and prefix in self.backends:
-            return Route(model, prefix, rest)
-        target = self._aliases.get(model)
-        if target is not None:
-            route = self._lookup(target)
-            if route is None:
-                raise GatewayError("model_not_found", f"alias {model!r} points to {target!r}, which no "
-                                   "backend serves right now", param="model")
-            return Route(model, route.backend, route.upstream_model)
-        route = self._lookup(model)
-        if route is None:
+            return Plan(model, (Route(model, prefix, rest),))
+        alias = self._aliases.get(model)
+        if alias is None:
+            found = self._index.get(model)
+            if found is not None:
+                return Plan(model, (Route(model, *found),))
+            alias = next((m for m in self._patterns if fnmatch.fnmatchcase(model, m.name)), None)
+        if alias is None:
             raise self.not_found(model)
-        return route
+        routes = tuple(Route(model, r.backend, r.upstream_model)
+                       for r in (self._lookup(t) for t in alias.route_targets) if r is not None)
+        if not routes:
+            raise GatewayError("model_not_found", f"alias {alias.name!r} points to "
+                               f"{', '.join(map(repr, alias.route_targets))}, which no backend serves right now",
+                               param="model")
+        return Plan(model, routes, alias)
 
     def _lookup(self, name: str) -> Route | None:
         prefix, slash, rest = name.partition("/")
@@ -123,7 +149,7 @@ class Catalog:
 
     def list_models(self) -> list[dict[str, Any]]:
         by_model = self._by_model()
-        entries = [self._alias_entry(name, target, by_model) for name, target in self._aliases.items()]
+        entries = [self._alias_entry(name, by_model) for name in self._aliases]
         entries += [self._entry(model_id, served) for model_id, served in by_model.items()
                     if model_id not in self._aliases]
         return entries
@@ -132,7 +158,7 @@ class Catalog:
         """The /v1/models entry for a listed id or alias, else None."""
         by_model = self._by_model()
         if model in self._aliases:
-            return self._alias_entry(model, self._aliases[model], by_model)
+            return self._alias_entry(model, by_model)
         if model in by_model:
             return self._entry(model, by_model[model])
         found = self._index.get(model)  # an Ollama name without its :latest tag
@@ -160,8 +186,9 @@ class Catalog:
             "backends": [{"id": s.name, "kind": s.kind, "state": s.state, "loaded": i.loaded} for s, i in served],
         }
 
-    def _alias_entry(self, name: str, target: str, by_model: dict[str, Any]) -> dict[str, Any]:
-        route = self._lookup(target)
+    def _alias_entry(self, name: str, by_model: dict[str, Any]) -> dict[str, Any]:
+        targets = self._aliases[name].route_targets
+        route = next((r for r in map(self._lookup, targets) if r is not None), None)
         served = by_model.get(route.upstream_model) if route else None
         if served and route:
             served = [(s, i) for s, i in served if s.name == route.backend] or served
@@ -170,7 +197,9 @@ class Catalog:
             entry = {"created": int(time.time()), "context_window": None, "context_window_trained": None,
                      "max_output_tokens": None, "capabilities": dict.fromkeys(CAPABILITIES), "backends": []}
         override = self._overrides[name]
-        entry.update(id=name, object="model", owned_by="appliance", target=target)
+        entry.update(id=name, object="model", owned_by="appliance", target=targets[0])
+        if len(targets) > 1:
+            entry.update(targets=targets, strategy=override.strategy)
         if override.context_window:
             entry["context_window"] = override.context_window
         if override.max_output_tokens:
@@ -187,3 +216,7 @@ class Catalog:
                     if info.id == route.upstream_model:
                         return info.capabilities.get(name)
         return None
+
+
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")

@@ -81,8 +81,15 @@ class BackendSettings(_Model):
 
 
 class ModelSettings(_Model):
-    name: str = Field(description="The model name clients send.")
+    name: str = Field(description="The model name clients send; may be a glob (`claude-*`): exact names win.")
     target: str | None = Field(None, description="`backend/model` or a model name this alias points to.")
+    targets: list[str] | None = Field(None, min_length=1, description="Several targets, tried per `strategy`.")
+    strategy: Literal["fallback", "round_robin", "weighted", "least_latency", "least_busy"] = Field(
+        "fallback", description="How a target is picked among `targets`.")
+    weights: list[float] | None = Field(None, description="Per target, for strategy = weighted.")
+    retries: int | None = Field(None, ge=0, le=5, description="Retries per target on retryable errors.")
+    timeout_s: float | None = Field(None, gt=0, description="Total time per attempt (caps the backend's).")
+    first_token_timeout_s: float | None = Field(None, gt=0, description="Streams: time to the first byte.")
     context_window: int | None = Field(None, gt=0, description="Overrides the discovered context window.")
     max_output_tokens: int | None = Field(None, gt=0, description="Advertised output limit.")
     capabilities: dict[str, bool] | None = Field(None, description="Overrides discovered capabilities.")
@@ -92,6 +99,52 @@ class ModelSettings(_Model):
     rpm: int | None = Field(None, gt=0, description="Requests per minute for this model, all keys together.")
     tpm: int | None = Field(None, gt=0, description="Tokens per minute for this model, all keys together.")
     max_concurrent: int | None = Field(None, gt=0, description="Requests in flight for this model, all keys.")
+
+    @model_validator(mode="after")
+    def _one_way_to_target(self) -> ModelSettings:
+        if self.target and self.targets:
+            raise ValueError("give target or targets, not both")
+        if self.weights is not None and len(self.weights) != len(self.route_targets):
+            raise ValueError("weights: one weight per target")
+        if self.weights is not None and (any(w < 0 for w in self.weights) or not any(self.weights)):
+            raise ValueError("weights: non-negative, at least one above 0")
+        return self
+
+    @property
+    def route_targets(self) -> list[str]:
+        """Where this alias sends requests (empty for an entry that only describes a model)."""
+        return list(self.targets) if self.targets else [self.target] if self.target else []
+
+    @property
+    def served_model(self) -> str:
+        """The model prices and limits of this entry bind: a single target, else the entry's own name."""
+        targets = self.route_targets
+        return targets[0] if len(targets) == 1 else self.name
+
+
+class RoutingSettings(_Model):
+    retry_base_s: float = Field(0.25, ge=0, description="First retry's backoff (doubles each time, with jitter).")
+    retry_max_s: float = Field(8, ge=0, description="Longest backoff, Retry-After included.")
+    retries: int = Field(1, ge=0, le=5, description="Default retries per target on retryable errors.")
+    max_timeout_s: float = Field(600, gt=0, description="Cap for a request's own `timeout` (ms in the body).")
+    breaker_failures: int = Field(5, ge=1, description="Consecutive failures that open a backend's breaker.")
+    breaker_failure_rate: float = Field(0.5, gt=0, le=1, description="Failure share over the window that opens it.")
+    breaker_min_requests: int = Field(10, ge=1, description="Requests in the window before the rate counts.")
+    breaker_window_s: float = Field(30, gt=0, description="Window of the failure rate.")
+    breaker_cooldown_s: float = Field(15, gt=0, description="Open time before one trial request goes through.")
+    probe_interval_s: float = Field(10, gt=0, description="Active health probe of each backend.")
+
+
+class CacheSettings(_Model):
+    enabled: bool = Field(True, description="Cache non-streaming answers (temperature 0 by default).")
+    ttl_s: float = Field(3600, gt=0, description="How long an answer is served from the cache.")
+    max_ttl_s: float = Field(86400, gt=0, description="Cap for a request's X-Cache-TTL.")
+    shared: bool = Field(False, description="Share entries across keys (default: per key).")
+    nonzero_temperature: bool = Field(False, description="Also cache requests with temperature above 0.")
+    max_mb: float = Field(256, gt=0, description="Size cap of the cache table; oldest entries go first.")
+    memory_entries: int = Field(1024, ge=0, description="Per-worker in-memory entries in front of SQLite.")
+    stream: bool = Field(False, description="Serve cached answers to streaming requests as a synthesized stream.")
+    sweep_interval_s: float = Field(60, gt=0, description="How often expired entries are removed.")
 
 
 class AuthSettings(_Model):
@@ -124,6 +177,8 @@ class Settings(_Model):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     config_file: Path | None = Field(None, description="Where these settings came from (not a TOML key).")
 
     @model_validator(mode="after")

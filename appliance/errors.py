@@ -7,6 +7,7 @@ x-should-retry). Each API surface renders the same error in its own shape.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -112,8 +113,21 @@ def is_openai_envelope(data: Any) -> bool:
     )
 
 
-def upstream_error(status: int, body: bytes, backend: str) -> GatewayError:
-    """An upstream 4xx/5xx: same status; its body when it is a valid envelope, else wrapped in one."""
+def upstream_error(status: int, body: bytes, backend: str, headers: Mapping[str, str] | None = None) -> GatewayError:
+    """An upstream 4xx/5xx: same status; its body when it is a valid envelope, else wrapped in one.
+
+    The upstream's Retry-After travels along: the gateway's retries honour it, and so can the client.
+    """
+    error = _upstream_error(status, body, backend)
+    if headers:
+        for name in ("Retry-After", "retry-after-ms"):
+            value = headers.get(name)
+            if value is not None:
+                error.headers[name] = value
+    return error
+
+
+def _upstream_error(status: int, body: bytes, backend: str) -> GatewayError:
     try:
         data = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from dataclasses import dataclass, field
 
 from appliance import discovery
 from appliance.auth import Authenticator
+from appliance.cache import ResponseCache
 from appliance.catalog import Catalog
 from appliance.config import BackendSettings, Settings
 from appliance.errors import GatewayError
 from appliance.limits import Limiter, ModelScopes
 from appliance.providers import registry
 from appliance.providers.base import ModelInfo, Provider
+from appliance.resilience import Breakers
+from appliance.routing import Selector
 from appliance.storage.db import BufferedWriter, Database
-from appliance.transport import Transport
+from appliance.transport import Limits, Transport
 from appliance.usage import Prices
 
 log = logging.getLogger("appliance.gateway")
@@ -35,9 +39,13 @@ class Gateway:
     writer: BufferedWriter
     authenticator: Authenticator
     limiter: Limiter
+    breakers: Breakers
+    cache: ResponseCache
     catalog: Catalog = field(init=False)
     prices: Prices = field(init=False)
     model_scopes: ModelScopes = field(init=False)
+    selector: Selector = field(default_factory=Selector, init=False)
+    rng: random.Random = field(default_factory=random.Random, init=False)  # retry jitter
     providers: dict[str, Provider] = field(default_factory=dict, init=False)
     draining: bool = field(default=False, init=False)
     _backends: dict[str, BackendSettings] = field(default_factory=dict, init=False)
@@ -55,6 +63,13 @@ class Gateway:
     def zero_config(self) -> bool:
         return not self.settings.backends and self.settings.discovery.enabled
 
+    def limits_for(self, backend: str, timeout_s: float | None) -> Limits | None:
+        """The backend's timeouts, the total capped at ``timeout_s`` (None: the backend's own)."""
+        if timeout_s is None:
+            return None
+        settings = self._backends[backend]
+        return Limits(min(settings.timeout_s, timeout_s), settings.connect_timeout_s)
+
     def _add(self, backend: BackendSettings, kind: str) -> None:
         self._backends[backend.name] = backend
         self.providers[backend.name] = registry.build(backend, self.transport, kind)
@@ -65,12 +80,26 @@ class Gateway:
 
     # ------------------------------------------------------------------ discovery
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, scan: bool = True) -> None:
         """Find new local servers (zero-config), then probe every backend and list its models."""
-        if self.zero_config:
+        if scan and self.zero_config:
             await self._scan()
         await asyncio.gather(*(self._probe(name) for name in list(self.providers)))
         self._discovered.set()
+        if self._wants_load:
+            await asyncio.gather(*(self._sample_load(name) for name in list(self.providers)))
+
+    @property
+    def _wants_load(self) -> bool:
+        return any(m.strategy == "least_busy" for m in self.settings.models)
+
+    async def _sample_load(self, name: str) -> None:
+        try:
+            load = await self.providers[name].load()
+        except GatewayError:
+            return
+        if load is not None:
+            self.breakers.set_load(name, load)
 
     async def _scan(self) -> None:
         cfg = self.settings.discovery
@@ -103,12 +132,19 @@ class Gateway:
         self._task = asyncio.get_running_loop().create_task(self._refresh_loop(), name="backend-refresh")
 
     async def _refresh_loop(self) -> None:
+        """Probe every backend each routing.probe_interval_s; look for new ones each discovery.interval_s."""
+        interval = min(self.settings.routing.probe_interval_s, self.settings.discovery.interval_s)
+        last_scan = float("-inf")
         while True:
+            now = asyncio.get_running_loop().time()
+            scan = now - last_scan >= self.settings.discovery.interval_s
             try:
-                await self.refresh()
+                await self.refresh(scan=scan)
             except Exception:  # never let one bad probe end the loop
                 log.exception("backend refresh failed")
-            await asyncio.sleep(self.settings.discovery.interval_s)
+            if scan:
+                last_scan = now
+            await asyncio.sleep(interval)
 
     async def wait_discovered(self) -> None:
         """Let a request that arrives in the first moments of a worker's life see the catalog."""
@@ -119,6 +155,7 @@ class Gateway:
                 pass
 
     async def stop(self) -> None:
+        await self.cache.stop()
         if self._task is not None:
             self._task.cancel()
             try:

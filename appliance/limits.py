@@ -382,7 +382,7 @@ class ModelScopes:
         self._by_name: dict[str, Scope] = {}
         limited = [m for m in models if m.rpm or m.tpm or m.max_concurrent]
         for i, model in enumerate(limited):
-            name = model.target or model.name
+            name = model.served_model
             self._by_name[name] = Scope(f"model:{name}", first_slot + i, model.rpm, model.tpm, model.max_concurrent)
 
     def __len__(self) -> int:

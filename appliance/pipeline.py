@@ -1,80 +1,43 @@
-"""One request's journey: validate -> resolve the model -> admit -> call the backend -> relay -> account.
+"""One request's journey: validate -> plan the route -> cache -> admit -> try targets -> relay -> account.
 
-Web-server free: the route hands in an Exchange and a Responder and renders any GatewayError.
+Web-server free: the route hands in an Exchange and a Responder and renders any GatewayError. The
+plan lists every target a request may reach (the alias's, then the request's own ``fallbacks``); the
+selector orders them by the alias's strategy; each is tried with retries while its breaker allows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-from appliance.auth import Principal
-from appliance.catalog import Route
-from appliance.errors import GatewayError
+from appliance import cache, resilience
+from appliance.catalog import Plan, Route
+from appliance.errors import GatewayError, retry_after_headers
+from appliance.exchange import (
+    CLIENT_CLOSED,
+    Exchange,
+    Responder,
+    admit,
+    allowed_routes,
+    ms,
+    record,
+    usage_extras,
+)
 from appliance.gateway import Gateway
-from appliance.limits import Admission, key_scope
 from appliance.providers.base import CHAT, COMPLETIONS, EMBEDDINGS, Call
-from appliance.sse import DONE
-from appliance.storage import requests_repo, usage_repo
-from appliance.usage import NO_COST, Cost, StreamMeter, Tokens, cost_of, estimate_prompt, from_reply
+from appliance.relay import answer, relay_stream
+from appliance.routing import Target
+from appliance.usage import NO_COST
 
 # Body fields that steer the gateway and must not reach a backend.
 GATEWAY_FIELDS = ("fallbacks", "fallback", "provider", "timeout", "retries")
-
-# Client request headers that never travel upstream: the hop, our auth, our own controls.
-_PRIVATE_HEADERS = frozenset(
-    ("host", "connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer",
-     "transfer-encoding", "upgrade", "content-length", "content-type", "accept-encoding", "authorization",
-     "x-api-key", "cookie", "x-request-id", "openai-organization", "openai-project", "expect")
-)
-
-# Logged for requests whose client disconnected before the answer was complete (nginx's convention).
-CLIENT_CLOSED = 499
+MAX_RETRIES = 5
+TRUE = ("1", "true", "yes")
 
 _REQUIRED = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}
-
-
-class Responder(Protocol):
-    """How the pipeline talks back to the client (implemented by the web layer)."""
-
-    async def complete(self, status: int, headers: dict[str, str], body: bytes) -> None: ...
-
-    async def start_stream(self, headers: dict[str, str]) -> None: ...
-
-    async def send(self, data: bytes) -> None: ...
-
-    async def end_stream(self, data: bytes) -> None: ...
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One client request as the pipeline sees it, and what became of it."""
-
-    path: str
-    request_id: str
-    upstream_id: str  # the id sent to the backend: UUID-shaped, as some backends insist
-    headers: dict[str, str]  # the client's headers that may travel upstream (see forwardable)
-    started: float = field(default_factory=time.perf_counter)
-    arrived_at: float = field(default_factory=time.time)
-    principal: Principal | None = None  # set by the web layer once the key checked out
-    body: dict[str, Any] | None = None
-    route: Route | None = None
-    admission: Admission | None = None
-    recorded: bool = False
-
-    def response_headers(self) -> dict[str, str]:
-        headers = {"X-Request-ID": self.request_id}
-        if self.route is not None:
-            headers["X-Appliance-Backend"] = self.route.backend
-            headers["X-Appliance-Model"] = self.route.upstream_model
-        if self.admission is not None:
-            headers.update(self.admission.headers)
-        return headers
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -114,54 +77,81 @@ def validate(endpoint: str, body: dict[str, Any]) -> None:
         raise GatewayError("invalid_value", "Embeddings cannot be streamed.", param="stream")
 
 
-def forwardable(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Client headers that may reach a backend (names lower-cased, as the web layer gives them)."""
-    return {k: v for k, v in headers if k not in _PRIVATE_HEADERS and not k.startswith("x-appliance-")}
-
-
-def _upstream_body(body: dict[str, Any], route: Route) -> dict[str, Any]:
+def upstream_body(body: dict[str, Any], route: Route) -> dict[str, Any]:
     out = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
     out["model"] = route.upstream_model
     return out
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f}"
+# ------------------------------------------------------------------------------------------ the plan
 
 
-def check_model(x: Exchange, route: Route) -> None:
-    """The key may use a model by the name the client sent or by the backend model that serves it."""
-    if x.principal is None:  # fail closed: only the web layer's auth step sets a principal
-        raise GatewayError("invalid_api_key", "This request was not authenticated.")
-    x.principal.check_model(route.model, f"{route.backend}/{route.upstream_model}", route.upstream_model)
+def plan_for(gw: Gateway, x: Exchange, body: dict[str, Any]) -> Plan:
+    """Where this request may go: its model's plan, as the request's own overrides reshape it."""
+    forced_route = x.controls.get("x-appliance-route")
+    plan = gw.catalog.plan(forced_route or body["model"])
+    backend = body.get("provider", x.controls.get("x-appliance-backend"))
+    if backend is not None:
+        plan = _on_backend(gw, plan, backend, body["model"])
+    extra = body.get("fallbacks", body.get("fallback"))
+    if extra is not None:
+        plan = _with_fallbacks(gw, plan, extra, "fallbacks" if "fallbacks" in body else "fallback")
+    return plan
 
 
-def admit(gw: Gateway, x: Exchange, body: dict[str, Any], route: Route, *, counts_tokens: bool = True) -> None:
-    """Count the request against its key's and its model's limits and budget, or refuse it (429)."""
-    scopes = tuple(scope for scope in (key_scope(x.principal), gw.model_scopes.of(route.backend, route.upstream_model))
-                   if scope is not None)
-    if not scopes:
-        return
-    prompt = estimate_prompt(body)
-    most = body.get("max_completion_tokens") or body.get("max_tokens")
-    expected = Tokens(prompt, most if isinstance(most, int) else 0)
-    cost = cost_of(gw.prices.of(route.backend, route.upstream_model), expected).total
-    shown = next((scope for scope in scopes if scope.rpm or scope.tpm), None)
-    x.admission = gw.limiter.admit(scopes, tokens=prompt, cost=cost, counts_tokens=counts_tokens, headers_for=shown)
+def _on_backend(gw: Gateway, plan: Plan, backend: Any, model: str) -> Plan:
+    if not isinstance(backend, str) or backend not in gw.providers:
+        known = ", ".join(gw.providers) or "none"
+        raise GatewayError("invalid_value", f"Unknown backend {backend!r} (known: {known}).", param="provider")
+    routes = tuple(r for r in plan.routes if r.backend == backend)
+    return Plan(plan.model, routes or (Route(model, backend, plan.routes[0].upstream_model),), plan.alias)
 
 
-def usage_extras(cost: Cost, x: Exchange, ttft_s: float | None) -> dict[str, Any]:
-    """What the gateway adds to a response's usage object (the names Lunar's API uses)."""
-    extras: dict[str, Any] = cost.as_usage()
-    extras["latency_ms"] = round((time.perf_counter() - x.started) * 1000, 3)
-    extras["ttft_ms"] = round(ttft_s * 1000, 3) if ttft_s is not None else None
-    return extras
+def _with_fallbacks(gw: Gateway, plan: Plan, fallbacks: Any, param: str) -> Plan:
+    """Append the request's fallback models (names, or objects with a "model") to the plan."""
+    if not isinstance(fallbacks, list):
+        raise GatewayError("invalid_value", f"'{param}' must be an array of model names.", param=param)
+    routes = list(plan.routes)
+    for i, item in enumerate(fallbacks):
+        name = item.get("model") if isinstance(item, dict) else item
+        if not isinstance(name, str) or not name:
+            raise GatewayError("invalid_value", f"{param}[{i}] must be a model name.", param=f"{param}[{i}]")
+        try:
+            found = gw.catalog.plan(name).routes
+        except GatewayError:
+            continue  # an unknown or unserved fallback is skipped, not an error: the primary may answer
+        routes += [r for r in found if r not in routes]
+    return Plan(plan.model, tuple(routes), plan.alias)
 
 
-def _price_of(gw: Gateway, x: Exchange, tokens: Tokens) -> Cost:
-    if x.route is None:
-        return NO_COST
-    return cost_of(gw.prices.of(x.route.backend, x.route.upstream_model), tokens)
+def _retries(gw: Gateway, x: Exchange, body: dict[str, Any], plan: Plan) -> int:
+    if x.controls.get("x-appliance-no-retry", "").lower() in TRUE:
+        return 0
+    asked = body.get("retries")
+    if asked is not None:
+        if not isinstance(asked, int) or isinstance(asked, bool) or not 0 <= asked <= MAX_RETRIES:
+            raise GatewayError("invalid_value", f"'retries' must be an integer from 0 to {MAX_RETRIES}.",
+                               param="retries")
+        return asked
+    if plan.alias is not None and plan.alias.retries is not None:
+        return plan.alias.retries
+    return gw.settings.routing.retries
+
+
+def _timeout_s(gw: Gateway, body: dict[str, Any], plan: Plan) -> float | None:
+    """The attempt timeout the request and its alias ask for (None: the backend's own)."""
+    limit = plan.alias.timeout_s if plan.alias is not None else None
+    asked = body.get("timeout")
+    if asked is not None:
+        if not isinstance(asked, int | float) or isinstance(asked, bool) or asked <= 0:
+            raise GatewayError("invalid_value", "'timeout' must be a positive number of milliseconds.",
+                               param="timeout")
+        asked_s = min(asked / 1000, gw.settings.routing.max_timeout_s)
+        limit = asked_s if limit is None else min(limit, asked_s)
+    return limit
+
+
+# ------------------------------------------------------------------------------------------ serving
 
 
 async def proxy(gw: Gateway, endpoint: str, raw: bytes, x: Exchange, responder: Responder) -> None:
@@ -170,20 +160,21 @@ async def proxy(gw: Gateway, endpoint: str, raw: bytes, x: Exchange, responder: 
         x.body = body = parse_body(raw)
         validate(endpoint, body)
         await gw.wait_discovered()
-        x.route = route = gw.catalog.resolve(body["model"])
-        check_model(x, route)
-        provider = gw.providers[route.backend]
-        if not provider.supports(endpoint) or (
-            endpoint == EMBEDDINGS and gw.catalog.capability(route, "embeddings") is False
-        ):
-            raise GatewayError("unsupported", f"{route.upstream_model!r} on backend {route.backend!r} "
-                               f"does not serve /v1/{endpoint}", param="model")
-        admit(gw, x, body, route)
-        call = Call(endpoint, _upstream_body(body, route), x.upstream_id, x.headers)
-        if body.get("stream"):
-            await _relay_stream(gw, call, x, responder)
-        else:
-            await _answer(gw, call, x, responder)
+        plan = plan_for(gw, x, body)
+        plan = Plan(plan.model, allowed_routes(x, plan.routes), plan.alias)
+        x.route, x.route_name = plan.routes[0], plan.name
+        decision = cache.decide(endpoint, body, x.controls, gw.settings.cache)
+        key = None
+        if decision.cacheable:
+            x.cache = "BYPASS" if decision.bypass else "MISS"
+            if not decision.bypass:
+                key = _cache_key(gw, endpoint, body, plan, x)
+                hit = await gw.cache.get(key)
+                if hit is not None:
+                    await _serve_hit(gw, x, body, hit, responder)
+                    return
+        admit(gw, x, body, x.route)
+        await _dispatch(gw, endpoint, body, plan, x, responder, key, decision.ttl_s)
     except GatewayError as exc:
         record(gw, x, exc.status, error_code=exc.code)
         raise
@@ -195,123 +186,119 @@ async def proxy(gw: Gateway, endpoint: str, raw: bytes, x: Exchange, responder: 
         raise
 
 
-async def _answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> None:
-    provider = gw.providers[x.route.backend]  # type: ignore[union-attr]
-    reply = await provider.send(call)
+def _cache_key(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan, x: Exchange) -> str:
+    # One target: the backend model that answers; several: any of the route's targets may answer.
+    route = plan.routes[0]
+    served = f"{route.backend}/{route.upstream_model}" if len(plan.routes) == 1 else f"route:{plan.name}"
+    scope = None if gw.settings.cache.shared or x.principal is None else x.principal.key_id
+    return cache.cache_key(endpoint, body, served, scope)
+
+
+async def _serve_hit(gw: Gateway, x: Exchange, body: dict[str, Any], hit: cache.Hit, responder: Responder) -> None:
+    """A stored answer: counts toward the key's rpm, not its tokens or budget, and costs nothing."""
+    x.cache = "HIT"
+    admit(gw, x, body, x.route, counts_tokens=False)  # type: ignore[arg-type]
+    headers = {**x.response_headers(), "X-Appliance-Cache-Age": str(int(hit.age_s)),
+               "X-Appliance-Cost-Usd": f"{0:.9f}"}
     latency = time.perf_counter() - x.started
-    tokens = from_reply(reply.data, call.body)
-    cost = _price_of(gw, x, tokens)
-    body = _with_usage_extras(reply.data, tokens, usage_extras(cost, x, latency))
-    headers = {**reply.headers, **x.response_headers(), "X-Appliance-Cost-Usd": f"{cost.total:.9f}",
-               "X-Appliance-Latency-Ms": _ms(latency), "X-Appliance-Overhead-Ms": _ms(latency - reply.upstream_s)}
-    await responder.complete(200, headers, body)
-    record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=latency - reply.upstream_s, ttft_s=latency)
-
-
-def _with_usage_extras(data: dict[str, Any] | None, tokens: Tokens, extras: dict[str, Any]) -> bytes:
-    """The answer with cost and timings in its usage (which is added, marked estimated, when missing)."""
-    assert data is not None  # providers parse every non-streaming answer
-    usage = data.get("usage")
-    if isinstance(usage, dict):
-        usage.update(extras)
+    if body.get("stream"):
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        usage = {**hit.tokens.as_usage(), **usage_extras(NO_COST, x, latency)}
+        await responder.start_stream(headers)
+        await responder.end_stream(cache.synthesized_stream(hit.body, include_usage=include_usage, usage=usage))
     else:
-        data["usage"] = {**tokens.as_usage(), **extras}
-    return orjson.dumps(data)
+        data = orjson.loads(hit.body)
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else hit.tokens.as_usage()
+        data["usage"] = {**usage, **usage_extras(NO_COST, x, latency)}
+        headers["X-Appliance-Latency-Ms"] = ms(latency)
+        await responder.complete(200, headers, orjson.dumps(data))
+    record(gw, x, 200, tokens=hit.tokens, cost=NO_COST, ttft_s=latency)
 
 
-async def _relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> None:
-    stream_options = call.body.get("stream_options")
-    client_wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-    if not client_wants_usage:  # ask anyway, to account the tokens; the meter drops it again
-        call.body["stream_options"] = {**(stream_options if isinstance(stream_options, dict) else {}),
-                                       "include_usage": True}
-    meter = StreamMeter(client_wants_usage=client_wants_usage,
-                        extras=lambda tokens: usage_extras(_price_of(gw, x, tokens), x, _ttft(meter, x)))
-    provider = gw.providers[x.route.backend]  # type: ignore[union-attr]
-    async with provider.stream(call) as upstream:
-        first_byte = time.perf_counter() - x.started
-        overhead = first_byte - upstream.headers_after_s
-        await responder.start_stream({**upstream.headers, **x.response_headers(),
-                                      "X-Appliance-Latency-Ms": _ms(first_byte),
-                                      "X-Appliance-Overhead-Ms": _ms(overhead)})
-        try:
-            async for events in upstream:
-                data = meter.feed(events)
-                if data:
-                    await responder.send(data)
-        except asyncio.CancelledError:
-            record(gw, x, CLIENT_CLOSED, tokens=meter.final_tokens(call.body), error_code="client_closed",
-                   overhead_s=overhead, ttft_s=_ttft(meter, x))
+async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan, x: Exchange,
+                    responder: Responder, cache_key: str | None, cache_ttl_s: float) -> None:
+    """Try the plan's targets in the strategy's order, with retries, until one answers."""
+    retries = _retries(gw, x, body, plan)
+    timeout_s = _timeout_s(gw, body, plan)
+    stream = bool(body.get("stream"))
+    first_token_s = plan.alias.first_token_timeout_s if plan.alias is not None else None
+    alias = plan.alias
+    by_target = {Target(r.backend, r.upstream_model): r for r in plan.routes}
+    order = gw.selector.order(plan.name, list(by_target), alias.strategy if alias else "fallback",
+                              alias.weights if alias else None, busy=lambda t: gw.breakers.busy(t.backend, t.model))
+    last_error: GatewayError | None = None
+    first_failed: Route | None = None
+    skipped: list[str] = []
+    for target in order:
+        route = by_target[target]
+        if not gw.breakers.allow(route.backend):
+            skipped.append(route.backend)
+            first_failed = first_failed or route  # skipped for failing: the client still learns of it
+            continue
+        unsupported = _unsupported(gw, endpoint, route)
+        if unsupported is not None:
+            last_error = last_error or unsupported
+            gw.breakers.record(route.backend, ok=True)  # allow() may have granted a half-open trial
+            continue
+        for attempt in range(retries + 1):
+            x.route = route
+            x.attempts += 1
+            x.fallback_from = first_failed if first_failed is not None and first_failed != route else None
+            error = await _attempt(gw, endpoint, body, route, target, x, responder, timeout_s, first_token_s,
+                                   stream, cache_key, cache_ttl_s)
+            if error is None:
+                return
+            last_error = error
+            first_failed = first_failed or route
+            if attempt == retries or not gw.breakers.allow(route.backend):
+                break
+            x.retries += 1
+            await asyncio.sleep(resilience.backoff(
+                attempt, base_s=gw.settings.routing.retry_base_s, max_s=gw.settings.routing.retry_max_s,
+                retry_after_s=resilience.retry_after_of(error.headers), rng=gw.rng))
+    if last_error is None:
+        wait = gw.breakers.retry_after(skipped)
+        raise GatewayError("no_healthy_backend", f"Every backend for {plan.name!r} is failing "
+                           f"({', '.join(skipped)}); try again in {wait:.0f} s.", headers=retry_after_headers(wait))
+    raise last_error
+
+
+async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Route, target: Target, x: Exchange,
+                   responder: Responder, timeout_s: float | None, first_token_s: float | None, stream: bool,
+                   cache_key: str | None, cache_ttl_s: float) -> GatewayError | None:
+    """One try against one target: None when it answered, the error when another try may help."""
+    call = Call(endpoint, upstream_body(body, route), x.upstream_id, x.headers, limits=gw.limits_for(route.backend,
+                                                                                                        timeout_s))
+    started = time.perf_counter()
+    gw.breakers.begin(route.backend, target.model)
+    try:
+        if stream:
+            await relay_stream(gw, call, x, responder, first_token_s)
+        else:
+            original, tokens = await answer(gw, call, x, responder)
+            if cache_key is not None:
+                await gw.cache.put(cache_key, endpoint=endpoint, scope=x.principal.key_id if x.principal else None,
+                                   served=f"{route.backend}/{route.upstream_model}", body=original, tokens=tokens,
+                                   ttl_s=cache_ttl_s)
+    except GatewayError as exc:
+        retry = resilience.retryable(exc)
+        gw.breakers.record(route.backend, ok=not resilience.breaker_failure(exc))
+        gw.selector.observe(target, time.perf_counter() - started, ok=not retry)
+        if not retry or x.streaming:
             raise
-        except GatewayError as exc:
-            # The status line is gone: the failure travels as an SSE error event, then [DONE].
-            await responder.end_stream(exc.sse_event(x.request_id) + DONE)
-            record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=exc.code,
-                   overhead_s=overhead, ttft_s=_ttft(meter, x))
-            return
-        await responder.end_stream(meter.finish(call.body))
-    error_code = None
-    if meter.error is not None:
-        error_code = str(meter.error.get("code") or meter.error.get("type") or "backend_error")
-    record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=error_code, overhead_s=overhead,
-           ttft_s=_ttft(meter, x))
+        return exc
+    finally:
+        gw.breakers.end(route.backend, target.model)
+    gw.breakers.record(route.backend, ok=True)
+    gw.selector.observe(target, time.perf_counter() - started, ok=True)
+    return None
 
 
-def _ttft(meter: StreamMeter, x: Exchange) -> float | None:
-    return meter.first_event_at - x.started if meter.first_event_at else None
+def _unsupported(gw: Gateway, endpoint: str, route: Route) -> GatewayError | None:
+    if gw.providers[route.backend].supports(endpoint) and not (
+            endpoint == EMBEDDINGS and gw.catalog.capability(route, "embeddings") is False):
+        return None
+    return GatewayError("unsupported", f"{route.upstream_model!r} on backend {route.backend!r} does not serve "
+                        f"/v1/{endpoint}", param="model")
 
-
-def record(
-    gw: Gateway,
-    x: Exchange,
-    status: int,
-    *,
-    tokens: Tokens | None = None,
-    cost: Cost | None = None,
-    error_code: str | None = None,
-    overhead_s: float | None = None,
-    ttft_s: float | None = None,
-) -> None:
-    """Once per request: release its limits with what it really used, queue its ledger row and rollup."""
-    if x.recorded:
-        return
-    x.recorded = True
-    if cost is None:
-        cost = _price_of(gw, x, tokens) if tokens else NO_COST
-    if x.admission is not None:
-        gw.limiter.settle(x.admission, tokens=tokens.total if tokens else 0, cost=cost.total)
-    body = x.body or {}
-    model = body.get("model")
-    model = model if isinstance(model, str) else None
-    key_id = x.principal.key_id if x.principal else None
-    backend = x.route.backend if x.route else None
-    backend_model = x.route.upstream_model if x.route else None
-    priced = tokens is not None and tokens.prompt is not None
-    requests_repo.record(gw.writer, requests_repo.RequestRecord(
-        request_id=x.request_id,
-        created_at=x.arrived_at,
-        endpoint=x.path,
-        model=model,
-        backend=backend,
-        backend_model=backend_model,
-        status=status,
-        error_code=error_code,
-        stream=bool(body.get("stream")),
-        latency_ms=round((time.perf_counter() - x.started) * 1000, 3),
-        overhead_ms=round(overhead_s * 1000, 3) if overhead_s is not None else None,
-        ttft_ms=round(ttft_s * 1000, 3) if ttft_s is not None else None,
-        prompt_tokens=tokens.prompt if tokens else None,
-        completion_tokens=tokens.completion if tokens else None,
-        estimated=bool(tokens and tokens.estimated),
-        key_id=key_id,
-        cached_tokens=tokens.cached if tokens else None,
-        input_cost_usd=cost.input if priced else None,
-        output_cost_usd=cost.output if priced else None,
-        cost_usd=cost.total if priced else None,
-    ))
-    if key_id is not None:
-        usage_repo.add_to_rollup(
-            gw.writer, usage_repo.day_of(x.arrived_at), key_id, model or "", backend or "", backend_model or "",
-            error=status >= 400 or error_code is not None, prompt=tokens.prompt or 0 if tokens else 0,
-            completion=tokens.completion or 0 if tokens else 0, cached=tokens.cached if tokens else 0,
-            cost=cost.total)

@@ -88,7 +88,7 @@ class Prices:
     """
 
     def __init__(self, models: list[Any]) -> None:
-        self._by_name = {m.target or m.name: Price(m.input_per_mtok, m.output_per_mtok, m.cached_input_per_mtok)
+        self._by_name = {m.served_model: Price(m.input_per_mtok, m.output_per_mtok, m.cached_input_per_mtok)
                          for m in models if m.input_per_mtok or m.output_per_mtok or m.cached_input_per_mtok}
 
     def of(self, backend: str, model: str) -> Price:

@@ -89,6 +89,7 @@ def base_config(fake_openai: FakeOpenAI, fake_ollama: FakeOllama, llamacpp_port:
         "models": [
             {"name": "chat", "target": "fake/fake-chat"},
             {"name": "tiny-chat", "target": "llamacpp/tiny"},
+            {"name": "tiny-fallback", "targets": ["down/down-model", "llamacpp/tiny"]},
         ],
     }
 

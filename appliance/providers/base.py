@@ -76,6 +76,8 @@ class Provider(Protocol):
 
     async def list_models(self) -> list[ModelInfo]: ...
 
+    async def load(self) -> Any: ...  # resilience.Load | None: the backend's own queue, where it has one
+
     def supports(self, endpoint: str) -> bool: ...
 
 

@@ -190,6 +190,10 @@ class OllamaProvider:
 
     # ------------------------------------------------------------------ models
 
+    async def load(self) -> None:
+        """Ollama reports no queue depth; least_busy counts its in-flight requests only."""
+        return None
+
     async def list_models(self) -> list[ModelInfo]:
         """/api/tags, enriched by /api/show (once per digest) and /api/ps (what is loaded, and its window)."""
         tags = await self._get_json("/api/tags")

@@ -22,6 +22,7 @@ from appliance.providers.base import (
     answer_headers,
     transport_failure,
 )
+from appliance.providers.load import Load, parse_llamacpp_slots, parse_vllm_metrics
 from appliance.sse import EventSplitter
 from appliance.transport import Limits, StreamResponse, Transport, TransportError
 
@@ -82,7 +83,7 @@ class OpenAICompatProvider:
         except TransportError as exc:
             raise transport_failure(exc, self.name, limits) from exc
         if response.status >= 400:
-            raise self._error(call, response.status, response.body)
+            raise self._error(call, response.status, response.body, response.headers)
         try:
             data = orjson.loads(response.body)
         except orjson.JSONDecodeError:
@@ -98,13 +99,13 @@ class OpenAICompatProvider:
                 body=orjson.dumps(call.body),
             ) as response:
                 if response.status >= 400:
-                    raise self._error(call, response.status, await response.read())
+                    raise self._error(call, response.status, await response.read(), response.headers)
                 yield OpenAIStream(response, self.name, limits)
         except TransportError as exc:
             raise transport_failure(exc, self.name, limits) from exc
 
-    def _error(self, call: Call, status: int, body: bytes) -> GatewayError:
-        error = upstream_error(status, body, self.name)
+    def _error(self, call: Call, status: int, body: bytes, headers: Any = None) -> GatewayError:
+        error = upstream_error(status, body, self.name, headers)
         if call.endpoint == EMBEDDINGS and status in (404, 405, 501) and error.body is None:
             # The server has no embeddings route (a bare 404 page), as opposed to an unknown model.
             return GatewayError("unsupported", f"backend {self.name!r} does not serve embeddings")
@@ -130,6 +131,26 @@ class OpenAICompatProvider:
         if self.kind == "llamacpp" and len(models) == 1:
             await self._add_props(models[0])
         return models
+
+    async def load(self) -> Load | None:
+        """The server's own queue, where it reports one: vLLM's /metrics, llama.cpp's /slots."""
+        root = self._base.removesuffix("/v1")
+        path = {"vllm": "/metrics", "llamacpp": "/slots"}.get(self.kind)
+        if path is None:
+            return None
+        try:
+            response = await self._transport.request("GET", root + path, limits=self._listing_limits,
+                                                     headers=self._auth)
+        except TransportError as exc:
+            raise transport_failure(exc, self.name, self._listing_limits) from exc
+        if response.status != 200:
+            return None  # e.g. llama.cpp started without --slots
+        if self.kind == "vllm":
+            return parse_vllm_metrics(response.body.decode("utf-8", "replace"))
+        try:
+            return parse_llamacpp_slots(orjson.loads(response.body))
+        except orjson.JSONDecodeError:
+            return None
 
     async def _add_props(self, info: ModelInfo) -> None:
         """llama.cpp's /props: the runtime window per slot and what the chat template can do."""

@@ -10,6 +10,7 @@ from sanic.response import HTTPResponse
 
 from appliance.config import Settings
 from appliance.limits import SharedTable, table_size
+from appliance.resilience import BackendTable
 from appliance.resources import static_dir
 from appliance.server import access, lifecycle
 from appliance.server.responses import GatewayErrorHandler, RequestIds
@@ -32,8 +33,10 @@ def configure_logging() -> None:
         logger.propagate = False
 
 
-def create_app(settings: Settings, table: SharedTable | None = None) -> Sanic:
-    """``table`` holds the live limit counters shared by all workers (made by the main process)."""
+def create_app(settings: Settings, limit_table: SharedTable | None = None,
+               backend_table: BackendTable | None = None) -> Sanic:
+    """The tables hold what all workers share live (limit counters; breakers and in-flight counts per
+    backend); the main process makes them before the workers start. Without them: this process only."""
     configure_logging()
     app = Sanic(APP_NAME, error_handler=GatewayErrorHandler())
     app.config.update(
@@ -49,7 +52,8 @@ def create_app(settings: Settings, table: SharedTable | None = None) -> Sanic:
     )
     app.ctx.settings = settings
     app.ctx.request_ids = RequestIds()
-    app.ctx.limit_table = table or SharedTable(table_size(settings), shared=False)
+    app.ctx.limit_table = limit_table or SharedTable(table_size(settings), shared=False)
+    app.ctx.backend_table = backend_table or BackendTable(shared=False)
     app.blueprint(openai_routes.bp)
     app.blueprint(keys_routes.bp)
     app.blueprint(ops.bp)

@@ -12,8 +12,10 @@ import threading
 from sanic import Sanic
 
 from appliance.auth import Authenticator
+from appliance.cache import ResponseCache
 from appliance.gateway import Gateway
 from appliance.limits import Limiter, worker_index
+from appliance.resilience import Breakers
 from appliance.storage import keys_repo
 from appliance.storage.db import BufferedWriter, Database
 from appliance.storage.migrate import database_path
@@ -89,9 +91,14 @@ async def open_gateway(app: Sanic) -> None:
     transport = await Transport.open()
     authenticator = Authenticator(db, await keys_repo.install_secret(db), settings.auth.cache_ttl_s,
                                   enabled=settings.auth.mode == "keys")
-    limiter = Limiter(app.ctx.limit_table, settings.limits.window_s, worker_index())
+    worker = worker_index()
+    limiter = Limiter(app.ctx.limit_table, settings.limits.window_s, worker)
     limiter.forget_worker()  # a worker that replaces a dead one inherits its column, not its count
-    gateway = Gateway(settings, transport, db, writer, authenticator, limiter)
+    breakers = Breakers(app.ctx.backend_table, settings.routing, worker)
+    breakers.forget_worker()
+    cache = ResponseCache(db, writer, settings.cache)
+    cache.start()
+    gateway = Gateway(settings, transport, db, writer, authenticator, limiter, breakers, cache)
     gateway.start()
     app.ctx.gateway = gateway
 

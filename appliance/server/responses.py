@@ -21,7 +21,7 @@ from sanic.exceptions import (
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, ResponseStream
 
-from appliance import pipeline
+from appliance import exchange as accounting
 from appliance.errors import GatewayError
 
 log = logging.getLogger("appliance.server")
@@ -92,12 +92,13 @@ def request_id(request: Request) -> str:
     return rid
 
 
-def exchange(request: Request) -> pipeline.Exchange:
+def exchange(request: Request) -> accounting.Exchange:
     rid = request_id(request)
     upstream_id = rid if "x-request-id" not in request.headers or _uuid_shaped(rid) else request.app.ctx.request_ids()
-    x = pipeline.Exchange(path=request.path, request_id=rid, upstream_id=upstream_id,
-                          headers=pipeline.forwardable(request.headers.items()),
-                          principal=getattr(request.ctx, "principal", None))
+    headers = request.headers.items()
+    x = accounting.Exchange(path=request.path, request_id=rid, upstream_id=upstream_id,
+                            headers=accounting.forwardable(headers), controls=accounting.controls(headers),
+                            principal=getattr(request.ctx, "principal", None))
     request.ctx.exchange = x
     return x
 
@@ -110,7 +111,7 @@ def as_gateway_error(exception: BaseException) -> GatewayError:
     if isinstance(exception, GatewayError):
         return exception
     if isinstance(exception, RequestCancelled):  # the client left; nobody reads this answer
-        return GatewayError("client_closed", "The client closed the connection.", status=pipeline.CLIENT_CLOSED)
+        return GatewayError("client_closed", "The client closed the connection.", status=accounting.CLIENT_CLOSED)
     if isinstance(exception, PayloadTooLarge):
         return GatewayError("body_too_large", "The request body is larger than this gateway accepts "
                             "(server.max_body_mb).")
@@ -141,7 +142,7 @@ class GatewayErrorHandler(ErrorHandler):
         if x is None and request.path.startswith("/v1/") and gateway is not None:
             x = exchange(request)  # failed before its handler ran (e.g. body too large): still logged
         if x is not None and gateway is not None:
-            pipeline.record(gateway, x, error.status, error_code=error.code)
+            accounting.record(gateway, x, error.status, error_code=error.code)
         headers = x.response_headers() if x is not None else {"X-Request-ID": request_id(request)}
         headers.update(error.headers)
         return HTTPResponse(error.json_body(request_id(request)), status=error.status, headers=headers,

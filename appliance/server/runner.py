@@ -23,6 +23,7 @@ from sanic.worker.loader import AppLoader
 from appliance import auth
 from appliance.config import Settings
 from appliance.limits import Limiter, SharedTable, key_scope, period_start_day, table_size
+from appliance.resilience import BackendTable
 from appliance.resources import migrations_dir
 from appliance.server.app import configure_logging, create_app
 from appliance.storage import usage_repo
@@ -92,7 +93,7 @@ def serve(settings: Settings) -> None:
             log.info("applied migrations: %s", ", ".join(applied))
         table = SharedTable(table_size(settings))
         asyncio.run(prepare_keys(settings, table))
-        loader = AppLoader(factory=partial(create_app, settings, table))
+        loader = AppLoader(factory=partial(create_app, settings, table, BackendTable()))
         app = loader.load()
         ssl = {"cert": str(server.tls_cert), "key": str(server.tls_key)} if server.tls_cert else None
         app.prepare(host=server.host, port=server.port, workers=1 if server.single_process else server.workers,

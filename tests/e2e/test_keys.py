@@ -209,7 +209,8 @@ def test_max_concurrent_counts_requests_in_flight_on_both_workers(app: Appliance
 
 
 def test_budget_is_spent_then_refused_without_retry_but_free_models_still_pass(app: Appliance) -> None:
-    # "priced" costs 11 * $1 + 5 * $2 = $21 per answer (the fake's usage); the budget ($45) holds two: a third would reach $42 + its ~$8 prompt estimate.
+    # "priced" costs 11 * $1 + 5 * $2 = $21 per answer (the fake's usage); the budget ($45) holds two:
+    # a third would reach $42 + its ~$8 prompt estimate.
     _, key = new_key(app, budget_usd=45, budget_period="day")
     sdk = openai.OpenAI(base_url=app.url + "/v1", api_key=key, max_retries=3)
     first = sdk.chat.completions.with_raw_response.create(model="priced", messages=REQUEST["messages"])
@@ -258,7 +259,7 @@ def test_ledger_rows_equal_requests_served_also_after_sigterm(app: Appliance, tm
     own = Appliance(tmp_path / "ledger", base_config(fake_openai, fake_ollama, llamacpp_port))
     own.start()
     try:
-        status, body, _ = own.post("/admin/keys", {"name": "burst"})
+        _, body, _ = own.post("/admin/keys", {"name": "burst"})
         key_id, key = body["id"], body["key"]
         responses = burst(own, key, 60) + burst(own, key, 20, {**REQUEST, "stream": True})
         assert all(r.status_code == 200 for r in responses)

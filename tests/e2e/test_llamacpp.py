@@ -106,3 +106,10 @@ def test_disconnect_frees_the_single_slot(real, gateway):
     assert quick.choices
     # 3900 tokens at 400-800 tokens/s would block the slot for seconds; a freed slot answers at once.
     assert waited < 3, f"the next request waited {waited:.1f} s behind an abandoned generation"
+
+
+def test_a_route_whose_first_target_is_down_falls_back_to_the_real_server(real):
+    raw = real.chat.completions.with_raw_response.create(model="tiny-fallback", messages=HELLO, max_tokens=8)
+    assert raw.headers["x-fallback-from"] == "down/down-model"
+    assert raw.headers["x-appliance-backend"] == "llamacpp"
+    assert raw.parse().choices[0].message.content is not None

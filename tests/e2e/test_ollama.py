@@ -303,8 +303,9 @@ def test_o5_model_not_found(client: openai.OpenAI, fake: FakeOllama) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 def test_o5_busy(client: openai.OpenAI, fake: FakeOllama, stream: bool) -> None:
     fake.script(MODEL, status=503, error=BUSY_MESSAGE)
-    with pytest.raises(openai.InternalServerError) as caught:
-        client.chat.completions.create(model=MODEL, messages=USER, stream=stream)
+    with pytest.raises(openai.InternalServerError) as caught:  # no retry: the mapping itself is under test
+        client.chat.completions.create(model=MODEL, messages=USER, stream=stream,
+                                       extra_headers={"X-Appliance-No-Retry": "true"})
     error = caught.value
     assert error.status_code == 503
     assert error.body["code"] == "backend_overloaded" and error.body["type"] == "server_error"

@@ -11,6 +11,9 @@ The model name picks the behaviour:
   fake-vllm-error   HTTP 400 in vLLM's shape (integer code)
   fake-404-bare     HTTP 404 with a non-JSON body (a server without the route)
   fake-slow-<ms>    a normal answer after <ms> milliseconds
+  fake-fail-<n>-<status>[-ra<s>]-<tag>
+                    the first <n> requests with this exact name get HTTP <status> (with Retry-After: <s>
+                    when given), later ones a normal answer: a backend that recovers
   fake-hang         never answers
   fake-reset        streams two chunks, then drops the connection
   fake-long         streams a chunk every 50 ms for 30 s; notes when the client went away
@@ -52,6 +55,7 @@ class Seen:
 class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[Seen] = []
+        self.failures: dict[str, int] = {}  # fake-fail-* name -> failures served so far
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -108,7 +112,21 @@ class FakeOpenAI:
             await asyncio.sleep(3600)
         if model.startswith("fake-slow-"):
             await asyncio.sleep(int(model.rsplit("-", 1)[1]) / 1000)
+        if model.startswith("fake-fail-"):
+            return self._scripted_failure(model)
         return None
+
+    def _scripted_failure(self, model: str) -> web.Response | None:
+        parts = model.split("-")
+        count, status = int(parts[2]), int(parts[3])
+        served = self.failures.get(model, 0)
+        if served >= count:
+            return None
+        self.failures[model] = served + 1
+        headers = {"Retry-After": parts[4][2:]} if parts[4].startswith("ra") else {}
+        return web.json_response({"error": {"message": f"scripted failure {served + 1} of {count}",
+                                            "type": "server_error", "param": None, "code": "scripted"}},
+                                 status=status, headers=headers)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         seen = await self._record(request)

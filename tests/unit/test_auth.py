@@ -61,7 +61,7 @@ def test_changes_show_after_the_cache_ttl_and_expiry_uses_the_clock(tmp_path: Pa
         with pytest.raises(GatewayError) as info:
             await authenticator.authenticate(secret, now=expires - 1)
         assert "Incorrect API key" in info.value.message  # the same words as for an unknown key
-        rotated, new_secret = await auth.rotate_key(db, row["id"])
+        _, new_secret = await auth.rotate_key(db, row["id"])
         await auth.update_key(db, row["id"], {"enabled": True})
         await asyncio.sleep(0.06)
         assert (await authenticator.authenticate(new_secret, now=expires - 1)).key_id == row["id"]

@@ -76,3 +76,31 @@ def test_a_failed_probe_keeps_the_last_model_list(catalog):
     catalog.update("vllm", models=None, error="connection refused")
     assert catalog.backends["vllm"].state == "unreachable"
     assert catalog.resolve("Qwen/Qwen2.5-7B").backend == "vllm"
+
+
+def test_routes_with_several_targets_skip_what_no_backend_serves():
+    catalog = Catalog([ModelSettings(name="chat", targets=["vllm/big", "gone-model", "ollama/llama3.2:latest"],
+                                     strategy="least_busy")])
+    catalog.add_backend("vllm", "vllm")
+    catalog.add_backend("ollama", "ollama")
+    plan = catalog.plan("chat")
+    assert [(r.backend, r.upstream_model) for r in plan.routes] == [("vllm", "big"), ("ollama", "llama3.2:latest")]
+    assert plan.name == "chat" and plan.alias.strategy == "least_busy"
+    entry = catalog.describe("chat")
+    assert entry["targets"] == ["vllm/big", "gone-model", "ollama/llama3.2:latest"]
+
+
+def test_alias_patterns_catch_vendor_names_but_exact_names_win(catalog):
+    catalog = Catalog([ModelSettings(name="claude-*", target="ollama/llama3.2:latest"),
+                       ModelSettings(name="claude-exact", target="vllm/Qwen/Qwen2.5-7B"),
+                       ModelSettings(name="gpt-*", target="vllm/Qwen/Qwen2.5-7B")])
+    catalog.add_backend("vllm", "vllm")
+    catalog.add_backend("ollama", "ollama")
+    catalog.update("ollama", models=[ModelInfo("gpt-oss:20b")])
+    sonnet = catalog.plan("claude-sonnet-4-5")
+    assert sonnet.name == "claude-*" and sonnet.routes[0].upstream_model == "llama3.2:latest"
+    assert sonnet.routes[0].model == "claude-sonnet-4-5"
+    assert catalog.resolve("claude-exact").backend == "vllm"
+    assert catalog.resolve("gpt-oss:20b").backend == "ollama"  # a listed model beats a pattern
+    assert catalog.resolve("gpt-4o").backend == "vllm"
+    assert "claude-*" not in [m["id"] for m in catalog.list_models()]

@@ -7,6 +7,7 @@ import multiprocessing
 
 import pytest
 
+from appliance.config import ModelSettings
 from appliance.errors import GatewayError
 from appliance.limits import (
     Limiter,
@@ -193,11 +194,8 @@ def test_calendar_periods() -> None:
 
 
 def test_model_scopes_match_the_served_model() -> None:
-    class Model:
-        def __init__(self, name: str, target: str | None = None, rpm: int | None = None) -> None:
-            self.name, self.target, self.rpm, self.tpm, self.max_concurrent = name, target, rpm, None, None
-
-    scopes = ModelScopes([Model("chat", "vllm/qwen", rpm=5), Model("llama3", rpm=2), Model("free")], first_slot=100)
+    scopes = ModelScopes([ModelSettings(name="chat", target="vllm/qwen", rpm=5), ModelSettings(name="llama3", rpm=2),
+                          ModelSettings(name="free")], first_slot=100)
     assert len(scopes) == 2
     assert scopes.of("vllm", "qwen").slot == 100 and scopes.of("vllm", "qwen").rpm == 5
     assert scopes.of("ollama", "llama3").slot == 101

@@ -26,7 +26,8 @@ async def ready(request: Request) -> HTTPResponse:
     gateway = request.app.ctx.gateway
     ok, reason = gateway.readiness()
     backends = {
-        name: {"state": state.state, "kind": state.kind, "models": len(state.models), "error": state.last_error}
+        name: {"state": state.state, "kind": state.kind, "models": len(state.models), "error": state.last_error,
+               "breaker": gateway.breakers.state(name)}
         for name, state in gateway.catalog.backends.items()
     }
     body = {"status": "ready" if ok else "not_ready", "reason": reason, "backends": backends}

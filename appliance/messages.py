@@ -1,0 +1,945 @@
+"""Anthropic Messages clients on chat-completions backends, without I/O: requests, answers, streams, errors.
+
+Claude Code and the anthropic SDKs speak /v1/messages; the local backends speak chat completions only.
+This is the wire contract between the two (spec-responses-messages.md §4 and §5): validation that answers
+the way Anthropic does (a 400 naming the field), the request and answer mappings, and a stream state
+machine whose events the SDK's accumulator accepts.
+
+Decisions the spec leaves open, taken here:
+
+* Tool-call arguments are buffered per call and sent as one ``input_json_delta`` of validated JSON when the
+  call ends. The SDK re-parses every prefix, so one invalid fragment from a small model would kill the
+  client's stream, and ``""`` has to become ``{}`` anyway.
+* ``is_error`` tool results reach the model as text starting ``Error:`` (chat tool messages have no flag).
+* Server tools (``web_search_*``, ``tool_search_*``, ``bash_*``, ...) are dropped, not refused, as the
+  Responses surface drops hosted tools: a chat backend cannot run them, and Claude Code may send them in
+  its main loop. ``dropped_tools`` names them for a warning header.
+* ``thinking`` is not forwarded. Backend reasoning comes back as thinking blocks only when the client
+  enabled thinking: a client that did not ask would find a block without ``text`` at ``content[0]``.
+* A ``length`` finish stays ``max_tokens`` even when a tool call is present: its arguments were cut short.
+* ``top_k`` is forwarded as an extension field (vLLM and llama.cpp honour it).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from appliance.errors import GatewayError
+from appliance.usage import Tokens, estimate_prompt, estimate_text
+
+# Anthropic tool_choice types with a chat equivalent that is a plain string.
+_TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+
+# Anthropic's tool-use id pattern; backends send ids such as "functions.Bash:0".
+_TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
+_NOT_ID_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
+
+# While tool arguments are being buffered nothing reaches the client; a ping keeps proxies that drop idle
+# connections (nginx: 60 s) from cutting a long tool call short.
+PING_EVERY_S = 15.0
+
+# Anthropic's error types by status (spec §4.4); other 4xx are invalid_request_error, other 5xx api_error.
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+# "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (...)" (OpenAI, vLLM;
+# newer vLLM: "your request has 5000 input tokens").
+_CONTEXT_LIMIT = re.compile(r"maximum context length is (\d+)")
+_CONTEXT_ASKED = re.compile(r"(?:requested|has) (\d+) (?:input )?tokens")
+
+# Gateway statuses that Anthropic spells differently: "all backends busy" is its 529, a broken backend is a
+# 500, and an unsupported feature is the client's problem, not one worth the SDK's retries.
+_STATUSES = {501: 400, 502: 500, 503: 529}
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+def _invalid(param: str, message: str) -> GatewayError:
+    # Anthropic's messages lead with the dotted path ("messages.0.content: ..."); clients show them as they are.
+    return GatewayError("invalid_value", f"{param}: {message}", param=param)
+
+
+def _missing(param: str) -> GatewayError:
+    return GatewayError("missing_field", f"{param}: Field required", param=param)
+
+
+# ------------------------------------------------------------------------------------------ requests
+
+
+def chat_request(body: dict[str, Any]) -> dict[str, Any]:
+    """A MessageCreateParams body as a chat completions body; a GatewayError (400) names any bad field."""
+    out = count_request(body)
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        raise _missing("max_tokens")
+    if not _is_int(max_tokens) or max_tokens < 0:
+        raise _invalid("max_tokens", "Input should be a non-negative integer")
+    out["max_tokens"] = max_tokens
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is not None:
+            if not _is_number(value):
+                raise _invalid(name, "Input should be a valid number")
+            out[name] = value
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if not _is_int(top_k):
+            raise _invalid("top_k", "Input should be a valid integer")
+        out["top_k"] = top_k
+    stop = _stop_sequences(body.get("stop_sequences"))
+    if stop:
+        out["stop"] = stop
+    user = _user_id(body.get("metadata"))
+    if user is not None:
+        out["user"] = user
+    response_format = _response_format(body.get("output_config"))
+    if response_format is not None:
+        out["response_format"] = response_format
+    stream = body.get("stream")
+    stream = False if stream is None else stream
+    if not isinstance(stream, bool):
+        raise _invalid("stream", "Input should be a valid boolean")
+    out["stream"] = stream
+    if stream:
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def count_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The prompt part of a Messages body (model, messages, tools) as chat fields; what count_tokens measures."""
+    if not isinstance(body, dict):
+        raise GatewayError("invalid_value", "The request body must be a JSON object.")
+    model = body.get("model")
+    if model is None:
+        raise _missing("model")
+    if not isinstance(model, str) or not model:
+        raise _invalid("model", "Input should be a non-empty string")
+    out: dict[str, Any] = {"model": model, "messages": chat_messages(body.get("messages"), body.get("system"))}
+    tools = _tools(body.get("tools"))
+    if tools:
+        out["tools"] = tools
+    _add_tool_choice(out, body.get("tool_choice"))
+    return out
+
+
+def count_tokens(body: dict[str, Any]) -> dict[str, int]:
+    """``MessageTokensCount`` for a count_tokens body, estimated on the chat request the backend would see."""
+    return {"input_tokens": estimate_prompt(count_request(body))}
+
+
+def dropped_tools(body: dict[str, Any]) -> list[str]:
+    """Types of the server tools ``chat_request`` left out, for a warning header."""
+    tools = body.get("tools") if isinstance(body, dict) else None
+    return [t["type"] for t in tools if isinstance(t, dict) and isinstance(t.get("type"), str)
+            and t["type"] != "custom"] if isinstance(tools, list) else []
+
+
+def wants_thinking(body: dict[str, Any]) -> bool:
+    """True when the client enabled extended thinking, so backend reasoning may come back as thinking blocks."""
+    thinking = body.get("thinking") if isinstance(body, dict) else None
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+def chat_messages(messages: Any, system: Any = None) -> list[dict[str, Any]]:
+    """Anthropic turns as chat messages: system first, same-role turns merged, tool results as tool messages."""
+    if messages is None:
+        raise _missing("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages", "Input should be a non-empty list of messages")
+    out = []
+    system_text = _system(system, "system")
+    if system_text:
+        out.append({"role": "system", "content": system_text})
+    for role, blocks in _turns(messages):
+        if role == "system":
+            out.append({"role": "system", "content": blocks})
+        elif role == "user":
+            out += _user_messages(blocks)
+        else:
+            out.append(_assistant_message(blocks))
+    return out
+
+
+def _system(system: Any, param: str) -> str:
+    if system is None or isinstance(system, str):
+        return system or ""
+    if not isinstance(system, list):
+        raise _invalid(param, "Input should be a string or a list of text blocks")
+    texts = []
+    for j, block in enumerate(system):
+        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise _invalid(f"{param}.{j}", "Input should be a text block")
+        texts.append(block["text"])
+    return "\n".join(text for text in texts if text)
+
+
+def _turns(messages: list[Any]) -> list[tuple[str, Any]]:
+    """(role, [(param, block)]) per turn, consecutive user or assistant turns combined as Anthropic does.
+
+    Turns left empty once thinking and unknown blocks are dropped disappear before combining, so their
+    neighbours still merge and the chat roles alternate.
+    """
+    turns: list[tuple[str, Any]] = []
+    for i, message in enumerate(messages):
+        param = f"messages.{i}"
+        if not isinstance(message, dict):
+            raise _invalid(param, "Input should be an object with role and content")
+        role = message.get("role")
+        if role not in ("user", "assistant", "system"):
+            raise _invalid(f"{param}.role", "Input should be 'user' or 'assistant'")
+        if "content" not in message:
+            raise _missing(f"{param}.content")
+        if role == "system":  # the newest SDKs allow a system message mid-conversation
+            text = _system(message["content"], f"{param}.content")
+            if text:
+                turns.append(("system", text))
+            continue
+        blocks = _blocks(message["content"], f"{param}.content")
+        if not blocks:
+            continue
+        if turns and turns[-1][0] == role:
+            turns[-1][1].extend(blocks)
+        else:
+            turns.append((role, blocks))
+    return turns
+
+
+def _blocks(content: Any, param: str) -> list[tuple[str, dict[str, Any]]]:
+    if isinstance(content, str):
+        return [(param, {"type": "text", "text": content})] if content else []
+    if not isinstance(content, list):
+        raise _invalid(param, "Input should be a string or a list of content blocks")
+    blocks = []
+    for j, block in enumerate(content):
+        path = f"{param}.{j}"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if not isinstance(kind, str):
+            raise _invalid(path, "Input should be a content block with a type")
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise _invalid(f"{path}.text", "Input should be a valid string")
+            if block["text"]:
+                blocks.append((path, block))
+        elif kind in ("image", "document", "tool_use", "tool_result"):
+            blocks.append((path, block))
+        # thinking blocks and types this gateway does not know are ignored: Claude Code adds new ones often.
+    return blocks
+
+
+def _user_messages(blocks: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One user turn: its tool messages first, in block order, then one user message with everything else.
+
+    Chat wants tool messages right after the assistant's tool calls; text written beside a tool result
+    must not come between them (spec §5.4 pitfall 5).
+    """
+    tools: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for param, block in blocks:
+        kind = block["type"]
+        if kind == "text":
+            parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image":
+            parts.append(_image_part(block, param))
+        elif kind == "document":
+            parts.append({"type": "text", "text": _document_text(block, param)})
+        elif kind == "tool_result":
+            text, images = _tool_result(block, param)
+            tools.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
+            parts += images  # chat tool messages carry text only
+        else:
+            raise _invalid(f"{param}.type", "tool_use blocks belong in assistant messages")
+    if parts:
+        return [*tools, {"role": "user", "content": _collapse(parts)}]
+    return tools
+
+
+def _collapse(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    # Some chat templates accept string content only; keep a list only when it carries images.
+    if all(part["type"] == "text" for part in parts):
+        return "\n".join(part["text"] for part in parts)
+    return parts
+
+
+def _assistant_message(blocks: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    texts, calls = [], []
+    for param, block in blocks:
+        kind = block["type"]
+        if kind == "text":
+            texts.append(block["text"])
+        elif kind == "tool_use":
+            calls.append(_tool_call(block, param))
+        else:
+            raise _invalid(f"{param}.type", f"{kind} blocks cannot appear in assistant messages")
+    message: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts) if texts else None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _tool_call(block: dict[str, Any], param: str) -> dict[str, Any]:
+    for name in ("id", "name"):
+        if name not in block:
+            raise _missing(f"{param}.{name}")
+        if not isinstance(block[name], str) or not block[name]:
+            raise _invalid(f"{param}.{name}", "Input should be a non-empty string")
+    arguments = block.get("input", {})
+    if not isinstance(arguments, dict):
+        raise _invalid(f"{param}.input", "Input should be an object")
+    return {"id": block["id"], "type": "function",
+            "function": {"name": block["name"], "arguments": orjson.dumps(arguments).decode()}}
+
+
+def _tool_result(block: dict[str, Any], param: str) -> tuple[str, list[dict[str, Any]]]:
+    """The text of a tool result and the images it carried."""
+    if "tool_use_id" not in block:
+        raise _missing(f"{param}.tool_use_id")
+    if not isinstance(block["tool_use_id"], str) or not block["tool_use_id"]:
+        raise _invalid(f"{param}.tool_use_id", "Input should be a non-empty string")
+    content = block.get("content")
+    texts, images = [], []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for j, item in enumerate(content):
+            path = f"{param}.content.{j}"
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "text" and isinstance(item.get("text"), str):
+                texts.append(item["text"])
+            elif kind == "image":
+                images.append(_image_part(item, path))
+            elif kind == "document":
+                texts.append(_document_text(item, path))
+            elif not isinstance(kind, str):
+                raise _invalid(path, "Input should be a content block with a type")
+    elif content is not None:
+        raise _invalid(f"{param}.content", "Input should be a string or a list of content blocks")
+    text = "\n".join(text for text in texts if text)
+    is_error = block.get("is_error")
+    if is_error is not None and not isinstance(is_error, bool):
+        raise _invalid(f"{param}.is_error", "Input should be a valid boolean")
+    if is_error:
+        text = f"Error: {text}" if text else "Error"
+    return text, images
+
+
+def _image_part(block: dict[str, Any], param: str) -> dict[str, Any]:
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64":
+        media_type, data = source.get("media_type"), source.get("data")
+        if not isinstance(media_type, str) or not media_type:
+            raise _invalid(f"{param}.source.media_type", "Input should be an image media type")
+        if not isinstance(data, str) or not data:
+            raise _invalid(f"{param}.source.data", "Input should be base64 data")
+        return {"type": "image_url", "image_url": {"url": f"data:{media_type};base64,{data}"}}
+    if kind == "url":
+        if not isinstance(source.get("url"), str) or not source["url"]:
+            raise _invalid(f"{param}.source.url", "Input should be a URL")
+        return {"type": "image_url", "image_url": {"url": source["url"]}}
+    raise _invalid(f"{param}.source", "Image sources of type 'base64' or 'url' are supported")
+
+
+def _document_text(block: dict[str, Any], param: str) -> str:
+    """A plain-text document as text; PDFs and files need a backend that reads them, which chat ones do not."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "text" and isinstance(source.get("data"), str):
+        text = source["data"]
+    elif kind == "content" and isinstance(source.get("content"), str | list):
+        inner = source["content"]
+        text = inner if isinstance(inner, str) else "\n".join(
+            item["text"] for item in inner if isinstance(item, dict) and isinstance(item.get("text"), str))
+    else:
+        raise _invalid(f"{param}.source", f"document sources of type {kind!r} are not supported by this "
+                       "backend; send the text instead")
+    title = block.get("title")
+    return f"{title}\n\n{text}" if isinstance(title, str) and title else text
+
+
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise _invalid("tools", "Input should be a list of tools")
+    out = []
+    for i, tool in enumerate(tools):
+        param = f"tools.{i}"
+        if not isinstance(tool, dict):
+            raise _invalid(param, "Input should be a tool object")
+        if tool.get("type") not in (None, "custom"):
+            continue  # a server tool: see dropped_tools
+        name, schema = tool.get("name"), tool.get("input_schema")
+        if name is None:
+            raise _missing(f"{param}.name")
+        if not isinstance(name, str) or not name:
+            raise _invalid(f"{param}.name", "Input should be a non-empty string")
+        if schema is None:
+            raise _missing(f"{param}.input_schema")
+        if not isinstance(schema, dict):
+            raise _invalid(f"{param}.input_schema", "Input should be a JSON Schema object")
+        function: dict[str, Any] = {"name": name}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        function["parameters"] = schema
+        if isinstance(tool.get("strict"), bool):
+            function["strict"] = tool["strict"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _add_tool_choice(out: dict[str, Any], choice: Any) -> None:
+    if choice is None:
+        return
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "tool":
+        name = choice.get("name")
+        if not isinstance(name, str) or not name:
+            raise _invalid("tool_choice.name", "Input should be the name of a tool")
+        mapped: Any = {"type": "function", "function": {"name": name}}
+    elif isinstance(kind, str) and kind in _TOOL_CHOICES:
+        mapped = _TOOL_CHOICES[kind]
+    else:
+        raise _invalid("tool_choice.type", "Input should be 'auto', 'any', 'tool' or 'none'")
+    if "tools" not in out:
+        return  # chat servers reject tool_choice without tools; Anthropic lets it pass
+    out["tool_choice"] = mapped
+    if choice.get("disable_parallel_tool_use") is True and kind != "none":
+        out["parallel_tool_calls"] = False
+
+
+def _stop_sequences(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _invalid("stop_sequences", "Input should be a list of strings")
+    return stop
+
+
+def _user_id(metadata: Any) -> str | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise _invalid("metadata", "Input should be an object")
+    user = metadata.get("user_id")
+    if user is not None and not isinstance(user, str):
+        raise _invalid("metadata.user_id", "Input should be a valid string")
+    return user or None
+
+
+def _response_format(config: Any) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise _invalid("output_config", "Input should be an object")
+    fmt = config.get("format")
+    if fmt is None:
+        return None  # effort alone: nothing a chat backend understands
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise _invalid("output_config.format", "Input should be {'type': 'json_schema', 'schema': {...}}")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# ------------------------------------------------------------------------------------------ answers
+
+
+def message_response(chat: dict[str, Any], *, model: str, request: dict[str, Any] | None = None,
+                     thinking: bool = False) -> dict[str, Any]:
+    """A chat.completion as an Anthropic Message.
+
+    ``request`` is the chat body sent (what chat_request returned): it tells which stop sequence can have
+    matched, the max_tokens asked for, and the prompt to estimate when the backend reported no usage.
+    ``thinking``: the client enabled thinking, so backend reasoning becomes a thinking block.
+    """
+    choice = _first_choice(chat)
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    content: list[dict[str, Any]] = []
+    reasoning = _reasoning(message)
+    if thinking and reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+    text = _text(message.get("content"))
+    refusal = message.get("refusal")
+    refused = not text and isinstance(refusal, str) and bool(refusal)
+    if refused:
+        text = refusal
+    if text:
+        content.append({"type": "text", "text": text})
+    calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
+    arguments = ""
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            arguments += function["arguments"] if isinstance(function.get("arguments"), str) else ""
+            content.append({"type": "tool_use", "id": tool_use_id(call.get("id")),
+                            "name": str(function.get("name") or ""), "input": tool_input(function.get("arguments"))})
+    reported = chat.get("usage") if isinstance(chat, dict) else None
+    usage = anthropic_usage(reported)
+    if usage is None:
+        output = estimate_text(text or "") + estimate_text(reasoning) + estimate_text(arguments)
+        usage = _usage_dict(estimate_prompt(request or {}), output)
+    completion = reported.get("completion_tokens") if isinstance(reported, dict) else None
+    stop_reason, stop_sequence = _stop_reason(
+        choice.get("finish_reason"), tools=any(block["type"] == "tool_use" for block in content), refused=refused,
+        matched=choice.get("stop_reason"), completion=completion, request=request)
+    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
+
+
+def _first_choice(chat: Any) -> dict[str, Any]:
+    choices = chat.get("choices") if isinstance(chat, dict) else None
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return choices[0]
+    return {}
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # a few servers answer with content parts
+        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _reasoning(message: dict[str, Any]) -> str:
+    # vLLM and llama.cpp say reasoning_content, Ollama's /v1 says reasoning.
+    for name in ("reasoning_content", "reasoning"):
+        value = message.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+def tool_use_id(call_id: Any) -> str:
+    """A backend's tool-call id as a valid tool_use id: kept, made valid deterministically, or minted."""
+    if not isinstance(call_id, str) or not call_id:
+        return new_id("toolu_")
+    if _TOOL_ID.match(call_id):
+        return call_id
+    return _NOT_ID_CHARS.sub("_", call_id)  # the same id comes back in tool_result and is sent on as-is
+
+
+def tool_input(arguments: Any) -> dict[str, Any]:
+    """Tool-call arguments as the object Anthropic requires: parsed, repaired if cut short, else {}.
+
+    Small local models emit invalid JSON now and then; one bad call must not lose the whole answer
+    (spec §5.4 pitfall 6).
+    """
+    if isinstance(arguments, dict):
+        return arguments
+    if not isinstance(arguments, str) or not arguments.strip():
+        return {}
+    value = _loads(arguments)
+    if value is None:
+        value = _loads(_repaired(arguments))
+    if isinstance(value, str):  # JSON encoded twice
+        value = _loads(value)
+    return value if isinstance(value, dict) else {}
+
+
+def _loads(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _repaired(text: str) -> str:
+    """Arguments without a markdown fence, a trailing comma or their missing closing quotes and brackets."""
+    text = text.strip()
+    if text.startswith("```"):
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+        text = text.rsplit("```", 1)[0].strip()
+    closers, in_string, escaped = [], False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            closers.append("}" if char == "{" else "]")
+        elif char in "}]" and closers:
+            closers.pop()
+    if in_string:
+        text += '"'
+    text = text.rstrip()
+    if text.endswith(","):
+        text = text[:-1]
+    return text + "".join(reversed(closers))
+
+
+def anthropic_usage(usage: Any) -> dict[str, int] | None:
+    """Chat usage as Anthropic usage; None when the backend reported none.
+
+    Anthropic's ``input_tokens`` excludes cache reads and writes; the three add up to ``prompt_tokens``
+    (spec §5.4 pitfall 8).
+    """
+    if not isinstance(usage, dict) or not _is_int(usage.get("prompt_tokens")):
+        return None
+    prompt = max(usage["prompt_tokens"], 0)
+    completion = usage.get("completion_tokens")
+    details = usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    cached = min(_count(details.get("cached_tokens")), prompt)
+    written = min(_count(details.get("cache_write_tokens")), prompt - cached)
+    return _usage_dict(prompt - cached - written, _count(completion), cached, written)
+
+
+def _usage_dict(input_tokens: int, output_tokens: int, cached: int = 0, written: int = 0) -> dict[str, int]:
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": written, "cache_read_input_tokens": cached}
+
+
+def _count(value: Any) -> int:
+    return value if _is_int(value) and value > 0 else 0
+
+
+def _stop_reason(finish: Any, *, tools: bool, refused: bool, matched: Any, completion: Any,
+                 request: dict[str, Any] | None) -> tuple[str, str | None]:
+    if finish == "length":
+        limit = request.get("max_tokens") if request else None
+        if _is_int(limit) and _is_int(completion) and completion < limit:
+            return "model_context_window_exceeded", None  # the context ran out before max_tokens did
+        return "max_tokens", None
+    if finish == "content_filter" or refused:
+        return "refusal", None
+    if tools:
+        # Whatever the finish reason says: Ollama and others say "stop" after tool calls (spec §5.4 pitfall 4).
+        # "tool_calls" with no call is an end_turn: a client must not look for a tool_use block that is not there.
+        return "tool_use", None
+    # vLLM reports the matched stop string in choices[].stop_reason (an int there is an EOS token id); only
+    # the client's own sequences count, when the request is known.
+    stop = request.get("stop") if request is not None else None
+    if isinstance(matched, str) and matched and (request is None or (isinstance(stop, list) and matched in stop)):
+        return "stop_sequence", matched
+    return "end_turn", None
+
+
+# ------------------------------------------------------------------------------------------ streams
+
+
+def sse_event(name: str, data: dict[str, Any]) -> bytes:
+    """One named SSE event: the SDK dispatches on the ``event:`` line and drops unnamed ones."""
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+@dataclass(slots=True)
+class _Call:
+    """One tool call being buffered until it is complete."""
+
+    id: str | None
+    name: str | None
+    parts: list[str] = field(default_factory=list)
+
+    def arguments(self) -> str:
+        return "".join(self.parts)
+
+
+class MessagesStream:
+    """Chat completion chunks in, Anthropic SSE events out (spec §5.3).
+
+    ``start()`` when the backend answered 200, ``feed()`` per parsed chunk, then ``finish()`` when the
+    backend stream ended normally or ``error()`` when it broke. Text and thinking stream as they come;
+    tool calls are buffered and each is sent whole at the finish, so text always precedes tool use and
+    the client never sees an unparseable argument prefix. The message_delta waits for ``finish()``
+    because usage arrives in a chunk after the finish reason. Nothing is sent after message_stop.
+    """
+
+    __slots__ = ("_by_index", "_calls", "_finish", "_last_sent", "_matched", "_next_index", "_open",
+                 "_output_chars", "_refused", "_request", "_state", "_thinking", "_tool_blocks", "id",
+                 "input_tokens", "model", "stop_reason", "stop_sequence", "usage")
+
+    def __init__(self, model: str, *, request: dict[str, Any] | None = None, input_tokens: int | None = None,
+                 thinking: bool = False) -> None:
+        self.id = new_id("msg_")
+        self.model = model
+        self._request = request
+        # Claude Code keeps the usage of message_start: 0 there breaks its accounting (spec §5.4 pitfall 7).
+        self.input_tokens = input_tokens if input_tokens is not None else estimate_prompt(request or {})
+        self._thinking = thinking
+        self._state = "new"  # new -> open -> closed
+        self._next_index = 0
+        self._open: str | None = None  # the kind of the content block open now: "text" or "thinking"
+        self._calls: list[_Call] = []  # buffered, in the order they first appeared
+        self._by_index: dict[int, _Call] = {}  # the chat tool-call index -> the call its fragments extend
+        self._tool_blocks = 0
+        self._refused = False
+        self._finish: str | None = None
+        self._matched: Any = None
+        self._output_chars = 0
+        self._last_sent = time.monotonic()
+        self.usage: dict[str, Any] | None = None  # the last chat usage the backend reported
+        self.stop_reason: str | None = None
+        self.stop_sequence: str | None = None
+
+    # -- what the caller reads once the stream is over
+
+    @property
+    def output_tokens(self) -> int:
+        """The backend's completion tokens, else an estimate from the characters streamed."""
+        completion = self.usage.get("completion_tokens") if self.usage else None
+        return completion if _is_int(completion) else -(-self._output_chars // 4)
+
+    @property
+    def tokens(self) -> Tokens:
+        """Usage to record: reported by the backend, else estimated."""
+        usage = anthropic_usage(self.usage)
+        if usage is None:
+            return Tokens(self.input_tokens, self.output_tokens, estimated=True)
+        prompt = usage["input_tokens"] + usage["cache_read_input_tokens"] + usage["cache_creation_input_tokens"]
+        return Tokens(prompt, self.output_tokens, cached=usage["cache_read_input_tokens"])
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    # -- events
+
+    def start(self) -> bytes:
+        """message_start (an empty message) and a ping, as Anthropic sends them."""
+        if self._state != "new":
+            return b""
+        self._state = "open"
+        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+                   "stop_reason": None, "stop_sequence": None, "usage": _usage_dict(self.input_tokens, 0)}
+        return self._sent(sse_event("message_start", {"type": "message_start", "message": message})
+                          + self.ping())
+
+    def ping(self) -> bytes:
+        return b"event: ping\ndata: {\"type\":\"ping\"}\n\n" if self._state == "open" else b""
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        """The events one chat.completion.chunk yields (often none)."""
+        if self._state == "closed" or not isinstance(chunk, dict):
+            return b""
+        out = [self.start()]
+        if chunk.get("error") is not None:  # vLLM and others report a failure mid-stream as a chunk
+            return b"".join(out) + self.error(_chunk_error(chunk["error"]))
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and _is_int(usage.get("prompt_tokens")):
+            self.usage = usage
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                self._choice(choice, out)
+        events = b"".join(out)
+        if events:
+            return self._sent(events)
+        if self._calls and time.monotonic() - self._last_sent >= PING_EVERY_S:
+            return self._sent(self.ping())
+        return b""
+
+    def finish(self, usage: dict[str, Any] | None = None) -> bytes:
+        """The end of a stream that ended normally: open blocks closed, buffered tool calls, message_delta
+        (stop reason, usage) and message_stop. ``usage``: chat usage to report instead of the last seen."""
+        if self._state == "closed":
+            return b""
+        out = [self.start()]
+        if usage is not None:
+            self.usage = usage
+        self._close_block(out)
+        self._flush_calls(out)
+        self.stop_reason, self.stop_sequence = _stop_reason(
+            self._finish, tools=self._tool_blocks > 0, refused=self._refused,
+            matched=self._matched, completion=self.usage.get("completion_tokens") if self.usage else None,
+            request=self._request)
+        delta_usage = anthropic_usage(self.usage) or _usage_dict(self.input_tokens, self.output_tokens)
+        out.append(sse_event("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence},
+            "usage": {"output_tokens": delta_usage.pop("output_tokens"), **delta_usage}}))
+        out.append(sse_event("message_stop", {"type": "message_stop"}))
+        self._state = "closed"
+        return b"".join(out)
+
+    def error(self, err: GatewayError) -> bytes:
+        """An ``event: error`` after the open block is closed; no message_stop follows (the SDK raises)."""
+        if self._state == "closed":
+            return b""
+        out: list[bytes] = []
+        if self._state == "open":
+            self._close_block(out)
+        self._calls.clear()
+        self._state = "closed"
+        out.append(sse_event("error", {"type": "error", "error": {"type": error_type(error_status(err)),
+                                                                   "message": error_message(err)}}))
+        return b"".join(out)
+
+    # -- state machine
+
+    def _sent(self, events: bytes) -> bytes:
+        self._last_sent = time.monotonic()
+        return events
+
+    def _choice(self, choice: dict[str, Any], out: list[bytes]) -> None:
+        # Content first, then the finish reason: fake-streaming servers put both in one chunk (pitfall 2).
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        reasoning = _reasoning(delta)
+        if reasoning:
+            self._output_chars += len(reasoning)
+            if self._thinking:
+                self._delta(out, "thinking", {"type": "thinking_delta", "thinking": reasoning})
+        content = delta.get("content")
+        refusal = delta.get("refusal")  # OpenAI streams a refusal beside the content, never with it
+        if not content and isinstance(refusal, str) and refusal:
+            content, self._refused = refusal, True
+        if isinstance(content, str) and content:
+            self._output_chars += len(content)
+            self._delta(out, "text", {"type": "text_delta", "text": content})
+        calls = delta.get("tool_calls")
+        for entry in calls if isinstance(calls, list) else ():
+            if isinstance(entry, dict):
+                self._tool_fragment(entry)
+        finish = choice.get("finish_reason")
+        if isinstance(finish, str) and finish:
+            self._close_block(out)
+            self._flush_calls(out)
+            self._finish, self._matched = finish, choice.get("stop_reason")
+
+    def _delta(self, out: list[bytes], kind: str, delta: dict[str, Any]) -> None:
+        if self._open != kind:
+            self._close_block(out)
+            block = {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": "",
+                                                                           "signature": ""}
+            self._start_block(out, block)
+            self._open = kind
+        out.append(sse_event("content_block_delta", {"type": "content_block_delta", "index": self._next_index - 1,
+                                                     "delta": delta}))
+
+    def _start_block(self, out: list[bytes], block: dict[str, Any]) -> None:
+        out.append(sse_event("content_block_start", {"type": "content_block_start", "index": self._next_index,
+                                                     "content_block": block}))
+        self._next_index += 1
+
+    def _close_block(self, out: list[bytes]) -> None:
+        if self._open is None:
+            return
+        index = self._next_index - 1
+        if self._open == "thinking":  # the SDK expects a signature before a thinking block ends
+            out.append(sse_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                         "delta": {"type": "signature_delta", "signature": ""}}))
+        out.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+        self._open = None
+
+    def _tool_fragment(self, entry: dict[str, Any]) -> None:
+        """Add one tool_calls delta entry to the call it belongs to, or start a new call.
+
+        A call is identified by its index, but Ollama sends parallel calls all at index 0 (each whole,
+        with its own id and name), and some servers repeat or change the id in every chunk without a name.
+        """
+        index = entry.get("index") if _is_int(entry.get("index")) else 0
+        function = entry.get("function") if isinstance(entry.get("function"), dict) else {}
+        call_id = entry.get("id") if isinstance(entry.get("id"), str) and entry["id"] else None
+        name = function.get("name") if isinstance(function.get("name"), str) and function["name"] else None
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict | list):  # an object instead of a JSON string (pitfall 4)
+            arguments = orjson.dumps(arguments).decode()
+        current = self._by_index.get(index)
+        if current is None or (name and (
+                (call_id and current.id and call_id != current.id)
+                or (not call_id and arguments and isinstance(_loads(current.arguments()), dict)))):
+            current = _Call(call_id, name)
+            self._calls.append(current)
+            self._by_index[index] = current
+        else:
+            current.id = current.id or call_id
+            current.name = current.name or name
+        if isinstance(arguments, str) and arguments:
+            current.parts.append(arguments)
+            self._output_chars += len(arguments)
+
+    def _flush_calls(self, out: list[bytes]) -> None:
+        """Each buffered call as a whole tool_use block: start, one input_json_delta of valid JSON, stop."""
+        if not self._calls:
+            return
+        self._close_block(out)
+        for call in self._calls:
+            if call.name is None and not call.parts:
+                continue  # an id with nothing else: not a call
+            index = self._next_index
+            self._start_block(out, {"type": "tool_use", "id": tool_use_id(call.id), "name": call.name or "",
+                                    "input": {}})
+            out.append(sse_event("content_block_delta", {
+                "type": "content_block_delta", "index": index,
+                "delta": {"type": "input_json_delta",
+                          "partial_json": orjson.dumps(tool_input(call.arguments())).decode()}}))
+            out.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+            self._tool_blocks += 1
+        self._calls.clear()
+        self._by_index.clear()
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def error_type(status: int) -> str:
+    """Anthropic's ``error.type`` for an HTTP status."""
+    return _ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
+
+
+def error_status(err: GatewayError) -> int:
+    """The status a Messages client gets for a gateway error (its SDK picks the exception by status)."""
+    return _STATUSES.get(err.status, err.status)
+
+
+def error_body(err: GatewayError, request_id: str | None = None) -> bytes:
+    """The Anthropic error body: ``{"type":"error","error":{"type","message"},"request_id"}``."""
+    body: dict[str, Any] = {"type": "error", "error": {"type": error_type(error_status(err)),
+                                                       "message": error_message(err)}}
+    if request_id:
+        body["request_id"] = request_id
+    return orjson.dumps(body)
+
+
+def error_message(err: GatewayError) -> str:
+    """The message, in Anthropic's words where clients match on them.
+
+    A prompt over the context window reads ``prompt is too long: N tokens > M maximum``: Claude Code
+    recognises it and compacts the conversation. N and M come from the backend's message when it has them
+    (OpenAI and vLLM wording).
+    """
+    if err.code != "context_length_exceeded" or err.message.startswith("prompt is too long"):
+        return err.message
+    limit, asked = _CONTEXT_LIMIT.search(err.message), _CONTEXT_ASKED.search(err.message)
+    if limit and asked:
+        return f"prompt is too long: {asked[1]} tokens > {limit[1]} maximum"
+    return f"prompt is too long: {err.message}"
+
+
+def _chunk_error(error: Any) -> GatewayError:
+    """An ``{"error": ...}`` chunk from the backend, mid-stream."""
+    if isinstance(error, dict):
+        message = error.get("message")
+        return GatewayError("backend_error", message if isinstance(message, str) and message
+                            else orjson.dumps(error).decode())
+    return GatewayError("backend_error", str(error))

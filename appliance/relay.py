@@ -1,0 +1,114 @@
+"""One attempt against one backend: send, then relay the answer (whole or streamed) and account for it.
+
+A failure before the first streamed byte propagates, so the pipeline may retry or fail over; after it,
+the failure travels inside the stream and the attempt counts as answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from appliance.errors import GatewayError
+from appliance.exchange import CLIENT_CLOSED, Exchange, Responder, ms, price_of, record, usage_extras
+from appliance.gateway import Gateway
+from appliance.providers.base import Call
+from appliance.sse import DONE
+from appliance.usage import StreamMeter, Tokens, from_reply
+
+
+async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
+    """Send and answer whole; returns the backend's answer and its tokens (for the cache)."""
+    provider = gw.providers[x.route.backend]  # type: ignore[union-attr]
+    reply = await provider.send(call)
+    latency = time.perf_counter() - x.started
+    tokens = from_reply(reply.data, call.body)
+    cost = price_of(gw, x, tokens)
+    original = reply.body
+    body = _with_usage_extras(reply.data, tokens, usage_extras(cost, x, latency))
+    headers = {**reply.headers, **x.response_headers(), "X-Appliance-Cost-Usd": f"{cost.total:.9f}",
+               "X-Appliance-Latency-Ms": ms(latency), "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}
+    await responder.complete(200, headers, body)
+    record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=latency - reply.upstream_s, ttft_s=latency)
+    return original, tokens
+
+
+def _with_usage_extras(data: dict[str, Any] | None, tokens: Tokens, extras: dict[str, Any]) -> bytes:
+    """The answer with cost and timings in its usage (which is added, marked estimated, when missing)."""
+    assert data is not None  # providers parse every non-streaming answer
+    usage = data.get("usage")
+    if isinstance(usage, dict):
+        usage.update(extras)
+    else:
+        data["usage"] = {**tokens.as_usage(), **extras}
+    return orjson.dumps(data)
+
+
+async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
+                       first_token_s: float | None = None) -> None:
+    """Relay a stream. Until its first event the attempt may still fail (and be retried elsewhere)."""
+    stream_options = call.body.get("stream_options")
+    client_wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    if not client_wants_usage:  # ask anyway, to account the tokens; the meter drops it again
+        call.body["stream_options"] = {**(stream_options if isinstance(stream_options, dict) else {}),
+                                       "include_usage": True}
+    meter = StreamMeter(client_wants_usage=client_wants_usage,
+                        extras=lambda tokens: usage_extras(price_of(gw, x, tokens), x, _ttft(meter, x)))
+    route = x.route
+    assert route is not None
+    async with gw.providers[route.backend].stream(call) as upstream:
+        overhead = time.perf_counter() - x.started - upstream.headers_after_s
+        events = upstream.__aiter__()
+        first = await _first_events(events, first_token_s, route.backend)
+        first_byte = time.perf_counter() - x.started
+        await responder.start_stream({**upstream.headers, **x.response_headers(),
+                                      "X-Appliance-Latency-Ms": ms(first_byte),
+                                      "X-Appliance-Overhead-Ms": ms(overhead)})
+        x.streaming = True
+        try:
+            data = meter.feed(first) if first else b""
+            if data:
+                await responder.send(data)
+            async for chunk in events:
+                data = meter.feed(chunk)
+                if data:
+                    await responder.send(data)
+        except asyncio.CancelledError:
+            record(gw, x, CLIENT_CLOSED, tokens=meter.final_tokens(call.body), error_code="client_closed",
+                   overhead_s=overhead, ttft_s=_ttft(meter, x))
+            raise
+        except GatewayError as exc:
+            # The status line is gone: the failure travels as an SSE error event, then [DONE].
+            await responder.end_stream(exc.sse_event(x.request_id) + DONE)
+            record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=exc.code,
+                   overhead_s=overhead, ttft_s=_ttft(meter, x))
+            return
+        await responder.end_stream(meter.finish(call.body))
+    error_code = None
+    if meter.error is not None:
+        error_code = str(meter.error.get("code") or meter.error.get("type") or "backend_error")
+    record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=error_code, overhead_s=overhead,
+           ttft_s=_ttft(meter, x))
+
+
+async def _first_events(events: AsyncIterator[list[bytes]], timeout_s: float | None, backend: str) -> list[bytes]:
+    """The stream's first events, within the first-token timeout; [] for a stream that ended at once."""
+    try:
+        if timeout_s is None:
+            return await anext(events)
+        return await asyncio.wait_for(anext(events), timeout_s)
+    except StopAsyncIteration:
+        return []
+    except TimeoutError:
+        raise GatewayError("backend_timeout", f"backend {backend!r} sent nothing within the first-token "
+                           f"timeout ({timeout_s:g} s)") from None
+
+
+def _ttft(meter: StreamMeter, x: Exchange) -> float | None:
+    return meter.first_event_at - x.started if meter.first_event_at else None
+
+
