@@ -28,7 +28,7 @@ from appliance.exchange import (
 )
 from appliance.gateway import Gateway
 from appliance.providers.base import CHAT, COMPLETIONS, EMBEDDINGS, Call
-from appliance.relay import answer, relay_stream
+from appliance.relay import OPENAI, Surface
 from appliance.routing import Target
 from appliance.usage import NO_COST
 
@@ -159,13 +159,24 @@ async def proxy(gw: Gateway, endpoint: str, raw: bytes, x: Exchange, responder: 
     try:
         x.body = body = parse_body(raw)
         validate(endpoint, body)
+    except GatewayError as exc:
+        record(gw, x, exc.status, error_code=exc.code)
+        raise
+    await serve(gw, endpoint, body, x, responder)
+
+
+async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, responder: Responder,
+                surface: Surface = OPENAI) -> None:
+    """Serve a valid OpenAI-shaped body; ``surface`` renders the answer (translated for Messages, Responses)."""
+    x.body = x.body or body
+    try:
         await gw.wait_discovered()
         plan = plan_for(gw, x, body)
         plan = Plan(plan.model, allowed_routes(x, plan.routes), plan.alias)
         x.route, x.route_name = plan.routes[0], plan.name
         decision = cache.decide(endpoint, body, x.controls, gw.settings.cache)
         key = None
-        if decision.cacheable:
+        if decision.cacheable and surface.cacheable:
             x.cache = "BYPASS" if decision.bypass else "MISS"
             if not decision.bypass:
                 key = _cache_key(gw, endpoint, body, plan, x)
@@ -174,7 +185,7 @@ async def proxy(gw: Gateway, endpoint: str, raw: bytes, x: Exchange, responder: 
                     await _serve_hit(gw, x, body, hit, responder)
                     return
         admit(gw, x, body, x.route)
-        await _dispatch(gw, endpoint, body, plan, x, responder, key, decision.ttl_s)
+        await _dispatch(gw, endpoint, body, plan, x, responder, surface, key, decision.ttl_s)
     except GatewayError as exc:
         record(gw, x, exc.status, error_code=exc.code)
         raise
@@ -217,7 +228,7 @@ async def _serve_hit(gw: Gateway, x: Exchange, body: dict[str, Any], hit: cache.
 
 
 async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan, x: Exchange,
-                    responder: Responder, cache_key: str | None, cache_ttl_s: float) -> None:
+                    responder: Responder, surface: Surface, cache_key: str | None, cache_ttl_s: float) -> None:
     """Try the plan's targets in the strategy's order, with retries, until one answers."""
     retries = _retries(gw, x, body, plan)
     timeout_s = _timeout_s(gw, body, plan)
@@ -245,8 +256,8 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
             x.route = route
             x.attempts += 1
             x.fallback_from = first_failed if first_failed is not None and first_failed != route else None
-            error = await _attempt(gw, endpoint, body, route, target, x, responder, timeout_s, first_token_s,
-                                   stream, cache_key, cache_ttl_s)
+            error = await _attempt(gw, endpoint, body, route, target, x, responder, surface, timeout_s,
+                                   first_token_s, stream, cache_key, cache_ttl_s)
             if error is None:
                 return
             last_error = error
@@ -265,8 +276,8 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
 
 
 async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Route, target: Target, x: Exchange,
-                   responder: Responder, timeout_s: float | None, first_token_s: float | None, stream: bool,
-                   cache_key: str | None, cache_ttl_s: float) -> GatewayError | None:
+                   responder: Responder, surface: Surface, timeout_s: float | None, first_token_s: float | None,
+                   stream: bool, cache_key: str | None, cache_ttl_s: float) -> GatewayError | None:
     """One try against one target: None when it answered, the error when another try may help."""
     call = Call(endpoint, upstream_body(body, route), x.upstream_id, x.headers, limits=gw.limits_for(route.backend,
                                                                                                         timeout_s))
@@ -274,9 +285,9 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
     gw.breakers.begin(route.backend, target.model)
     try:
         if stream:
-            await relay_stream(gw, call, x, responder, first_token_s)
+            await surface.stream(gw, call, x, responder, first_token_s)
         else:
-            original, tokens = await answer(gw, call, x, responder)
+            original, tokens = await surface.answer(gw, call, x, responder)
             if cache_key is not None:
                 await gw.cache.put(cache_key, endpoint=endpoint, scope=x.principal.key_id if x.principal else None,
                                    served=f"{route.backend}/{route.upstream_model}", body=original, tokens=tokens,

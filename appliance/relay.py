@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -63,7 +64,7 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
     async with gw.providers[route.backend].stream(call) as upstream:
         overhead = time.perf_counter() - x.started - upstream.headers_after_s
         events = upstream.__aiter__()
-        first = await _first_events(events, first_token_s, route.backend)
+        first = await first_events(events, first_token_s, route.backend)
         first_byte = time.perf_counter() - x.started
         await responder.start_stream({**upstream.headers, **x.response_headers(),
                                       "X-Appliance-Latency-Ms": ms(first_byte),
@@ -95,7 +96,7 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
            ttft_s=_ttft(meter, x))
 
 
-async def _first_events(events: AsyncIterator[list[bytes]], timeout_s: float | None, backend: str) -> list[bytes]:
+async def first_events(events: AsyncIterator[list[bytes]], timeout_s: float | None, backend: str) -> list[bytes]:
     """The stream's first events, within the first-token timeout; [] for a stream that ended at once."""
     try:
         if timeout_s is None:
@@ -112,3 +113,15 @@ def _ttft(meter: StreamMeter, x: Exchange) -> float | None:
     return meter.first_event_at - x.started if meter.first_event_at else None
 
 
+
+
+@dataclass(frozen=True, slots=True)
+class Surface:
+    """How an answer reaches the client: OpenAI's own shape, or translated (Messages, Responses)."""
+
+    answer: Callable[[Gateway, Call, Exchange, Responder], Awaitable[tuple[bytes, Tokens]]]
+    stream: Callable[[Gateway, Call, Exchange, Responder, float | None], Awaitable[None]]
+    cacheable: bool = True
+
+
+OPENAI = Surface(answer, relay_stream)

@@ -14,6 +14,7 @@ from appliance.resilience import BackendTable
 from appliance.resources import static_dir
 from appliance.server import access, lifecycle
 from appliance.server.responses import GatewayErrorHandler, RequestIds
+from appliance.server.routes import anthropic as anthropic_routes
 from appliance.server.routes import keys as keys_routes
 from appliance.server.routes import openai as openai_routes
 from appliance.server.routes import ops
@@ -55,6 +56,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.ctx.limit_table = limit_table or SharedTable(table_size(settings), shared=False)
     app.ctx.backend_table = backend_table or BackendTable(shared=False)
     app.blueprint(openai_routes.bp)
+    app.blueprint(anthropic_routes.bp)
     app.blueprint(keys_routes.bp)
     app.blueprint(ops.bp)
     app.static("/static", static_dir(), name="static")

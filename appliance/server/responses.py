@@ -22,11 +22,13 @@ from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, ResponseStream
 
 from appliance import exchange as accounting
+from appliance import messages
 from appliance.errors import GatewayError
 
 log = logging.getLogger("appliance.server")
 
 JSON = "application/json"
+MESSAGES_PATH = "/v1/messages"
 SSE = "text/event-stream; charset=utf-8"
 
 
@@ -145,5 +147,8 @@ class GatewayErrorHandler(ErrorHandler):
             accounting.record(gateway, x, error.status, error_code=error.code)
         headers = x.response_headers() if x is not None else {"X-Request-ID": request_id(request)}
         headers.update(error.headers)
+        if request.path.startswith(MESSAGES_PATH):  # Anthropic clients read Anthropic's error shape
+            return HTTPResponse(messages.error_body(error, request_id(request)), status=messages.error_status(error),
+                                headers=headers, content_type=JSON)
         return HTTPResponse(error.json_body(request_id(request)), status=error.status, headers=headers,
                             content_type=JSON)

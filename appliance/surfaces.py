@@ -1,0 +1,150 @@
+"""Answers in other APIs' shapes over a chat-completions backend: Anthropic Messages (and, later, Responses).
+
+The pipeline routes, retries and accounts as for chat; a Surface only renders. Streams are parsed event
+by event here (a translation has to read every chunk), fed to the surface's state machine, and the
+usage the backend reports (or an estimate) is what the ledger records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Protocol
+
+import orjson
+
+from appliance import messages
+from appliance.errors import GatewayError
+from appliance.exchange import CLIENT_CLOSED, Exchange, Responder, ms, price_of, record
+from appliance.gateway import Gateway
+from appliance.providers.base import Call
+from appliance.relay import Surface, first_events
+from appliance.sse import event_data
+from appliance.usage import Tokens, from_reply
+
+
+class StreamTranslator(Protocol):
+    """A chat-chunk -> client-event state machine for one streamed answer."""
+
+    def start(self) -> bytes: ...
+
+    def feed(self, chunk: dict[str, Any]) -> bytes: ...
+
+    async def finish(self, usage: dict[str, Any] | None) -> bytes: ...
+
+    def error(self, err: GatewayError) -> bytes: ...
+
+    @property
+    def tokens(self) -> Tokens: ...
+
+
+def _chunks(events: list[bytes]) -> list[dict[str, Any]]:
+    """The chat chunks in a batch of SSE events; a backend's error event raises."""
+    chunks = []
+    for event in events:
+        data = event_data(event)
+        if not data or data == b"[DONE]":
+            continue
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(chunk, dict):
+            continue
+        if "error" in chunk:
+            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+            raise GatewayError("backend_error", str(error.get("message") or "the backend failed mid-stream"))
+        chunks.append(chunk)
+    return chunks
+
+
+async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None,
+                           translator: StreamTranslator) -> None:
+    """Stream a chat answer to the client through ``translator``."""
+    call.body["stream_options"] = {"include_usage": True}
+    route = x.route
+    assert route is not None
+    usage: dict[str, Any] | None = None
+    first_at: float | None = None
+
+    def translate(events: list[bytes]) -> bytes:
+        nonlocal usage, first_at
+        out = []
+        for chunk in _chunks(events):
+            if first_at is None:
+                first_at = time.perf_counter()
+            if isinstance(chunk.get("usage"), dict):
+                usage = chunk["usage"]
+            out.append(translator.feed(chunk))
+        return b"".join(out)
+
+    async with gw.providers[route.backend].stream(call) as upstream:
+        overhead = time.perf_counter() - x.started - upstream.headers_after_s
+        events = upstream.__aiter__()
+        first = await first_events(events, first_token_s, route.backend)
+        await responder.start_stream({**x.response_headers(), "X-Appliance-Overhead-Ms": ms(overhead)})
+        x.streaming = True
+        ttft = None
+        try:
+            await responder.send(translator.start() + translate(first))
+            async for batch in events:
+                data = translate(batch)
+                if data:
+                    await responder.send(data)
+        except asyncio.CancelledError:
+            record(gw, x, CLIENT_CLOSED, tokens=translator.tokens, error_code="client_closed", overhead_s=overhead)
+            raise
+        except GatewayError as exc:
+            await responder.end_stream(translator.error(exc))
+            record(gw, x, 200, tokens=translator.tokens, error_code=exc.code, overhead_s=overhead)
+            return
+        ttft = first_at - x.started if first_at else None
+        await responder.end_stream(await translator.finish(usage))
+    record(gw, x, 200, tokens=translator.tokens, overhead_s=overhead, ttft_s=ttft)
+
+
+# ------------------------------------------------------------------------------------------ Messages
+
+
+class _MessagesTranslator:
+    def __init__(self, model: str, request: dict[str, Any], thinking: bool) -> None:
+        self._stream = messages.MessagesStream(model, request=request, thinking=thinking)
+
+    def start(self) -> bytes:
+        return self._stream.start() + self._stream.ping()
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        return self._stream.feed(chunk)
+
+    async def finish(self, usage: dict[str, Any] | None) -> bytes:
+        return self._stream.finish(usage)
+
+    def error(self, err: GatewayError) -> bytes:
+        return self._stream.error(err)
+
+    @property
+    def tokens(self) -> Tokens:
+        return self._stream.tokens
+
+
+def messages_surface(model: str, thinking: bool) -> Surface:
+    """Anthropic Messages answers for a request that named ``model``."""
+
+    async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
+        reply = await gw.providers[x.route.backend].send(call)  # type: ignore[union-attr]
+        assert reply.data is not None
+        latency = time.perf_counter() - x.started
+        tokens = from_reply(reply.data, call.body)
+        message = messages.message_response(reply.data, model=model, request=call.body, thinking=thinking)
+        cost = price_of(gw, x, tokens)
+        headers = {**x.response_headers(), "X-Appliance-Cost-Usd": f"{cost.total:.9f}",
+                   "X-Appliance-Latency-Ms": ms(latency), "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}
+        await responder.complete(200, headers, orjson.dumps(message))
+        record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=latency - reply.upstream_s, ttft_s=latency)
+        return reply.body, tokens
+
+    async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None) -> None:
+        await relay_translated(gw, call, x, responder, first_token_s,
+                               _MessagesTranslator(model, call.body, thinking))
+
+    return Surface(answer, stream, cacheable=False)
