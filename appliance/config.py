@@ -158,6 +158,10 @@ class LimitsSettings(_Model):
     key_slots: int = Field(1024, ge=16, le=1_000_000, description="Keys that can hold live limit counters.")
 
 
+class ResponsesSettings(_Model):
+    keep_days: float = Field(30, gt=0, description="How long stored Responses are kept.")
+
+
 class MetricsSettings(_Model):
     require_key: bool = Field(False, description="Ask for an API key on /metrics (public by default).")
 
@@ -179,6 +183,7 @@ class Settings(_Model):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     config_file: Path | None = Field(None, description="Where these settings came from (not a TOML key).")
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 
 from appliance import discovery
@@ -21,6 +22,7 @@ from appliance.providers import registry
 from appliance.providers.base import ModelInfo, Provider
 from appliance.resilience import Breakers
 from appliance.routing import Selector
+from appliance.storage import responses_repo
 from appliance.storage.db import BufferedWriter, Database
 from appliance.transport import Limits, Transport
 from appliance.usage import Prices
@@ -140,7 +142,9 @@ class Gateway:
             scan = now - last_scan >= self.settings.discovery.interval_s
             try:
                 await self.refresh(scan=scan)
-            except Exception:  # never let one bad probe end the loop
+                if scan:
+                    await responses_repo.sweep(self.db, time.time())  # past responses.keep_days
+            except Exception:  # never let one bad probe (or a busy database) end the loop
                 log.exception("backend refresh failed")
             if scan:
                 last_scan = now

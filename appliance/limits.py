@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime as dt
+import functools
 import math
 import multiprocessing
 import os
@@ -51,6 +52,11 @@ class _Slot(ctypes.Structure):
 def tag_of(owner: str) -> int:
     """A stable 64-bit tag for a key id or model name (same in every process)."""
     return zlib.crc32(owner.encode()) << 32 | zlib.adler32(owner.encode())
+
+
+@functools.lru_cache(maxsize=8192)
+def _cached_tag(owner: str) -> int:
+    return tag_of(owner)
 
 
 class SharedTable:
@@ -92,7 +98,7 @@ class Scope:
 
     @property
     def tag(self) -> int:
-        return tag_of(self.owner)
+        return _cached_tag(self.owner)
 
 
 @dataclass(slots=True)
@@ -114,7 +120,13 @@ def period_of(kind: str, now: float) -> int:
         return days
     if kind == "week":
         return (days + 3) // 7  # 1970-01-01 was a Thursday
-    date = dt.datetime.fromtimestamp(now, dt.UTC)
+    return _month_of_day(days)
+
+
+@functools.lru_cache(maxsize=64)
+def _month_of_day(days: int) -> int:
+    """Months since year 0 of a day number (cached: the hot path asks for today, over and over)."""
+    date = dt.date(1970, 1, 1) + dt.timedelta(days=days)
     return date.year * 12 + date.month - 1
 
 
@@ -362,6 +374,7 @@ def _over_budget(message: str) -> GatewayError:
 # ---------------------------------------------------------------------------------------- whose limits
 
 
+@functools.lru_cache(maxsize=4096)
 def key_scope(principal: Any) -> Scope | None:
     """The limits of an API key (a Principal), or None when it has none to enforce."""
     if principal.slot is None or not (principal.rpm or principal.tpm or principal.max_concurrent

@@ -1,4 +1,4 @@
-"""Answers in other APIs' shapes over a chat-completions backend: Anthropic Messages (and, later, Responses).
+"""Answers in other APIs' shapes over a chat-completions backend: Anthropic Messages and OpenAI Responses.
 
 The pipeline routes, retries and accounts as for chat; a Surface only renders. Streams are parsed event
 by event here (a translation has to read every chunk), fed to the surface's state machine, and the
@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
-from appliance import messages
+from appliance import messages, responses
+from appliance.auth import ANONYMOUS_ID
 from appliance.errors import GatewayError
 from appliance.exchange import CLIENT_CLOSED, Exchange, Responder, ms, price_of, record
 from appliance.gateway import Gateway
 from appliance.providers.base import Call
 from appliance.relay import Surface, first_events
 from appliance.sse import event_data
-from appliance.usage import Tokens, from_reply
+from appliance.storage import responses_repo
+from appliance.usage import Tokens, estimate_prompt, from_reply
 
 
 class StreamTranslator(Protocol):
@@ -146,5 +149,114 @@ def messages_surface(model: str, thinking: bool) -> Surface:
     async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None) -> None:
         await relay_translated(gw, call, x, responder, first_token_s,
                                _MessagesTranslator(model, call.body, thinking))
+
+    return Surface(answer, stream, cacheable=False)
+
+
+# ------------------------------------------------------------------------------------------ Responses
+
+
+async def stored_response(gw: Gateway, response_id: str, key_id: str | None) -> dict[str, Any] | None:
+    """A stored response this key may see (its own), or None."""
+    row = await responses_repo.get(gw.db, response_id, time.time())
+    if row is None or (key_id is not None and row["key_id"] not in (None, key_id) and key_id != ANONYMOUS_ID):
+        return None
+    return row
+
+
+@dataclass(slots=True)
+class ResponsesTurn:
+    """One POST /v1/responses: the chat body to send and what to store once it is answered."""
+
+    request: dict[str, Any]
+    chat: dict[str, Any]
+    items: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    response_id: str
+    created_at: int
+    key_id: str | None
+
+    async def store(self, gw: Gateway, response: dict[str, Any]) -> None:
+        if self.request.get("store") is False:
+            return
+        conversation = [*self.history, *responses.history_items(self.items, response.get("output") or [])]
+        now = time.time()
+        await responses_repo.save(gw.db, response=response, key_id=self.key_id, input_items=self.items,
+                                  conversation=conversation, created_at=now,
+                                  expires_at=now + gw.settings.responses.keep_days * 86400)
+
+
+async def responses_turn(gw: Gateway, body: dict[str, Any], key_id: str | None) -> ResponsesTurn:
+    """Validate a CreateResponse body and bring in its previous_response_id chain."""
+    history: list[dict[str, Any]] = []
+    previous = body.get("previous_response_id")
+    if previous is not None:
+        row = await stored_response(gw, previous, key_id) if isinstance(previous, str) else None
+        if row is None:
+            raise responses.previous_not_found(str(previous))
+        history = row["conversation"]
+    chat = responses.chat_request(body, history)
+    return ResponsesTurn(body, chat, responses.input_items(body, history), history, responses.new_response_id(),
+                         int(time.time()), key_id)
+
+
+class _ResponsesTranslator:
+    def __init__(self, gw: Gateway, turn: ResponsesTurn) -> None:
+        self._gw = gw
+        self._turn = turn
+        self._stream = responses.ResponsesStream(turn.request, response_id=turn.response_id,
+                                                 created_at=turn.created_at)
+        self._tokens = Tokens(estimate_prompt(turn.chat), 0, estimated=True)
+        self._content = 0
+
+    def start(self) -> bytes:
+        return _sse(self._stream.start())
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        self._content += 1
+        return _sse(self._stream.feed(chunk))
+
+    async def finish(self, usage: dict[str, Any] | None) -> bytes:
+        events = self._stream.finish(usage)
+        if usage and isinstance(usage.get("prompt_tokens"), int):
+            self._tokens = Tokens(usage["prompt_tokens"], usage.get("completion_tokens") or 0)
+        else:
+            self._tokens = Tokens(self._tokens.prompt, self._content, estimated=True)
+        if self._stream.response is not None:
+            await self._turn.store(self._gw, self._stream.response)  # before the final event goes out
+        return _sse(events)
+
+    def error(self, err: GatewayError) -> bytes:
+        return _sse(self._stream.fail(err))
+
+    @property
+    def tokens(self) -> Tokens:
+        return self._tokens
+
+
+def _sse(events: list[dict[str, Any]]) -> bytes:
+    return b"".join(responses.sse(event) for event in events)
+
+
+def responses_surface(turn: ResponsesTurn) -> Surface:
+    """Responses API answers (JSON or SSE events) for one turn, stored as the request asks."""
+
+    async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
+        reply = await gw.providers[x.route.backend].send(call)  # type: ignore[union-attr]
+        assert reply.data is not None
+        latency = time.perf_counter() - x.started
+        tokens = from_reply(reply.data, call.body)
+        response = responses.response_object(reply.data, request=turn.request, response_id=turn.response_id,
+                                             created_at=turn.created_at, completed_at=int(time.time()))
+        await turn.store(gw, response)
+        cost = price_of(gw, x, tokens)
+        headers = {**x.response_headers(), "X-Appliance-Cost-Usd": f"{cost.total:.9f}",
+                   "X-Appliance-Latency-Ms": ms(latency), "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}
+        await responder.complete(200, headers, orjson.dumps(response))
+        record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=latency - reply.upstream_s, ttft_s=latency)
+        return reply.body, tokens
+
+    async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None) -> None:
+        await relay_translated(gw, call, x, responder, first_token_s, _ResponsesTranslator(gw, turn))
 
     return Surface(answer, stream, cacheable=False)

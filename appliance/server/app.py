@@ -18,6 +18,7 @@ from appliance.server.routes import anthropic as anthropic_routes
 from appliance.server.routes import keys as keys_routes
 from appliance.server.routes import openai as openai_routes
 from appliance.server.routes import ops
+from appliance.server.routes import responses as responses_routes
 
 APP_NAME = "appliance"
 # Sanic's own response timeout must never cut a backend call the settings still allow.
@@ -57,6 +58,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.ctx.backend_table = backend_table or BackendTable(shared=False)
     app.blueprint(openai_routes.bp)
     app.blueprint(anthropic_routes.bp)
+    app.blueprint(responses_routes.bp)
     app.blueprint(keys_routes.bp)
     app.blueprint(ops.bp)
     app.static("/static", static_dir(), name="static")

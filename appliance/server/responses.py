@@ -22,13 +22,14 @@ from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, ResponseStream
 
 from appliance import exchange as accounting
-from appliance import messages
+from appliance import messages, responses
 from appliance.errors import GatewayError
 
 log = logging.getLogger("appliance.server")
 
 JSON = "application/json"
 MESSAGES_PATH = "/v1/messages"
+RESPONSES_PATH = "/v1/responses"
 SSE = "text/event-stream; charset=utf-8"
 
 
@@ -149,6 +150,9 @@ class GatewayErrorHandler(ErrorHandler):
         headers.update(error.headers)
         if request.path.startswith(MESSAGES_PATH):  # Anthropic clients read Anthropic's error shape
             return HTTPResponse(messages.error_body(error, request_id(request)), status=messages.error_status(error),
+                                headers=headers, content_type=JSON)
+        if request.path.startswith(RESPONSES_PATH):
+            return HTTPResponse(responses.error_body(error, request_id(request)), status=error.status,
                                 headers=headers, content_type=JSON)
         return HTTPResponse(error.json_body(request_id(request)), status=error.status, headers=headers,
                             content_type=JSON)

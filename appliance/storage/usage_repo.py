@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -20,7 +21,12 @@ _ROLLUP = (
 
 def day_of(timestamp: float) -> str:
     """The UTC day a rollup row belongs to."""
-    return time.strftime("%Y-%m-%d", time.gmtime(timestamp))
+    return _day(int(timestamp // 86400))
+
+
+@functools.lru_cache(maxsize=64)
+def _day(days: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(days * 86400))
 
 
 def add_to_rollup(writer: BufferedWriter, day: str, key_id: str, model: str, backend: str, backend_model: str,

@@ -4,21 +4,30 @@
 One run:
   1. starts the shared mock upstream (../shared/bench/mock_upstream.py) on a free port,
   2. starts `appliance serve` (2 workers by default) from a generated TOML config whose only backend is
-     the mock, with APPLIANCE_ADMIN_KEY set; every request carries `Authorization: Bearer <that key>`,
-  3. for each round and scenario runs the same load straight at the mock ("direct") and through the
-     appliance, back to back, the order rotated every time (direct/appliance, appliance/direct, ...),
+     the mock, once per --accounting configuration (default both, two appliances on their own ports and
+     data dirs):
+       "appliance"      accounting on: API keys on, `mock-model` priced (input 1, output 2 USD per Mtok),
+                        every request carries a user key created at start through POST /admin/keys with
+                        huge rpm/tpm/max_concurrent/budgets, so auth, the limits, budget reservation and
+                        settlement, cost and the usage ledger all run, and nothing is refused;
+       "appliance-off"  accounting off: `[auth] mode = "none"`, no prices, requests carry no key,
+  3. for each round and scenario runs the same load straight at the mock ("direct") and through each
+     appliance, back to back, the order rotated every time (direct/appliance/appliance-off,
+     appliance/appliance-off/direct, ...),
   4. per segment records the client's RPS and latency percentiles (TTFT for streams), the CPU seconds
-     of the appliance's whole process tree (master + workers), of the mock and of the load generator,
+     of each appliance's whole process tree (master + workers), of the mock and of the load generator,
      and the CPU used by everything else on the machine ("foreign" CPU: a noisy machine shows),
-  5. reports medians over rounds; added latency is appliance - direct paired within the same round,
-     and prints PASS/MISS against the targets. Results go to tests/perf/results/ as JSON + Markdown.
+  5. reports medians over rounds; added latency is appliance - direct paired within the same round, the
+     accounting overhead is CPU ms/request on - off paired within the same round, and prints PASS/MISS
+     against the targets. Results go to tests/perf/results/ as JSON + Markdown.
 
 Scenarios: non-streaming chat at --conc (default 1,16,64) driven by wrk (C, one thread) with the shared
 wrk/post_json.lua; streaming chat at --stream-conc (default 1,16) driven by the shared loadgen.py, which
 records the time to the first SSE `data:` bytes (TTFT).
 
 --profile SECONDS additionally holds non-streaming load at --profile-conc (default 16) for that long while
-py-spy samples the appliance tree, and prints where the workers' CPU goes (by function and by package).
+py-spy samples the appliance tree ("appliance", accounting on, when it runs), and prints where the
+workers' CPU goes (by function and by package).
 
 The bench exits 0 whatever the figures are; only a crash (nothing to measure) exits non-zero.
 See tests/perf/README.md for the commands.
@@ -43,19 +52,33 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 DEFAULT_HARNESS = Path(os.environ.get("BENCH_HARNESS", REPO.parent / "shared" / "bench"))
-ADMIN_KEY = "sk-app-bench-0000"
+ADMIN_KEY = "sk-app-bench-0000000000000000"  # APPLIANCE_ADMIN_KEY: sk-app- and at least 16 characters
 MODEL = "mock-model"  # listed by the mock's /v1/models, so the appliance discovers it
+
+# Accounting configurations (--accounting) and the target name each appliance is measured under.
+APPLIANCE_TARGETS = {"on": "appliance", "off": "appliance-off"}
+ON, OFF = APPLIANCE_TARGETS["on"], APPLIANCE_TARGETS["off"]
+PRICE_INPUT_PER_MTOK = 1  # USD, the accounting-on appliance's price of MODEL
+PRICE_OUTPUT_PER_MTOK = 2
+# The user key of the accounting-on appliance: every limit and budget set, none of them reachable.
+BENCH_KEY_FIELDS = {"name": "bench", "role": "user", "rpm": 100_000_000, "tpm": 10_000_000_000,
+                    "max_concurrent": 100_000, "budget_usd": 1_000_000_000, "budget_tokens": 10**15,
+                    "budget_period": "month"}
+# Headers that show limits and cost ran on a non-streaming answer of the accounting-on appliance.
+ACCOUNTING_HEADERS = ("x-ratelimit-limit-requests", "x-appliance-cost-usd")
 
 # The targets this bench is held to (printed as PASS/MISS; never turned into an exit code).
 TARGET_CPU_MS = 0.5  # appliance CPU per non-streaming request, every concurrency
 TARGET_ADDED_P50_MS = 1.0  # added p50 latency, non-streaming, c=1
 TARGET_ADDED_TTFT_MS = 1.0  # first streamed byte, appliance - direct (p50)
+TARGET_ACCOUNTING_CPU_MS = 0.15  # CPU per request, accounting on - off, every scenario
 
 # py-spy leaf frames that are a thread waiting, not working (native mode cannot tell them apart).
 _IDLE_LEAVES = ("epoll_wait", "epoll_pwait", "PyThread_acquire_lock_timed", "pthread_cond_wait",
@@ -169,7 +192,8 @@ def dig(d: Any, *path: str) -> Any:
 # ------------------------------------------------------------------------------------------ set-up
 
 
-def appliance_config(path: Path, *, port: int, workers: int, data_dir: Path, mock_url: str) -> None:
+def appliance_config(path: Path, *, port: int, workers: int, data_dir: Path, mock_url: str,
+                     accounting: bool) -> None:
     path.write_text(
         "[server]\n"
         'host = "127.0.0.1"\n'
@@ -178,7 +202,16 @@ def appliance_config(path: Path, *, port: int, workers: int, data_dir: Path, moc
         f"data_dir = {json.dumps(str(data_dir))}\n"
         "\n[discovery]\nenabled = false\n"
         f'\n[[backends]]\nname = "mock"\nurl = {json.dumps(mock_url + "/v1")}\n'
+        + accounting_config(accounting)
     )
+
+
+def accounting_config(on: bool) -> str:
+    """On: keys (the default) and a price for MODEL. Off: no keys (loopback only), no prices."""
+    if not on:
+        return '\n[auth]\nmode = "none"\n'
+    return (f"\n[[models]]\nname = {json.dumps(MODEL)}\ninput_per_mtok = {PRICE_INPUT_PER_MTOK}\n"
+            f"output_per_mtok = {PRICE_OUTPUT_PER_MTOK}\n")
 
 
 def appliance_cmd(a: argparse.Namespace, config: Path) -> list[str]:
@@ -200,15 +233,35 @@ def write_bodies(d: Path) -> dict[str, Path]:
     return out
 
 
-def check_target(url: str, bodies: dict[str, Path], chunks: int) -> None:
-    """One non-streaming and one streaming request must come back whole (the bench measures nothing else)."""
-    h = {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_KEY}"}
-    st, body, _ = http(url + "/v1/chat/completions", bodies["chat"].read_bytes(), h, timeout=30)
+def auth_headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def create_bench_key(url: str) -> str:
+    """A user key with every limit and budget set far above what the bench spends; returns its secret."""
+    h = {"Content-Type": "application/json", **auth_headers(ADMIN_KEY)}
+    st, body, _ = http(url + "/admin/keys", json.dumps(BENCH_KEY_FIELDS).encode(), h, timeout=30)
+    if st != 201:
+        raise RuntimeError(f"POST {url}/admin/keys: {st} {body[:300]!r}")
+    return str(json.loads(body)["key"])
+
+
+def check_target(url: str, bodies: dict[str, Path], chunks: int, key: str | None,
+                 expect_headers: tuple[str, ...] = ()) -> dict[str, str]:
+    """One non-streaming and one streaming request must come back whole (the bench measures nothing else),
+    the non-streaming one with `expect_headers`; returns its headers (names lower-cased)."""
+    h = {"Content-Type": "application/json", **auth_headers(key)}
+    st, body, headers = http(url + "/v1/chat/completions", bodies["chat"].read_bytes(), h, timeout=30)
+    headers = {k.lower(): v for k, v in headers.items()}
     if st != 200 or b"tok15" not in body or b'"usage"' not in body:
         raise RuntimeError(f"bad non-streaming answer from {url}: {st} {body[:300]!r}")
+    missing = [name for name in expect_headers if name not in headers]
+    if missing:
+        raise RuntimeError(f"non-streaming answer from {url} lacks {missing}; headers {headers}")
     st, body, _ = http(url + "/v1/chat/completions", bodies["stream"].read_bytes(), h, timeout=30)
     if st != 200 or body.count(b"data:") < chunks or b"[DONE]" not in body or b'"usage"' not in body:
         raise RuntimeError(f"bad streaming answer from {url}: {st} {body[-300:]!r}")
+    return headers
 
 
 def versions(a: argparse.Namespace) -> dict[str, Any]:
@@ -242,6 +295,19 @@ def cpu_model() -> str:
 # ------------------------------------------------------------------------------------------ the run
 
 
+@dataclass
+class Appliance:
+    """One appliance under test: its accounting configuration, its process, and the key its requests carry."""
+
+    target: str
+    accounting: bool
+    proc: Proc
+    url: str
+    config: Path
+    ready_s: float
+    key: str | None = None
+
+
 class Bench:
     def __init__(self, a: argparse.Namespace, procstat: Any, work: Path) -> None:
         self.a = a
@@ -249,61 +315,97 @@ class Bench:
         self.work = work
         self.bodies = write_bodies(work)
         self.mock: Proc | None = None
-        self.app: Proc | None = None
+        self.procs: list[Proc] = []  # everything started, stopped in reverse order
+        self.apps: dict[str, Appliance] = {}  # target name -> appliance, in --accounting order
         self.urls: dict[str, str] = {}
+        self.keys: dict[str, str | None] = {}  # target name -> the key its requests carry
+
+    @property
+    def primary(self) -> Appliance:
+        """The appliance the absolute targets and --profile apply to: accounting on when it runs."""
+        return self.apps.get(ON) or next(iter(self.apps.values()))
 
     # -------------------------------------------------------------- servers
 
-    def start(self) -> None:
+    def start(self, modes: list[str]) -> None:
+        mock_url = self.start_mock()
+        for mode in modes:
+            app = self.start_appliance(APPLIANCE_TARGETS[mode], mode == "on", mock_url)
+            self.apps[app.target] = app
+        self.urls = {"direct": mock_url, **{t: app.url for t, app in self.apps.items()}}
+        # Direct requests carry the same Authorization header as the accounting-on appliance's (the mock ignores it).
+        self.keys = {"direct": self.primary.key, **{t: app.key for t, app in self.apps.items()}}
+        check_target(mock_url, self.bodies, self.a.mock_chunks, None)
+        for app in self.apps.values():
+            self.check_appliance(app)
+
+    def start_mock(self) -> str:
         a = self.a
         mport = free_port()
         menv = {**os.environ, "MOCK_DELAY_MS": str(a.mock_delay_ms), "MOCK_STREAM_CHUNKS": str(a.mock_chunks),
                 "MOCK_CHUNK_DELAY_MS": str(a.mock_chunk_delay_ms)}
         self.mock = Proc("mock", [a.client_python, str(a.harness / "mock_upstream.py"), "--port", str(mport)],
                          menv, a.logdir / "mock.log")
+        self.procs.append(self.mock)
         mock_url = f"http://127.0.0.1:{mport}"
         wait_until(lambda: http(mock_url + "/health")[0] == 200, 20, "mock", self.mock)
+        return mock_url
 
-        aport = free_port()
-        config = self.work / "appliance.toml"
-        appliance_config(config, port=aport, workers=a.workers, data_dir=self.work / "data", mock_url=mock_url)
+    def start_appliance(self, target: str, accounting: bool, mock_url: str) -> Appliance:
+        """Its own port, config and data dir; with accounting on, also the bench's user key."""
+        a = self.a
+        port = free_port()
+        config = self.work / f"{target}.toml"
+        appliance_config(config, port=port, workers=a.workers, data_dir=self.work / f"data-{target}",
+                         mock_url=mock_url, accounting=accounting)
         env = {**os.environ, "APPLIANCE_ADMIN_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1"}
         for k in ("APPLIANCE_CONFIG", "APPLIANCE_DATA_DIR"):
             env.pop(k, None)
         cmd = appliance_cmd(a, config)
         t0 = time.monotonic()
-        self.app = Proc("appliance", cmd, env, a.logdir / "appliance.log", cwd=self.work)
-        app_url = f"http://127.0.0.1:{aport}"
-        wait_until(lambda: http(app_url + "/ready")[0] == 200, 120, "appliance", self.app)
-        self.ready_s = round(time.monotonic() - t0, 2)
-        log(f"appliance ready after {self.ready_s}s: {' '.join(cmd)}")
-        self.urls = {"direct": mock_url, "appliance": app_url}
-        for url in self.urls.values():
-            check_target(url, self.bodies, a.mock_chunks)
+        proc = Proc(target, cmd, env, a.logdir / f"{target}.log", cwd=self.work)
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http(url + "/ready")[0] == 200, 120, target, proc)
+        app = Appliance(target, accounting, proc, url, config, round(time.monotonic() - t0, 2))
+        log(f"{target} (accounting {'on' if accounting else 'off'}) ready after {app.ready_s}s: {' '.join(cmd)}")
+        if accounting:
+            app.key = create_bench_key(url)
+        return app
+
+    def check_appliance(self, app: Appliance) -> None:
+        """Whole answers; with accounting on, rate-limit headers and a non-zero cost on them too."""
+        expect = ACCOUNTING_HEADERS if app.accounting else ()
+        headers = check_target(app.url, self.bodies, self.a.mock_chunks, app.key, expect)
+        if app.accounting and not float(headers["x-appliance-cost-usd"]) > 0:
+            raise RuntimeError(f"{app.target}: cost {headers['x-appliance-cost-usd']} USD; is {MODEL} priced?")
+        log(f"{app.target}: " + ", ".join(f"{h}={headers.get(h, '-')}" for h in ACCOUNTING_HEADERS))
 
     def stop(self) -> None:
-        for p in (self.app, self.mock):
-            if p is not None:
-                p.stop()
+        for p in reversed(self.procs):
+            p.stop()
 
     # -------------------------------------------------------------- load
 
     def load_cmd(self, target: str, kind: str, conc: int, seconds: float) -> tuple[list[str], dict[str, str], str]:
         url = self.urls[target] + "/v1/chat/completions"
+        key = self.keys[target]
         env = dict(os.environ)
         if kind == "chat":
             env["BENCH_BODY_FILE"] = str(self.bodies["chat"])
-            env["BENCH_AUTH"] = ADMIN_KEY
+            env["BENCH_AUTH"] = key or ""  # post_json.lua sends no Authorization for an empty value
             cmd = ["wrk", "-t", "1", "-c", str(conc), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
                    "-s", str(self.a.harness / "wrk" / "post_json.lua"), url]
             return cmd, env, "WRKJSON"
         cmd = [self.a.client_python, str(self.a.harness / "loadgen.py"), "--url", url,
                "--body-file", str(self.bodies["stream"]), "--stream", "-c", str(conc), "--timeout", "30",
-               "-H", f"Authorization: Bearer {ADMIN_KEY}", "--duration", str(seconds), "--warmup", "0"]
+               "--duration", str(seconds), "--warmup", "0"]
+        if key:
+            cmd += ["-H", f"Authorization: Bearer {key}"]
         return cmd, env, "LOADGENJSON"
 
     def warm(self) -> None:
-        """Every worker, both code paths, both targets, before the first measured segment."""
+        """Every worker, both code paths, every target, before the first measured segment."""
         if self.a.initial_warmup <= 0:
             return
         for target in self.urls:
@@ -311,25 +413,32 @@ class Bench:
                 cmd, env, _ = self.load_cmd(target, kind, 8, self.a.initial_warmup)
                 run_child(cmd, env)
 
+    def tree_cpu(self) -> dict[str, dict[int, float]]:
+        """CPU seconds so far of every process of every appliance tree, by target."""
+        return {t: {pid: self.ps.cpu_seconds([pid]) for pid in self.ps.tree(app.proc.pid)}
+                for t, app in self.apps.items()}
+
     def segment(self, target: str, kind: str, conc: int, rnd_i: int) -> dict[str, Any]:
         a = self.a
-        assert self.app is not None and self.mock is not None
+        assert self.mock is not None
         if a.warmup > 0:
             cmd, env, _ = self.load_cmd(target, kind, conc, a.warmup)
             run_child(cmd, env)
         cmd, env, prefix = self.load_cmd(target, kind, conc, a.duration)
-        app_tree = self.ps.tree(self.app.pid)
+        app = self.apps.get(target)
         mock_tree = self.ps.tree(self.mock.pid)
-        per0 = {pid: self.ps.cpu_seconds([pid]) for pid in app_tree}
+        cpu0 = self.tree_cpu()
         mock0 = self.ps.cpu_seconds(mock_tree)
         busy0 = self.ps.machine_busy_seconds()
         w0 = time.monotonic()
-        with self.ps.PeakRss([self.app.pid] if target == "appliance" else []) as peak:
+        with self.ps.PeakRss([app.proc.pid] if app else []) as peak:
             out, err, lg_cpu, rc = run_child(cmd, env)
         wall = time.monotonic() - w0
         busy1 = self.ps.machine_busy_seconds()
-        per = sorted((self.ps.cpu_seconds([pid]) - c0 for pid, c0 in per0.items()), reverse=True)
-        app_cpu = sum(per)
+        per = {t: sorted((self.ps.cpu_seconds([pid]) - c0 for pid, c0 in pids.items()), reverse=True)
+               for t, pids in cpu0.items()}
+        apps_cpu = {t: sum(v) for t, v in per.items()}
+        app_cpu = apps_cpu.get(target)
         mock_cpu = self.ps.cpu_seconds(mock_tree) - mock0
         res = json_line(out, prefix)
         if res is None:
@@ -341,90 +450,140 @@ class Bench:
             "round": rnd_i, "target": target, "scenario": kind, "concurrency": conc,
             "requests": reqs, "rps": res.get("rps"), "errors": errors,
             "lat_ms": res.get("lat_ms"), "ttft_ms": res.get("ttft_ms"), "wall_s": round(wall, 3),
-            "appliance_cpu_s": rnd(app_cpu),
-            "appliance_cpu_ms_per_req": rnd(1000 * app_cpu / reqs) if target == "appliance" and reqs else None,
+            "appliance_cpu_s": rnd(app_cpu),  # the target's tree; None for direct
+            "appliances_cpu_s": {t: rnd(v) for t, v in apps_cpu.items()},  # every tree, idle ones included
+            "appliance_cpu_ms_per_req": rnd(1000 * app_cpu / reqs) if app_cpu is not None and reqs else None,
             # Share of the tree's CPU burnt by its busiest process: ~1/workers when the kernel spread the
             # client's connections evenly, ~1.0 when one worker got them all.
-            "appliance_busiest_process_share": rnd(per[0] / app_cpu, 2) if target == "appliance" and app_cpu > 0
-            else None,
-            "appliance_peak_rss_mb": rnd(peak.peak / 2**20, 1) if target == "appliance" else None,
+            "appliance_busiest_process_share": rnd(per[target][0] / app_cpu, 2) if app_cpu else None,
+            "appliance_peak_rss_mb": rnd(peak.peak / 2**20, 1) if app else None,
             "mock_cpu_s": rnd(mock_cpu), "mock_cpu_ms_per_req": rnd(1000 * mock_cpu / reqs) if reqs else None,
             "loadgen_cpu_s": rnd(lg_cpu),
-            "foreign_cpu_s": rnd(max(0.0, (busy1 - busy0) - app_cpu - mock_cpu - lg_cpu)),
+            "foreign_cpu_s": rnd(max(0.0, (busy1 - busy0) - sum(apps_cpu.values()) - mock_cpu - lg_cpu)),
             "machine_busy_frac": rnd((busy1 - busy0) / (wall * (os.cpu_count() or 1))),
         }
-        log(f"r{rnd_i} {target:<9} {kind:<6} c={conc:<3} rps={seg['rps']!s:<9} "
+        log(f"r{rnd_i} {target:<13} {kind:<6} c={conc:<3} rps={seg['rps']!s:<9} "
             f"p50={dig(seg, 'lat_ms', 'p50')!s:<7} p99={dig(seg, 'lat_ms', 'p99')!s:<7} "
             f"ttft50={dig(seg, 'ttft_ms', 'p50')!s:<7} cpu/req={seg['appliance_cpu_ms_per_req']} ms "
             f"foreign={seg['foreign_cpu_s']}s")
         return seg
 
 
-def aggregate(segments: list[dict[str, Any]], scenarios: list[tuple[str, int]]) -> list[dict[str, Any]]:
+Segment = dict[str, Any]
+
+
+def aggregate(segments: list[Segment], scenarios: list[tuple[str, int]], apps: list[str]) -> list[dict[str, Any]]:
+    """Per scenario: every target's medians over rounds, each appliance against direct and, when both
+    appliances ran, the accounting overhead (on - off). Pairs are taken within a round."""
     rows = []
     for kind, conc in scenarios:
         segs = [s for s in segments if s["scenario"] == kind and s["concurrency"] == conc]
-        by = {t: {s["round"]: s for s in segs if s["target"] == t} for t in ("direct", "appliance")}
-        row: dict[str, Any] = {"scenario": kind, "concurrency": conc, "rounds": len(by["appliance"])}
-        for t, rounds in by.items():
-            ss = list(rounds.values())
-            rps = [s["rps"] for s in ss if s["rps"] is not None]
-            row[t] = {
-                "rps": rnd(median(rps), 1), "rps_range": [min(rps), max(rps)] if rps else None,
-                "p50_ms": rnd(median([dig(s, "lat_ms", "p50") for s in ss])),
-                "p99_ms": rnd(median([dig(s, "lat_ms", "p99") for s in ss])),
-                "ttft_p50_ms": rnd(median([dig(s, "ttft_ms", "p50") for s in ss])),
-                "mock_cpu_ms_per_req": rnd(median([s["mock_cpu_ms_per_req"] for s in ss]), 4),
-                "errors": sum(sum(s["errors"].values()) for s in ss),
-            }
-        app = by["appliance"].values()
-        row["appliance"]["cpu_ms_per_req"] = rnd(median([s["appliance_cpu_ms_per_req"] for s in app]))
-        row["appliance"]["busiest_process_share"] = rnd(median([s["appliance_busiest_process_share"] for s in app]), 2)
-        row["appliance"]["busiest_process_share_max"] = max(
-            (s["appliance_busiest_process_share"] or 0 for s in app), default=None)
-        row["appliance"]["peak_rss_mb"] = max((s["appliance_peak_rss_mb"] or 0 for s in app), default=None)
-        d50, d99, dttft, ratio = [], [], [], []
-        for r, s in by["appliance"].items():
-            b = by["direct"].get(r)
-            if b is None:
-                continue
-            if dig(s, "lat_ms", "p50") is not None and dig(b, "lat_ms", "p50") is not None:
-                d50.append(s["lat_ms"]["p50"] - b["lat_ms"]["p50"])
-                d99.append(s["lat_ms"]["p99"] - b["lat_ms"]["p99"])
-            if dig(s, "ttft_ms", "p50") is not None and dig(b, "ttft_ms", "p50") is not None:
-                dttft.append(s["ttft_ms"]["p50"] - b["ttft_ms"]["p50"])
-            if s["rps"] and b["rps"]:
-                ratio.append(s["rps"] / b["rps"])
-        row["added_p50_ms"] = rnd(median(d50))
-        row["added_p99_ms"] = rnd(median(d99))
-        row["added_ttft_p50_ms"] = rnd(median(dttft))
-        row["rps_ratio"] = rnd(median(ratio), 4)
+        by = {t: {s["round"]: s for s in segs if s["target"] == t} for t in ("direct", *apps)}
+        row: dict[str, Any] = {"scenario": kind, "concurrency": conc, "rounds": len(by["direct"]),
+                               "direct": target_summary(list(by["direct"].values()))}
+        for t in apps:
+            ss = list(by[t].values())
+            row[t] = {**target_summary(ss), **appliance_summary(ss), **against_direct(by[t], by["direct"])}
+        if ON in apps and OFF in apps:
+            row["accounting_overhead"] = accounting_overhead(by[ON], by[OFF])
         foreign = [s["foreign_cpu_s"] for s in segs if s["foreign_cpu_s"] is not None]
         row["foreign_cpu_s"] = {"median": rnd(median(foreign), 2), "max": max(foreign, default=None)}
         rows.append(row)
     return rows
 
 
-def target_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def target_summary(ss: list[Segment]) -> dict[str, Any]:
+    """What the client saw of one target in one scenario, medians over rounds."""
+    rps = [s["rps"] for s in ss if s["rps"] is not None]
+    foreign = [s["foreign_cpu_s"] for s in ss if s["foreign_cpu_s"] is not None]
+    return {
+        "rps": rnd(median(rps), 1), "rps_range": [min(rps), max(rps)] if rps else None,
+        "p50_ms": rnd(median([dig(s, "lat_ms", "p50") for s in ss])),
+        "p99_ms": rnd(median([dig(s, "lat_ms", "p99") for s in ss])),
+        "ttft_p50_ms": rnd(median([dig(s, "ttft_ms", "p50") for s in ss])),
+        "mock_cpu_ms_per_req": rnd(median([s["mock_cpu_ms_per_req"] for s in ss]), 4),
+        "errors": sum(sum(s["errors"].values()) for s in ss),
+        "foreign_cpu_s": {"median": rnd(median(foreign), 2), "max": max(foreign, default=None)},
+    }
+
+
+def appliance_summary(ss: list[Segment]) -> dict[str, Any]:
+    """What one appliance's process tree spent in one scenario."""
+    shares = [s["appliance_busiest_process_share"] for s in ss]
+    return {
+        "cpu_ms_per_req": rnd(median([s["appliance_cpu_ms_per_req"] for s in ss])),
+        "busiest_process_share": rnd(median(shares), 2),
+        "busiest_process_share_max": max((x or 0 for x in shares), default=None),
+        "peak_rss_mb": max((s["appliance_peak_rss_mb"] or 0 for s in ss), default=None),
+    }
+
+
+def paired(a: dict[int, Segment], b: dict[int, Segment], value: Any) -> list[float]:
+    """value(a) - value(b) for every round where both have one, in round order."""
+    out = []
+    for r in sorted(a):
+        if r not in b:
+            continue
+        va, vb = value(a[r]), value(b[r])
+        if va is not None and vb is not None:
+            out.append(va - vb)
+    return out
+
+
+def p50(s: Segment) -> float | None:
+    return dig(s, "lat_ms", "p50")
+
+
+def p99(s: Segment) -> float | None:
+    return dig(s, "lat_ms", "p99")
+
+
+def ttft50(s: Segment) -> float | None:
+    return dig(s, "ttft_ms", "p50")
+
+
+def against_direct(app: dict[int, Segment], direct: dict[int, Segment]) -> dict[str, Any]:
+    """Added latency (appliance - direct) and RPS ratio, paired within each round, medians."""
+    ratio = [s["rps"] / direct[r]["rps"] for r, s in app.items() if r in direct and s["rps"] and direct[r]["rps"]]
+    return {"added_p50_ms": rnd(median(paired(app, direct, p50))),
+            "added_p99_ms": rnd(median(paired(app, direct, p99))),
+            "added_ttft_p50_ms": rnd(median(paired(app, direct, ttft50))),
+            "rps_ratio": rnd(median(ratio), 4)}
+
+
+def accounting_overhead(on: dict[int, Segment], off: dict[int, Segment]) -> dict[str, Any]:
+    """What auth + limits + budgets + cost + ledger cost: on - off within each round, medians."""
+    cpu = paired(on, off, lambda s: s["appliance_cpu_ms_per_req"])
+    return {"cpu_ms_per_req": rnd(median(cpu)), "cpu_ms_per_req_by_round": [rnd(x) for x in cpu],
+            "p50_ms": rnd(median(paired(on, off, p50))), "p99_ms": rnd(median(paired(on, off, p99))),
+            "ttft_p50_ms": rnd(median(paired(on, off, ttft50)))}
+
+
+def target_checks(rows: list[dict[str, Any]], primary: str) -> list[dict[str, Any]]:
+    """The absolute targets hold `primary` (accounting on, when it ran); the overhead target on - off."""
     checks = []
 
     def add(what: str, value: float | None, limit: float, note: str = "") -> None:
         verdict = "n/a" if value is None else ("PASS" if value <= limit else "MISS")
         checks.append({"target": what, "limit": limit, "value": value, "result": verdict, "note": note})
 
-    for row in rows:
+    chat = [row for row in rows if row["scenario"] == "chat"]
+    stream = [row for row in rows if row["scenario"] == "stream"]
+    for row in chat:
+        add(f"{primary} CPU per non-streaming request, c={row['concurrency']} (ms)", row[primary]["cpu_ms_per_req"],
+            TARGET_CPU_MS)
+    for row in chat:
+        if row["concurrency"] == 1:
+            add(f"{primary} added p50 latency, non-streaming c=1 (ms)", row[primary]["added_p50_ms"],
+                TARGET_ADDED_P50_MS)
+    for row in stream:
         c = row["concurrency"]
-        if row["scenario"] == "chat":
-            add(f"appliance CPU per non-streaming request, c={c} (ms)", row["appliance"]["cpu_ms_per_req"],
-                TARGET_CPU_MS)
+        add(f"{primary} first streamed byte later than direct, p50, c={c} (ms)", row[primary]["added_ttft_p50_ms"],
+            TARGET_ADDED_TTFT_MS, "" if c == 1 else "includes queueing once the workers saturate")
     for row in rows:
-        if row["scenario"] == "chat" and row["concurrency"] == 1:
-            add("added p50 latency, non-streaming c=1 (ms)", row["added_p50_ms"], TARGET_ADDED_P50_MS)
-    for row in rows:
-        c = row["concurrency"]
-        if row["scenario"] == "stream":
-            add(f"first streamed byte later than direct, p50, c={c} (ms)", row["added_ttft_p50_ms"],
-                TARGET_ADDED_TTFT_MS, "" if c == 1 else "includes queueing once the workers saturate")
+        if "accounting_overhead" in row:
+            add(f"accounting overhead CPU per request (on - off), {row['scenario']} c={row['concurrency']} (ms)",
+                row["accounting_overhead"]["cpu_ms_per_req"], TARGET_ACCOUNTING_CPU_MS, "paired per round, median")
     return checks
 
 
@@ -522,20 +681,20 @@ def analyse_pyspy(raw: Path, top: int) -> dict[str, Any]:
 
 def run_profile(b: Bench, out_prefix: Path) -> dict[str, Any] | None:
     a = b.a
-    assert b.app is not None
+    app = b.primary
     pyspy = a.py_spy or shutil.which("py-spy")
     if not pyspy or not Path(pyspy).exists():
         log("--profile: py-spy not found (pip install py-spy into a scratch venv, pass --py-spy PATH)")
         return None
     raw = out_prefix.with_suffix(".pyspy.txt")
-    cmd, env, prefix = b.load_cmd("appliance", a.profile_kind, a.profile_conc, a.profile + 2)
-    run_child(*b.load_cmd("appliance", a.profile_kind, a.profile_conc, 2)[:2])  # warm
-    tree = b.ps.tree(b.app.pid)
+    cmd, env, prefix = b.load_cmd(app.target, a.profile_kind, a.profile_conc, a.profile + 2)
+    run_child(*b.load_cmd(app.target, a.profile_kind, a.profile_conc, 2)[:2])  # warm
+    tree = b.ps.tree(app.proc.pid)
     clk = os.sysconf("SC_CLK_TCK")
     t0 = thread_cpu(tree, clk)
     load = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     time.sleep(1)
-    spy = [pyspy, "record", "--pid", str(b.app.pid), "--subprocesses", "--threads", "--format", "raw",
+    spy = [pyspy, "record", "--pid", str(app.proc.pid), "--subprocesses", "--threads", "--format", "raw",
            "--rate", str(a.profile_rate), "--duration", str(int(a.profile)), "--output", str(raw)]
     if a.profile_native:
         spy.append("--native")
@@ -545,7 +704,7 @@ def run_profile(b: Bench, out_prefix: Path) -> dict[str, Any] | None:
         spy.append("--nonblocking")
     r = subprocess.run(spy, capture_output=True, text=True)
     out, _ = load.communicate()
-    tree = sorted(set(tree) | set(b.ps.tree(b.app.pid)))
+    tree = sorted(set(tree) | set(b.ps.tree(app.proc.pid)))
     t1 = thread_cpu(tree, clk)
     log(f"profile: process tree {tree}; {len(t0)} threads before, {len(t1)} after")
     res = json_line(out, prefix) or {}
@@ -564,8 +723,8 @@ def run_profile(b: Bench, out_prefix: Path) -> dict[str, Any] | None:
     threads.sort(key=lambda t: -(t["user_s"] + t["sys_s"]))
     reqs = res.get("requests") or 0
     tot = sum(t["user_s"] + t["sys_s"] for t in threads)
-    prof = {"kind": a.profile_kind, "raw_file": str(raw), "native": a.profile_native, "gil": a.profile_gil,
-            "rate_hz": a.profile_rate,
+    prof = {"target": app.target, "kind": a.profile_kind, "raw_file": str(raw), "native": a.profile_native,
+            "gil": a.profile_gil, "rate_hz": a.profile_rate,
             "seconds": a.profile, "concurrency": a.profile_conc, "rps": res.get("rps"), "requests": reqs,
             "tree_cpu_s": round(tot, 2), "cpu_ms_per_req": round(1000 * tot / reqs, 3) if reqs else None,
             "user_s": round(sum(t["user_s"] for t in threads), 2),
@@ -576,7 +735,8 @@ def run_profile(b: Bench, out_prefix: Path) -> dict[str, Any] | None:
 
 def render_profile(p: dict[str, Any]) -> str:
     kind = "streaming" if p.get("kind") == "stream" else "non-streaming"
-    out = [f"## Profile: {kind} c={p['concurrency']}, {p['seconds']:.0f}s, py-spy {p['rate_hz']} Hz"
+    out = [f"## Profile of {p.get('target', 'appliance')}: {kind} c={p['concurrency']}, {p['seconds']:.0f}s, "
+           f"py-spy {p['rate_hz']} Hz"
            f"{' --native' if p['native'] else ''}{' --gil' if p.get('gil') else ''}", "",
            f"- load during the profile (py-spy pauses the workers to sample, so this is below the bench): "
            f"{p['rps']} RPS; appliance tree CPU {p['tree_cpu_s']} s (user {p['user_s']} s, kernel {p['sys_s']} s)"
@@ -608,48 +768,92 @@ def fmt(x: Any, nd: int = 2) -> str:
 
 
 def render(r: dict[str, Any]) -> str:
+    out = render_header(r)
+    if r["aggregate"]:
+        out += render_table(r["aggregate"], r["params"]["targets"])
+        if any("accounting_overhead" in row for row in r["aggregate"]):
+            out += render_overhead(r["aggregate"])
+        out += render_foreign(r) + render_targets(r["targets"])
+    if r.get("profile"):
+        out += ["", render_profile(r["profile"])]
+    return "\n".join(out) + "\n"
+
+
+def render_header(r: dict[str, Any]) -> list[str]:
     m, p = r["machine"], r["params"]
     out = [f"# appliance bench {r['tag']}", "",
            f"- machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; load average at start "
            f"{' '.join(f'{x:.2f}' for x in m['loadavg_start'])}, end {' '.join(f'{x:.2f}' for x in m['loadavg_end'])}",
-           "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
-           f"- appliance: `{r['appliance']['cmd']}` ({r['appliance']['workers']}), ready in "
-           f"{r['appliance']['ready_s']} s",
-           f"- params: {p['rounds']} rounds x {p['duration_s']:g}s measured (+{p['warmup_s']:g}s warm-up) per "
-           f"segment, direct/appliance order rotated; mock delay {p['mock_delay_ms']} ms, {p['mock_chunks']} "
-           f"stream chunks, chunk gap {p['mock_chunk_delay_ms']} ms; run took {r['run_seconds']:.0f}s",
-           "- medians over rounds; added = appliance - direct, paired within each round; CPU = appliance process "
-           "tree (master + workers) per completed request; busiest process share = CPU of the busiest process in "
-           "the tree / the tree's CPU (0.5 = two workers evenly loaded, 1.0 = one worker got every connection)",
-           ""]
-    if r["aggregate"]:
-        out += ["| scenario | c | RPS direct | RPS appliance (min-max) | ratio | p50 ms direct / appl | "
-                "added p50 ms | added p99 ms | TTFT p50 ms direct / appl | added TTFT p50 ms | appl CPU ms/req | "
-                "busiest process share (median / max) | appl peak RSS MB | foreign CPU s (median / max) | errors d/a |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for row in r["aggregate"]:
-            d, ap = row["direct"], row["appliance"]
-            rr = ap["rps_range"] or [None, None]
+           "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())]
+    for app in r["appliances"]:
+        what = ("accounting on: keys, per-key limits and budgets, priced model, usage ledger" if app["accounting"]
+                else 'accounting off: [auth] mode = "none", no prices, no key')
+        out.append(f"- {app['target']} ({what}): `{app['cmd']}` ({app['workers']}), ready in {app['ready_s']} s, "
+                   f"PSS at the end {app['end_pss_mb']} MB")
+    out += [f"- params: {p['rounds']} rounds x {p['duration_s']:g}s measured (+{p['warmup_s']:g}s warm-up) per "
+            f"segment, {'/'.join(p['targets'])} order rotated; mock delay {p['mock_delay_ms']} ms, "
+            f"{p['mock_chunks']} stream chunks, chunk gap {p['mock_chunk_delay_ms']} ms; run took "
+            f"{r['run_seconds']:.0f}s",
+            "- medians over rounds; added = that appliance - direct, paired within each round; CPU = the "
+            "appliance's process tree (master + workers) per completed request; busiest process share = CPU of "
+            "the busiest process in the tree / the tree's CPU (0.5 = two workers evenly loaded, 1.0 = one worker "
+            "got every connection); foreign CPU = other processes during that target's segments", ""]
+    return out
+
+
+def render_table(rows: list[dict[str, Any]], targets: list[str]) -> list[str]:
+    out = ["| scenario | c | target | RPS (min-max) | RPS ratio vs direct | p50 / p99 ms | added p50 ms | "
+           "added p99 ms | TTFT p50 ms | added TTFT p50 ms | CPU ms/req | busiest process share (median / max) | "
+           "peak RSS MB | foreign CPU s (median / max) | errors |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for t in targets:
+            x = row[t]
+            rr = x["rps_range"] or [None, None]
+            fc = x["foreign_cpu_s"]
             out.append(
-                f"| {row['scenario']} | {row['concurrency']} | {fmt(d['rps'], 0)} | {fmt(ap['rps'], 0)} "
-                f"({fmt(rr[0], 0)}-{fmt(rr[1], 0)}) | {fmt(row['rps_ratio'], 3)} | {fmt(d['p50_ms'])} / "
-                f"{fmt(ap['p50_ms'])} | {fmt(row['added_p50_ms'])} | {fmt(row['added_p99_ms'])} | "
-                f"{fmt(d['ttft_p50_ms'])} / {fmt(ap['ttft_p50_ms'])} | {fmt(row['added_ttft_p50_ms'])} | "
-                f"{fmt(ap['cpu_ms_per_req'], 3)} | {fmt(ap['busiest_process_share'])} / "
-                f"{fmt(ap['busiest_process_share_max'])} | {fmt(ap['peak_rss_mb'], 0)} | "
-                f"{fmt(row['foreign_cpu_s']['median'], 1)} / {fmt(row['foreign_cpu_s']['max'], 1)} | "
-                f"{d['errors']}/{ap['errors']} |")
-        f = r["foreign"]
-        out += ["", f"Foreign CPU (processes outside the bench) during the measured windows: {f['total_s']:.1f} s "
-                f"over {f['wall_s']:.0f} s of measurement = {f['share_pct']:.1f}% of the machine's "
-                f"{m['cores']} cores (max {f['max_s']:.1f} s in one {p['duration_s']:g}s segment).", "",
-                "## Targets", "", "| target | limit | measured | result |", "|---|---|---|---|"]
-        for c in r["targets"]:
-            note = f" ({c['note']})" if c["note"] else ""
-            out.append(f"| {c['target']}{note} | <= {c['limit']:g} | {fmt(c['value'], 3)} | **{c['result']}** |")
-    if r.get("profile"):
-        out += ["", render_profile(r["profile"])]
-    return "\n".join(out) + "\n"
+                f"| {row['scenario']} | {row['concurrency']} | {t} | {fmt(x['rps'], 0)} ({fmt(rr[0], 0)}-"
+                f"{fmt(rr[1], 0)}) | {fmt(x.get('rps_ratio'), 3)} | {fmt(x['p50_ms'])} / {fmt(x['p99_ms'])} | "
+                f"{fmt(x.get('added_p50_ms'))} | {fmt(x.get('added_p99_ms'))} | {fmt(x['ttft_p50_ms'])} | "
+                f"{fmt(x.get('added_ttft_p50_ms'))} | {fmt(x.get('cpu_ms_per_req'), 3)} | "
+                f"{fmt(x.get('busiest_process_share'))} / {fmt(x.get('busiest_process_share_max'))} | "
+                f"{fmt(x.get('peak_rss_mb'), 0)} | {fmt(fc['median'], 1)} / {fmt(fc['max'], 1)} | {x['errors']} |")
+    return out
+
+
+def render_overhead(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["", f"## Accounting overhead: {ON} (on) - {OFF} (off)", "",
+           "CPU ms per request of the accounting-on appliance minus the accounting-off one, taken within each "
+           "round (segments seconds apart, same machine load), median over rounds; the on and off figures are "
+           "the medians from the table above.", ""]
+    for row in rows:
+        o = row.get("accounting_overhead")
+        if o is None:
+            continue
+        v = o["cpu_ms_per_req"]
+        verdict = "n/a" if v is None else "PASS" if v <= TARGET_ACCOUNTING_CPU_MS else "MISS"
+        by_round = ", ".join(fmt(x, 3) for x in o["cpu_ms_per_req_by_round"])
+        ttft = f", TTFT p50 {fmt(o['ttft_p50_ms'])} ms" if o["ttft_p50_ms"] is not None else ""
+        out.append(f"- {row['scenario']} c={row['concurrency']}: accounting overhead CPU ms/req = on - off = "
+                   f"{fmt(row[ON]['cpu_ms_per_req'], 3)} - {fmt(row[OFF]['cpu_ms_per_req'], 3)} -> **{fmt(v, 3)}** "
+                   f"(per round {by_round}) **{verdict}** (<= {TARGET_ACCOUNTING_CPU_MS:g}); latency on - off: "
+                   f"p50 {fmt(o['p50_ms'])} ms, p99 {fmt(o['p99_ms'])} ms{ttft}")
+    return out
+
+
+def render_foreign(r: dict[str, Any]) -> list[str]:
+    f, m, p = r["foreign"], r["machine"], r["params"]
+    return ["", f"Foreign CPU (processes outside the bench) during the measured windows: {f['total_s']:.1f} s "
+            f"over {f['wall_s']:.0f} s of measurement = {f['share_pct']:.1f}% of the machine's "
+            f"{m['cores']} cores (max {f['max_s']:.1f} s in one {p['duration_s']:g}s segment)."]
+
+
+def render_targets(checks: list[dict[str, Any]]) -> list[str]:
+    out = ["", "## Targets", "", "| target | limit | measured | result |", "|---|---|---|---|"]
+    for c in checks:
+        note = f" ({c['note']})" if c["note"] else ""
+        out.append(f"| {c['target']}{note} | <= {c['limit']:g} | {fmt(c['value'], 3)} | **{c['result']}** |")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -669,6 +873,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="interpreter that runs `-m appliance serve` (default /tmp/devenv/bin/python)")
     ap.add_argument("--appliance-bin", default=env("APPLIANCE_BIN"),
                     help="bench a built binary instead: PATH serve --config FILE")
+    ap.add_argument("--accounting", choices=("on", "off", "both"), default=env("ACCOUNTING", "both"),
+                    help="appliance(s) to bench: on = keys + limits + budgets + prices + ledger (target "
+                         f"'{ON}'), off = [auth] mode none, no prices (target '{OFF}'), both = the two side by "
+                         "side and their CPU difference (default)")
     ap.add_argument("--workers", type=int, default=2, help="[server] workers in the generated config")
     ap.add_argument("--single-process", action="store_true", help="pass --single-process to serve")
     ap.add_argument("--appliance-arg", action="append", default=[], help="extra argument to `serve` (repeatable)")
@@ -702,6 +910,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def accounting_modes(choice: str) -> list[str]:
+    return ["on", "off"] if choice == "both" else [choice]
+
+
+def run_rounds(bench: Bench, scenarios: list[tuple[str, int]], targets: list[str]) -> list[Segment]:
+    """Every round, every scenario, every target back to back, the order rotated by one each time."""
+    segments = []
+    for r in range(bench.a.rounds):
+        for si, (kind, c) in enumerate(scenarios):
+            k = (r + si) % len(targets)
+            for target in targets[k:] + targets[:k]:
+                segments.append(bench.segment(target, kind, c, r))
+    return segments
+
+
+def appliance_info(bench: Bench, procstat: Any) -> list[dict[str, Any]]:
+    a = bench.a
+    return [{"target": app.target, "accounting": app.accounting, "cmd": " ".join(app.proc.cmd),
+             "config": app.config.read_text(), "ready_s": app.ready_s,
+             "workers": "single process" if a.single_process else f"{a.workers} workers",
+             "end_pss_mb": round(procstat.pss_bytes(procstat.tree(app.proc.pid)) / 2**20, 1)}
+            for app in bench.apps.values()]
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if not shutil.which("wrk"):
@@ -717,34 +949,29 @@ def main(argv: list[str] | None = None) -> int:
     conc = [int(x) for x in a.conc.split(",") if x.strip()]
     sconc = [int(x) for x in a.stream_conc.split(",") if x.strip()]
     scenarios = [("chat", c) for c in conc] + [("stream", c) for c in sconc]
+    modes = accounting_modes(a.accounting)
+    apps = [APPLIANCE_TARGETS[m] for m in modes]
+    targets = ["direct", *apps]
     started = dt.datetime.now(dt.UTC)
     tag = started.strftime("%Y%m%dT%H%M%SZ") + (f"-{a.tag}" if a.tag else "")
 
     with tempfile.TemporaryDirectory(prefix="appliance-bench-") as tmp:
         bench = Bench(a, procstat, Path(tmp))
         try:
-            bench.start()
-            assert bench.app is not None
+            bench.start(modes)
             bench.warm()
             t_run = time.monotonic()
             load0 = os.getloadavg()
-            segments = []
-            targets = ["direct", "appliance"]
-            for r in range(a.rounds):
-                for si, (kind, c) in enumerate(scenarios):
-                    k = (r + si) % len(targets)
-                    for target in targets[k:] + targets[:k]:
-                        segments.append(bench.segment(target, kind, c, r))
+            segments = run_rounds(bench, scenarios, targets)
             load1 = os.getloadavg()
-            pss = procstat.pss_bytes(procstat.tree(bench.app.pid)) / 2**20
+            info = appliance_info(bench, procstat)
             profile = run_profile(bench, a.out / tag) if a.profile > 0 else None
             run_s = time.monotonic() - t_run
-            app_cmd = " ".join(bench.app.cmd)
-            ready_s = bench.ready_s
+            primary = bench.primary.target
         finally:
             bench.stop()
 
-    rows = aggregate(segments, scenarios) if segments else []
+    rows = aggregate(segments, scenarios, apps) if segments else []
     foreign = [s["foreign_cpu_s"] for s in segments if s["foreign_cpu_s"] is not None]
     wall = sum(s["wall_s"] for s in segments)
     cores = os.cpu_count() or 1
@@ -754,15 +981,16 @@ def main(argv: list[str] | None = None) -> int:
                     "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                     "loadavg_start": load0, "loadavg_end": load1},
         "versions": versions(a),
-        "appliance": {"cmd": app_cmd, "workers": "single process" if a.single_process else f"{a.workers} workers",
-                      "ready_s": ready_s, "end_pss_mb": round(pss, 1)},
+        "appliances": info,
         "params": {"rounds": a.rounds, "duration_s": a.duration, "warmup_s": a.warmup, "conc": conc,
                    "stream_conc": sconc, "mock_delay_ms": a.mock_delay_ms, "mock_chunks": a.mock_chunks,
-                   "mock_chunk_delay_ms": a.mock_chunk_delay_ms, "model": MODEL},
+                   "mock_chunk_delay_ms": a.mock_chunk_delay_ms, "model": MODEL, "accounting": a.accounting,
+                   "targets": targets, "bench_key": {k: v for k, v in BENCH_KEY_FIELDS.items() if k != "name"},
+                   "prices_per_mtok": {"input": PRICE_INPUT_PER_MTOK, "output": PRICE_OUTPUT_PER_MTOK}},
         "foreign": {"total_s": round(sum(foreign), 2), "max_s": max(foreign, default=0.0), "wall_s": round(wall, 1),
                     "share_pct": round(100 * sum(foreign) / (wall * cores), 1) if wall else 0.0},
         "aggregate": rows,
-        "targets": target_checks(rows),
+        "targets": target_checks(rows, primary),
         "profile": profile,
         "segments": segments,
     }

@@ -11,7 +11,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 harness=${BENCH_HARNESS:-$(cd "$here/../../.." && pwd)/shared/bench}
 python=${APPLIANCE_PYTHON:-/tmp/devenv/bin/python}
-key=sk-app-bench-0000
+key=sk-app-bench-0000000000000000
 work=$(mktemp -d /tmp/appliance-vs-litellm.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

@@ -1,0 +1,80 @@
+"""The Responses surface, driven by the official openai SDK, over chat-completions backends, 2 workers."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.openapi import validate
+
+pytestmark = pytest.mark.frozen
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def sdk(gateway: Appliance) -> openai.OpenAI:
+    """A client with its own connection pool: successive clients tend to land on different workers."""
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60,
+                         http_client=httpx.Client(timeout=60))
+
+
+def test_create_text(gateway: Appliance) -> None:
+    response = sdk(gateway).responses.create(model="fake/fake-chat", input="Say hello.", instructions="Be brief.")
+    assert response.status == "completed" and response.output_text == "Hello from the fake."
+    assert response.usage.input_tokens == 11 and response.usage.output_tokens == 5
+    validate(response.model_dump(mode="json", exclude_unset=True), "Response")
+
+
+def test_function_call_then_follow_up_on_another_worker(gateway: Appliance, fake_openai) -> None:
+    first = sdk(gateway).responses.create(model="fake/fake-tools", input="Weather in Tokyo?", tools=[WEATHER])
+    call = next(item for item in first.output if item.type == "function_call")
+    assert call.name == "get_weather" and call.arguments == '{"city": "Tokyo"}'
+    follow = sdk(gateway).responses.create(
+        model="fake/fake-chat", previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}])
+    assert follow.status == "completed" and follow.previous_response_id == first.id
+    sent = fake_openai.requests[-1].body["messages"]
+    assert sent[0] == {"role": "user", "content": "Weather in Tokyo?"}
+    assert sent[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert sent[2]["role"] == "tool" and sent[2]["content"] == "sunny, 21 C"
+
+
+def test_stream_accumulated_by_the_sdk(gateway: Appliance) -> None:
+    with sdk(gateway).responses.stream(model="fake/fake-chat", input="Say hello.") as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.output_text.delta" in kinds
+    assert final.output_text == "Hello from the fake."
+    stored = sdk(gateway).responses.retrieve(final.id)  # stored before the final event went out
+    assert stored.output_text == final.output_text
+
+
+def test_retrieve_input_items_delete(gateway: Appliance) -> None:
+    client = sdk(gateway)
+    created = client.responses.create(model="fake/fake-chat", input=[
+        {"role": "user", "content": "one"}, {"role": "user", "content": "two"}])
+    assert sdk(gateway).responses.retrieve(created.id).id == created.id
+    items = sdk(gateway).responses.input_items.list(created.id, order="asc")
+    assert [item.content[0].text for item in items.data] == ["one", "two"]
+    client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk(gateway).responses.retrieve(created.id)
+
+
+def test_unknown_previous_response_and_store_false(gateway: Appliance) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk(gateway).responses.create(model="fake/fake-chat", input="hi", previous_response_id="resp_nope")
+    assert info.value.code == "previous_response_not_found" and info.value.param == "previous_response_id"
+    unstored = sdk(gateway).responses.create(model="fake/fake-chat", input="hi", store=False)
+    with pytest.raises(openai.NotFoundError):
+        sdk(gateway).responses.retrieve(unstored.id)
+
+
+@pytest.mark.llamacpp
+def test_real_server_through_responses(gateway: Appliance, llamacpp_url: str) -> None:
+    response = sdk(gateway).responses.create(model="tiny-chat", input="Say hello.", max_output_tokens=16)
+    assert response.status in ("completed", "incomplete") and response.usage.output_tokens > 0
