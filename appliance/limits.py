@@ -18,15 +18,14 @@ import ctypes
 import datetime as dt
 import functools
 import math
-import multiprocessing
 import os
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.errors import GatewayError
+from appliance.shared import SharedRows, tag_of
 
 BUCKETS = 60
 MAX_WORKERS = 64  # ServerSettings.workers allows at most this many
@@ -49,38 +48,16 @@ class _Slot(ctypes.Structure):
     ]
 
 
-def tag_of(owner: str) -> int:
-    """A stable 64-bit tag for a key id or model name (same in every process)."""
-    return zlib.crc32(owner.encode()) << 32 | zlib.adler32(owner.encode())
-
-
 @functools.lru_cache(maxsize=8192)
 def _cached_tag(owner: str) -> int:
     return tag_of(owner)
 
 
-class SharedTable:
-    """Slots in shared memory plus the lock that guards them; made in the main process, handed to workers.
-
-    Pickles (with Sanic's spawn start) as the shared buffer and lock themselves, never a copy.
-    """
+class SharedTable(SharedRows):
+    """The limit counters: a row per key (by slot), then one per limited model."""
 
     def __init__(self, size: int, *, shared: bool = True) -> None:
-        self.size = size
-        ctx = multiprocessing.get_context("spawn")
-        nbytes = ctypes.sizeof(_Slot) * size
-        self._raw = ctx.RawArray(ctypes.c_char, nbytes) if shared else ctypes.create_string_buffer(nbytes)
-        self.lock = ctx.Lock()
-        self._slots: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"size": self.size, "_raw": self._raw, "lock": self.lock, "_slots": None}
-
-    @property
-    def slots(self) -> Any:
-        if self._slots is None:
-            self._slots = (_Slot * self.size).from_buffer(self._raw)
-        return self._slots
+        super().__init__(_Slot, size, shared=shared)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,16 +24,15 @@ from __future__ import annotations
 import ctypes
 import email.utils
 import math
-import multiprocessing
 import random
 import time
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from appliance.config import RoutingSettings
 from appliance.errors import GatewayError
 from appliance.providers.load import Load
+from appliance.shared import SharedRows, tag_of
 
 RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
 # Transport-level failures: always worth another try (elsewhere, or after a pause).
@@ -158,13 +157,7 @@ class _Slot(ctypes.Structure):
     ]
 
 
-def tag_of(name: str) -> int:
-    """A stable, non-zero 64-bit tag for a backend name (the same in every process)."""
-    data = name.encode()
-    return (zlib.crc32(data) << 32 | zlib.adler32(data)) or 1
-
-
-class BackendTable:
+class BackendTable(SharedRows):
     """Rows per backend in shared memory plus the lock that guards them; made in the main process.
 
     Pickles (with the spawn start of the workers) as the shared buffer and lock themselves, never a
@@ -172,21 +165,7 @@ class BackendTable:
     """
 
     def __init__(self, size: int = BACKEND_SLOTS, *, shared: bool = True) -> None:
-        self.size = size
-        ctx = multiprocessing.get_context("spawn")
-        nbytes = ctypes.sizeof(_Slot) * size
-        self._raw = ctx.RawArray(ctypes.c_char, nbytes) if shared else ctypes.create_string_buffer(nbytes)
-        self.lock = ctx.Lock()
-        self._slots: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"size": self.size, "_raw": self._raw, "lock": self.lock, "_slots": None}
-
-    @property
-    def slots(self) -> Any:
-        if self._slots is None:
-            self._slots = (_Slot * self.size).from_buffer(self._raw)
-        return self._slots
+        super().__init__(_Slot, size, shared=shared)
 
     def find(self, name: str) -> Any:
         """The row of ``name``, claimed if new (linear probing); None when the table is full.

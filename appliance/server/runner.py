@@ -91,9 +91,10 @@ def serve(settings: Settings) -> None:
         applied = migrate(database_path(settings.data_dir), migrations_dir())
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-        table = SharedTable(table_size(settings))
+        shared = not server.single_process  # one process needs no shared memory (nor its tracker process)
+        table = SharedTable(table_size(settings), shared=shared)
         asyncio.run(prepare_keys(settings, table))
-        loader = AppLoader(factory=partial(create_app, settings, table, BackendTable()))
+        loader = AppLoader(factory=partial(create_app, settings, table, BackendTable(shared=shared)))
         app = loader.load()
         ssl = {"cert": str(server.tls_cert), "key": str(server.tls_key)} if server.tls_cert else None
         app.prepare(host=server.host, port=server.port, workers=1 if server.single_process else server.workers,
