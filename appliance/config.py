@@ -160,6 +160,7 @@ class LimitsSettings(_Model):
 
 class ResponsesSettings(_Model):
     keep_days: float = Field(30, gt=0, description="How long stored Responses are kept.")
+    ws_max_minutes: float = Field(60, gt=0, description="Longest life of a Responses WebSocket connection.")
 
 
 class MetricsSettings(_Model):

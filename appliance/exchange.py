@@ -86,7 +86,8 @@ class Exchange:
 
 def forwardable(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Client headers that may reach a backend (names lower-cased, as the web layer gives them)."""
-    return {k: v for k, v in headers if k not in _PRIVATE_HEADERS and not k.startswith("x-appliance-")}
+    return {k: v for k, v in headers
+            if k not in _PRIVATE_HEADERS and not k.startswith(("x-appliance-", "sec-websocket-"))}
 
 
 def controls(headers: Iterable[tuple[str, str]]) -> dict[str, str]:

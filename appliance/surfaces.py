@@ -175,26 +175,35 @@ class ResponsesTurn:
     response_id: str
     created_at: int
     key_id: str | None
+    conversation: list[dict[str, Any]] | None = None  # once answered: the chain including this response
 
     async def store(self, gw: Gateway, response: dict[str, Any]) -> None:
+        conversation = [*self.history, *responses.history_items(self.items, response.get("output") or [])]
+        self.conversation = conversation
         if self.request.get("store") is False:
             return
-        conversation = [*self.history, *responses.history_items(self.items, response.get("output") or [])]
         now = time.time()
         await responses_repo.save(gw.db, response=response, key_id=self.key_id, input_items=self.items,
                                   conversation=conversation, created_at=now,
                                   expires_at=now + gw.settings.responses.keep_days * 86400)
 
 
-async def responses_turn(gw: Gateway, body: dict[str, Any], key_id: str | None) -> ResponsesTurn:
-    """Validate a CreateResponse body and bring in its previous_response_id chain."""
+async def responses_turn(gw: Gateway, body: dict[str, Any], key_id: str | None,
+                         local: dict[str, list[dict[str, Any]]] | None = None) -> ResponsesTurn:
+    """Validate a CreateResponse body and bring in its previous_response_id chain.
+
+    ``local``: a WebSocket connection's own latest responses (found there first, stored or not).
+    """
     history: list[dict[str, Any]] = []
     previous = body.get("previous_response_id")
     if previous is not None:
-        row = await stored_response(gw, previous, key_id) if isinstance(previous, str) else None
-        if row is None:
-            raise responses.previous_not_found(str(previous))
-        history = row["conversation"]
+        if local is not None and isinstance(previous, str) and previous in local:
+            history = local[previous]
+        else:
+            row = await stored_response(gw, previous, key_id) if isinstance(previous, str) else None
+            if row is None:
+                raise responses.previous_not_found(str(previous))
+            history = row["conversation"]
     chat = responses.chat_request(body, history)
     return ResponsesTurn(body, chat, responses.input_items(body, history), history, responses.new_response_id(),
                          int(time.time()), key_id)

@@ -17,7 +17,7 @@ from appliance.server.responses import GatewayErrorHandler, RequestIds
 from appliance.server.routes import anthropic as anthropic_routes
 from appliance.server.routes import keys as keys_routes
 from appliance.server.routes import openai as openai_routes
-from appliance.server.routes import ops
+from appliance.server.routes import ops, responses_ws
 from appliance.server.routes import responses as responses_routes
 
 APP_NAME = "appliance"
@@ -59,6 +59,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.blueprint(openai_routes.bp)
     app.blueprint(anthropic_routes.bp)
     app.blueprint(responses_routes.bp)
+    app.blueprint(responses_ws.bp)
     app.blueprint(keys_routes.bp)
     app.blueprint(ops.bp)
     app.static("/static", static_dir(), name="static")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
+import websockets.exceptions
+import websockets.sync.client
 
 from tests.support.appliance import ADMIN_KEY, Appliance
 from tests.support.openapi import validate
@@ -78,3 +82,56 @@ def test_unknown_previous_response_and_store_false(gateway: Appliance) -> None:
 def test_real_server_through_responses(gateway: Appliance, llamacpp_url: str) -> None:
     response = sdk(gateway).responses.create(model="tiny-chat", input="Say hello.", max_output_tokens=16)
     assert response.status in ("completed", "incomplete") and response.usage.output_tokens > 0
+
+
+# ------------------------------------------------------------------------------------------ WebSocket mode
+
+
+def ws_url(gateway: Appliance) -> str:
+    return gateway.url.replace("http://", "ws://") + "/v1/responses"
+
+
+def events_until_done(ws: websockets.sync.client.ClientConnection) -> list[dict]:
+    events = []
+    while True:
+        event = json.loads(ws.recv(timeout=30))
+        events.append(event)
+        if event["type"] in ("response.completed", "response.failed", "response.incomplete", "error"):
+            return events
+
+
+def test_websocket_turns_continuation_and_errors_keep_the_socket(gateway: Appliance, fake_openai) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}", "X-Appliance-Session-ID": "sess-42"}
+    with websockets.sync.client.connect(ws_url(gateway), additional_headers=headers) as ws:
+        ws.send(json.dumps({"type": "response.create", "model": "fake/fake-chat", "input": "Say hello.",
+                            "store": False}))
+        first = events_until_done(ws)
+        assert first[0]["type"] == "response.created" and first[-1]["type"] == "response.completed"
+        assert [e["sequence_number"] for e in first] == list(range(len(first)))
+        done = first[-1]["response"]
+        assert done["output"][0]["content"][0]["text"] == "Hello from the fake."
+        upstream = {k.lower(): v for k, v in fake_openai.requests[-1].headers.items()}
+        assert upstream["x-appliance-session-id"] == "sess-42"
+        assert not any(k.startswith("sec-websocket") for k in upstream)
+
+        ws.send("not json")  # an error frame, and the socket stays usable
+        error = json.loads(ws.recv(timeout=10))
+        assert error["type"] == "error" and error["status"] == 400
+
+        ws.send(json.dumps({"type": "response.create", "model": "fake/fake-chat", "input": "And again?",
+                            "previous_response_id": done["id"]}))  # not stored: found in the connection
+        second = events_until_done(ws)
+        assert second[-1]["type"] == "response.completed"
+        sent = fake_openai.requests[-1].body["messages"]
+        assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+
+        ws.send(json.dumps({"type": "response.create", "model": "fake/fake-chat", "input": "x",
+                            "previous_response_id": "resp_unknown"}))
+        missing = json.loads(ws.recv(timeout=10))
+        assert missing["error"]["code"] == "previous_response_not_found"
+
+
+def test_websocket_handshake_needs_a_key(gateway: Appliance) -> None:
+    with pytest.raises(websockets.exceptions.InvalidStatus) as info:
+        websockets.sync.client.connect(ws_url(gateway), additional_headers={"Authorization": "Bearer sk-app-bad"})
+    assert info.value.response.status_code == 401
