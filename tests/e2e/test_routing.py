@@ -50,7 +50,7 @@ def app(tmp_path_factory: pytest.TempPathFactory, fake_openai: Any, fake_ollama:
         {"name": "idlest", "targets": ["fake/fake-slow-400", "fake/fake-chat"], "strategy": "least_busy"},
         {"name": "claude-*", "target": "fake/fake-chat"},
     ]
-    config["cache"] = {"enabled": True}
+    config["cache"] = {"enabled": True, "stream": True}
     app = Appliance(tmp_path_factory.mktemp("routing"), config)
     app.start()
     app.wait_ready()
@@ -211,3 +211,15 @@ def test_cache_hit_on_the_other_worker_bypass_ttl_and_key_scope(app: Appliance) 
     assert chat(app, "chat", {"X-Cache-TTL": "1"}, **short).headers["x-cache"] == "HIT"
     time.sleep(1.2)
     assert chat(app, "chat", {"X-Cache-TTL": "1"}, **short).headers["x-cache"] == "MISS"
+
+
+def test_a_cached_answer_is_streamed_when_asked(app: Appliance) -> None:
+    body = {"temperature": 0, "seed": uuid.uuid4().int % 10**6}
+    assert chat(app, "chat", **body).headers["x-cache"] == "MISS"
+    client = openai.OpenAI(base_url=app.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES, stream=True,
+                                                          stream_options={"include_usage": True}, **body)
+    assert raw.headers["x-cache"] == "HIT"
+    chunks = list(raw.parse())
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from the fake."
+    assert chunks[-1].usage.total_tokens == 16 and chunks[-1].usage.model_dump()["total_cost_usd"] == 0
