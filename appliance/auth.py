@@ -131,13 +131,14 @@ class Authenticator:
             return ANONYMOUS
         if not key or not key.startswith(KEY_PREFIX):
             raise GatewayError("invalid_api_key", _INVALID)
-        digest = key_hash(key, self._secret)
         try:
-            principal = self._cache[digest]
+            # Keyed by the presented key itself: a hit costs no HMAC. Memory only, for cache_ttl_s.
+            principal = self._cache[key]
         except KeyError:
+            digest = key_hash(key, self._secret)
             row = await keys_repo.find_by_hash(self._db, digest)
             usable = row is not None and row["enabled"] and hmac.compare_digest(row["hash"], digest)
-            principal = self._cache[digest] = Principal.from_row(row) if usable else None  # type: ignore[arg-type]
+            principal = self._cache[key] = Principal.from_row(row) if usable else None  # type: ignore[arg-type]
         # Unknown, disabled or expired: one answer, so a caller cannot tell which.
         if principal is None:
             raise GatewayError("invalid_api_key", _INVALID)

@@ -45,6 +45,7 @@ class _Slot(ctypes.Structure):
         ("reserved_usd", ctypes.c_double),
         ("reserved_tokens", ctypes.c_double),
         ("inflight", ctypes.c_int32 * MAX_WORKERS),
+        ("inflight_total", ctypes.c_int32),  # the sum of inflight, kept so a check needs no loop
     ]
 
 
@@ -162,6 +163,7 @@ class Limiter:
         """At worker start: whatever a dead predecessor in this column had in flight is gone."""
         with self._table.lock:
             for slot in self._table.slots:
+                slot.inflight_total -= slot.inflight[self._worker]
                 slot.inflight[self._worker] = 0
 
     # ---------------------------------------------------------------- slot bookkeeping (under the lock)
@@ -233,6 +235,7 @@ class Limiter:
                 slot.req[bucket] += 1
                 slot.req_total += 1
                 slot.inflight[self._worker] += 1
+                slot.inflight_total += 1
                 if counts_tokens:
                     slot.tok[bucket] += tokens
                     slot.tok_total += tokens
@@ -257,7 +260,7 @@ class Limiter:
                 wait = self._freed_in(slot, "tok", slot.tok_total + tokens - scope.tpm, now)
                 raise _limited(f"Rate limit reached for {who}: {scope.tpm} tokens per {self._per()}.", wait,
                                "tokens")
-        if scope.max_concurrent is not None and sum(slot.inflight) + 1 > scope.max_concurrent:
+        if scope.max_concurrent is not None and slot.inflight_total + 1 > scope.max_concurrent:
             raise _limited(f"Too many requests in flight for {who}: at most {scope.max_concurrent}.", 1.0,
                            "concurrency")
         if scope.budget_period:
@@ -297,6 +300,7 @@ class Limiter:
                 slot = self._slot(scope, now)
                 if slot.inflight[self._worker] > 0:
                     slot.inflight[self._worker] -= 1
+                    slot.inflight_total -= 1
                 if not admission.counts_tokens:
                     continue
                 bucket = int(now // self._bucket_s) % BUCKETS

@@ -173,7 +173,8 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
         await gw.wait_discovered()
         plan = plan_for(gw, x, body)
         plan = Plan(plan.model, allowed_routes(x, plan.routes), plan.alias)
-        x.route, x.route_name = plan.routes[0], plan.name
+        x.route = plan.routes[0]
+        x.route_name = plan.name if plan.alias is not None else None  # a model named directly is no route
         decision = cache.decide(endpoint, body, x.controls, gw.settings.cache)
         key = None
         if decision.cacheable and surface.cacheable:

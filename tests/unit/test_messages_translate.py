@@ -19,7 +19,7 @@ import pydantic
 import pytest
 from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
 
-from appliance import messages as messages_module
+from appliance import messages_stream as messages_module
 from appliance.errors import GatewayError
 from appliance.messages import (
     MessagesStream,
