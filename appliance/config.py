@@ -56,7 +56,7 @@ class ServerSettings(_Model):
 
 class BackendSettings(_Model):
     name: str = Field(description="Unique name; `name/model` in a request forces this backend.")
-    type: Literal["openai", "ollama"] = Field("openai", description="Wire protocol of the backend.")
+    type: Literal["anthropic", "openai", "ollama"] = Field("openai", description="Wire protocol of the backend.")
     url: str = Field(description="Base URL, e.g. http://127.0.0.1:8000/v1 (openai) or http://127.0.0.1:11434.")
     api_key: SecretStr | None = Field(None, description="Sent to the backend as a bearer token.")
     timeout_s: float = Field(300, gt=0, description="Total time allowed per upstream request.")

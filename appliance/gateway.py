@@ -59,7 +59,7 @@ class Gateway:
         self.prices = Prices(self.settings.models)
         self.model_scopes = ModelScopes(self.settings.models, first_slot=self.settings.limits.key_slots)
         for backend in self.settings.backends:
-            self._add(backend, kind="ollama" if backend.type == "ollama" else "openai")
+            self._add(backend, kind=backend.type)
 
     @property
     def zero_config(self) -> bool:
