@@ -16,11 +16,10 @@ from typing import Any
 
 import orjson
 
+from appliance.chat import reasoning_text
 from appliance.errors import GatewayError
 from appliance.messages import (
-    _is_int,
     _loads,
-    _reasoning,
     _stop_reason,
     _usage_dict,
     anthropic_usage,
@@ -31,6 +30,7 @@ from appliance.messages import (
     tool_input,
     tool_use_id,
 )
+from appliance.messages_request import _is_int
 from appliance.usage import Tokens, estimate_prompt
 
 # While tool arguments are being buffered nothing reaches the client; a ping keeps proxies that drop idle
@@ -193,7 +193,7 @@ class MessagesStream:
     def _choice(self, choice: dict[str, Any], out: list[bytes]) -> None:
         # Content first, then the finish reason: fake-streaming servers put both in one chunk (pitfall 2).
         delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-        reasoning = _reasoning(delta)
+        reasoning = reasoning_text(delta)
         if reasoning:
             self._output_chars += len(reasoning)
             if self._thinking:

@@ -244,14 +244,13 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
     skipped: list[str] = []
     for target in order:
         route = by_target[target]
-        if not gw.breakers.allow(route.backend):
-            skipped.append(route.backend)
-            first_failed = first_failed or route  # skipped for failing: the client still learns of it
-            continue
         unsupported = _unsupported(gw, endpoint, route)
         if unsupported is not None:
             last_error = last_error or unsupported
-            gw.breakers.record(route.backend, ok=True)  # allow() may have granted a half-open trial
+            continue
+        if not gw.breakers.allow(route.backend):
+            skipped.append(route.backend)
+            first_failed = first_failed or route  # skipped for failing: the client still learns of it
             continue
         for attempt in range(retries + 1):
             x.route = route

@@ -19,28 +19,41 @@ from appliance.exchange import CLIENT_CLOSED, Exchange, Responder, ms, price_of,
 from appliance.gateway import Gateway
 from appliance.providers.base import Call
 from appliance.sse import DONE
-from appliance.usage import StreamMeter, Tokens, from_reply
+from appliance.usage import Cost, StreamMeter, Tokens, from_reply
+
+# Turns the backend's parsed chat answer into the client's body (given its tokens, cost and latency).
+Render = Callable[[Exchange, dict[str, Any], Tokens, Cost, float], Awaitable[bytes]]
 
 
-async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
-    """Send and answer whole; returns the backend's answer and its tokens (for the cache)."""
-    provider = gw.providers[x.route.backend]  # type: ignore[union-attr]
-    reply = await provider.send(call)
+async def answer_rendered(gw: Gateway, call: Call, x: Exchange, responder: Responder, render: Render, *,
+                          upstream_headers: bool = False) -> tuple[bytes, Tokens]:
+    """Send, answer whole in the client's shape, account; returns the backend's answer and tokens (for the cache)."""
+    reply = await gw.providers[x.route.backend].send(call)  # type: ignore[union-attr]
+    assert reply.data is not None  # providers parse every non-streaming answer
     latency = time.perf_counter() - x.started
     tokens = from_reply(reply.data, call.body)
     cost = price_of(gw, x, tokens)
     original = reply.body
-    body = _with_usage_extras(reply.data, tokens, usage_extras(cost, x, latency))
-    headers = {**reply.headers, **x.response_headers(), "X-Appliance-Cost-Usd": f"{cost.total:.9f}",
-               "X-Appliance-Latency-Ms": ms(latency), "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}
+    body = await render(x, reply.data, tokens, cost, latency)
+    headers = {**(reply.headers if upstream_headers else {}), **x.response_headers(),
+               "X-Appliance-Cost-Usd": f"{cost.total:.9f}", "X-Appliance-Latency-Ms": ms(latency),
+               "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}
     await responder.complete(200, headers, body)
     record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=latency - reply.upstream_s, ttft_s=latency)
     return original, tokens
 
 
-def _with_usage_extras(data: dict[str, Any] | None, tokens: Tokens, extras: dict[str, Any]) -> bytes:
+async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
+    """OpenAI's own shape: the backend's answer, with cost and timings added to its usage."""
+    return await answer_rendered(gw, call, x, responder, _openai_body, upstream_headers=True)
+
+
+async def _openai_body(x: Exchange, data: dict[str, Any], tokens: Tokens, cost: Cost, latency: float) -> bytes:
+    return _with_usage_extras(data, tokens, usage_extras(cost, x, latency))
+
+
+def _with_usage_extras(data: dict[str, Any], tokens: Tokens, extras: dict[str, Any]) -> bytes:
     """The answer with cost and timings in its usage (which is added, marked estimated, when missing)."""
-    assert data is not None  # providers parse every non-streaming answer
     usage = data.get("usage")
     if isinstance(usage, dict):
         usage.update(extras)

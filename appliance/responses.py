@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from appliance.chat import content_text, reasoning_text, token_count
 from appliance.errors import GatewayError
 from appliance.responses_items import _bad, _invalid, _missing, chat_messages, input_items, new_id
 from appliance.responses_items import history_items as history_items  # re-exported: surfaces.py uses it here
@@ -345,7 +346,7 @@ def response_object(chat: dict[str, Any], *, request: dict[str, Any], response_i
     if thinking:
         output.append(reasoning_item(new_id("rs_"), thinking, "completed"))
     parts = []
-    content = _text(message.get("content"))
+    content = content_text(message.get("content"))
     if content:
         parts.append(output_text_part(content, logprob_entries(choice.get("logprobs"))))
     if isinstance(message.get("refusal"), str) and message["refusal"]:
@@ -390,22 +391,6 @@ def incomplete_reason(finish_reason: Any) -> str | None:
     """incomplete_details.reason for a chat finish_reason; None completes (tool calls complete whatever the
     backend says: OpenAI and Ollama finish them with "stop")."""
     return _INCOMPLETE.get(finish_reason) if isinstance(finish_reason, str) else None
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # a few servers answer with text parts
-        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def reasoning_text(message: dict[str, Any]) -> str:
-    """vLLM and llama.cpp say reasoning_content, Ollama reasoning; translators that set both repeat the text."""
-    for key in ("reasoning_content", "reasoning"):
-        if isinstance(message.get(key), str) and message[key]:
-            return message[key]
-    return ""
 
 
 def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
@@ -493,16 +478,12 @@ def response_usage(usage: Any) -> dict[str, Any] | None:
     completion_details = completion_details if isinstance(completion_details, dict) else {}
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": _count(prompt_details.get("cached_tokens")),
-                                 "cache_write_tokens": _count(prompt_details.get("cache_write_tokens"))},
+        "input_tokens_details": {"cached_tokens": token_count(prompt_details.get("cached_tokens")),
+                                 "cache_write_tokens": token_count(prompt_details.get("cache_write_tokens"))},
         "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": _count(completion_details.get("reasoning_tokens"))},
+        "output_tokens_details": {"reasoning_tokens": token_count(completion_details.get("reasoning_tokens"))},
         "total_tokens": total if _integer(total) else prompt + completion,
     }
-
-
-def _count(value: Any) -> int:
-    return value if _integer(value) and value > 0 else 0
 
 
 # ------------------------------------------------------------------------------------------ errors

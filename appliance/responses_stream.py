@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from appliance.chat import reasoning_text
 from appliance.errors import GatewayError
 from appliance.responses import (
     call_item,
@@ -26,7 +27,6 @@ from appliance.responses import (
     new_id,
     output_text_part,
     reasoning_item,
-    reasoning_text,
     response_skeleton,
     response_usage,
     valid_call_id,

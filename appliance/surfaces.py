@@ -17,13 +17,13 @@ import orjson
 from appliance import messages, responses
 from appliance.auth import ANONYMOUS_ID
 from appliance.errors import GatewayError
-from appliance.exchange import CLIENT_CLOSED, Exchange, Responder, ms, price_of, record
+from appliance.exchange import CLIENT_CLOSED, Exchange, Responder, ms, record
 from appliance.gateway import Gateway
 from appliance.providers.base import Call
-from appliance.relay import Surface, first_events
+from appliance.relay import Surface, answer_rendered, first_events
 from appliance.sse import event_data
 from appliance.storage import responses_repo
-from appliance.usage import Tokens, estimate_prompt, from_reply
+from appliance.usage import Cost, Tokens, estimate_prompt
 
 
 class StreamTranslator(Protocol):
@@ -134,17 +134,10 @@ def messages_surface(model: str, thinking: bool) -> Surface:
     """Anthropic Messages answers for a request that named ``model``."""
 
     async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
-        reply = await gw.providers[x.route.backend].send(call)  # type: ignore[union-attr]
-        assert reply.data is not None
-        latency = time.perf_counter() - x.started
-        tokens = from_reply(reply.data, call.body)
-        message = messages.message_response(reply.data, model=model, request=call.body, thinking=thinking)
-        cost = price_of(gw, x, tokens)
-        headers = {**x.response_headers(), "X-Appliance-Cost-Usd": f"{cost.total:.9f}",
-                   "X-Appliance-Latency-Ms": ms(latency), "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}
-        await responder.complete(200, headers, orjson.dumps(message))
-        record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=latency - reply.upstream_s, ttft_s=latency)
-        return reply.body, tokens
+        async def render(x: Exchange, chat: dict[str, Any], tokens: Tokens, cost: Cost, latency: float) -> bytes:
+            return orjson.dumps(messages.message_response(chat, model=model, request=call.body, thinking=thinking))
+
+        return await answer_rendered(gw, call, x, responder, render)
 
     async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None) -> None:
         await relay_translated(gw, call, x, responder, first_token_s,
@@ -251,19 +244,13 @@ def responses_surface(turn: ResponsesTurn) -> Surface:
     """Responses API answers (JSON or SSE events) for one turn, stored as the request asks."""
 
     async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
-        reply = await gw.providers[x.route.backend].send(call)  # type: ignore[union-attr]
-        assert reply.data is not None
-        latency = time.perf_counter() - x.started
-        tokens = from_reply(reply.data, call.body)
-        response = responses.response_object(reply.data, request=turn.request, response_id=turn.response_id,
-                                             created_at=turn.created_at, completed_at=int(time.time()))
-        await turn.store(gw, response)
-        cost = price_of(gw, x, tokens)
-        headers = {**x.response_headers(), "X-Appliance-Cost-Usd": f"{cost.total:.9f}",
-                   "X-Appliance-Latency-Ms": ms(latency), "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}
-        await responder.complete(200, headers, orjson.dumps(response))
-        record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=latency - reply.upstream_s, ttft_s=latency)
-        return reply.body, tokens
+        async def render(x: Exchange, chat: dict[str, Any], tokens: Tokens, cost: Cost, latency: float) -> bytes:
+            response = responses.response_object(chat, request=turn.request, response_id=turn.response_id,
+                                                 created_at=turn.created_at, completed_at=int(time.time()))
+            await turn.store(gw, response)  # before the client sees it: any worker can continue from it
+            return orjson.dumps(response)
+
+        return await answer_rendered(gw, call, x, responder, render)
 
     async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None) -> None:
         await relay_translated(gw, call, x, responder, first_token_s, _ResponsesTranslator(gw, turn))

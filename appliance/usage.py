@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from appliance.chat import content_text
 from appliance.sse import DONE, event_data
 
 _CHARS_PER_TOKEN = 4
@@ -101,14 +102,6 @@ def estimate_text(text: str) -> int:
     return -(-len(text) // _CHARS_PER_TOKEN) if text else 0
 
 
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
 def estimate_prompt(body: dict[str, Any]) -> int:
     """Prompt tokens of a chat, completions or embeddings body, estimated."""
     messages = body.get("messages")
@@ -116,7 +109,7 @@ def estimate_prompt(body: dict[str, Any]) -> int:
         total = 3
         for message in messages:
             if isinstance(message, dict):
-                total += _TOKENS_PER_MESSAGE + estimate_text(_content_text(message.get("content")))
+                total += _TOKENS_PER_MESSAGE + estimate_text(content_text(message.get("content")))
                 if message.get("tool_calls"):
                     total += estimate_text(orjson.dumps(message["tool_calls"]).decode())
         if body.get("tools"):
@@ -152,7 +145,7 @@ def from_reply(data: dict[str, Any] | None, body: dict[str, Any]) -> Tokens:
     for choice in (data or {}).get("choices") or ():
         if isinstance(choice, dict):
             message = choice.get("message") or {}
-            text += _content_text(message.get("content")) if isinstance(message, dict) else ""
+            text += content_text(message.get("content")) if isinstance(message, dict) else ""
             text += choice.get("text") or "" if isinstance(choice.get("text"), str) else ""
     return Tokens(estimate_prompt(body), estimate_text(text), estimated=True)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from appliance.chat import tool_call_function
 from appliance.errors import GatewayError, retry_after_headers
 
 # What Anthropic needs and chat does not require: the answer's length limit.
@@ -231,24 +232,8 @@ def _assistant_blocks(message: dict[str, Any], i: int) -> list[dict[str, Any]]:
 
 
 def _tool_use(call: Any, i: int) -> dict[str, Any]:
-    param = f"messages.[{i}].tool_calls"
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not call.get("id"):
-        raise GatewayError("invalid_value", f"messages[{i}].tool_calls: each call needs an id and a function name.",
-                           param=param)
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            arguments = orjson.loads(arguments) if arguments.strip() else {}
-        except orjson.JSONDecodeError:
-            raise GatewayError("invalid_value", f"messages[{i}].tool_calls: arguments are not valid JSON.",
-                               param=param) from None
-    if arguments is None:
-        arguments = {}
-    if not isinstance(arguments, dict):
-        raise GatewayError("invalid_value", f"messages[{i}].tool_calls: arguments must be a JSON object.",
-                           param=param)
-    return {"type": "tool_use", "id": str(call["id"]), "name": function["name"], "input": arguments}
+    name, arguments = tool_call_function(call, i, needs_id=True)
+    return {"type": "tool_use", "id": str(call["id"]), "name": name, "input": arguments}
 
 
 def _tool_result(message: dict[str, Any], i: int) -> dict[str, Any]:

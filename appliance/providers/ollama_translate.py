@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from appliance.chat import tool_call_function
 from appliance.errors import GatewayError, retry_after_headers
 from appliance.providers.base import CHAT, ModelInfo
 from appliance.sse import DONE, encode
@@ -237,28 +238,12 @@ def _image(value: Any, param: str) -> str:
 
 
 def _ollama_tool_call(call: Any, i: int, names: dict[str, str]) -> dict[str, Any]:
-    param = f"messages.[{i}].tool_calls"
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise GatewayError("invalid_value", f"messages[{i}].tool_calls: each call needs a function name.",
-                           param=param)
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            arguments = orjson.loads(arguments) if arguments.strip() else {}
-        except orjson.JSONDecodeError:
-            raise GatewayError("invalid_value", f"messages[{i}].tool_calls: arguments are not valid JSON.",
-                               param=param) from None
-    if arguments is None:
-        arguments = {}
-    if not isinstance(arguments, dict):
-        raise GatewayError("invalid_value", f"messages[{i}].tool_calls: arguments must be a JSON object.",
-                           param=param)
-    out: dict[str, Any] = {"function": {"name": function["name"], "arguments": arguments}}
+    name, arguments = tool_call_function(call, i)
+    out: dict[str, Any] = {"function": {"name": name, "arguments": arguments}}
     call_id = call.get("id")
     if isinstance(call_id, str):
         out["id"] = call_id
-        names[call_id] = function["name"]
+        names[call_id] = name
     return out
 
 

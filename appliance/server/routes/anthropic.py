@@ -7,8 +7,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 
 from appliance import messages, pipeline, surfaces
-from appliance.errors import GatewayError
-from appliance.exchange import allowed_routes, record
+from appliance.exchange import allowed_routes
 from appliance.providers.base import CHAT
 from appliance.server.responses import SanicResponder, exchange, json_response
 
@@ -17,17 +16,12 @@ bp = Blueprint("anthropic")
 
 @bp.post("/v1/messages")
 async def create_message(request: Request) -> HTTPResponse | None:
-    gateway = request.app.ctx.gateway
-    x = exchange(request)
-    try:
-        x.body = body = pipeline.parse_body(request.body)
-        chat = messages.chat_request(body)
-    except GatewayError as exc:
-        record(gateway, x, exc.status, error_code=exc.code)
-        raise
+    x = exchange(request)  # a refused body is logged by the error handler, with this exchange
+    x.body = body = pipeline.parse_body(request.body)
+    chat = messages.chat_request(body)
     responder = SanicResponder(request)
     surface = surfaces.messages_surface(body["model"], messages.wants_thinking(body))
-    await pipeline.serve(gateway, CHAT, chat, x, responder, surface)
+    await pipeline.serve(request.app.ctx.gateway, CHAT, chat, x, responder, surface)
     return responder.response
 
 

@@ -10,7 +10,6 @@ from sanic.response import HTTPResponse
 
 from appliance import pipeline, surfaces
 from appliance.errors import GatewayError
-from appliance.exchange import record
 from appliance.providers.base import CHAT
 from appliance.server.responses import SanicResponder, exchange, json_response
 from appliance.storage import responses_repo
@@ -28,13 +27,9 @@ def _key_id(request: Request) -> str | None:
 @bp.post("/v1/responses")
 async def create_response(request: Request) -> HTTPResponse | None:
     gateway = request.app.ctx.gateway
-    x = exchange(request)
-    try:
-        x.body = body = pipeline.parse_body(request.body)
-        turn = await surfaces.responses_turn(gateway, body, _key_id(request))
-    except GatewayError as exc:
-        record(gateway, x, exc.status, error_code=exc.code)
-        raise
+    x = exchange(request)  # a refused body is logged by the error handler, with this exchange
+    x.body = body = pipeline.parse_body(request.body)
+    turn = await surfaces.responses_turn(gateway, body, _key_id(request))
     responder = SanicResponder(request)
     await pipeline.serve(gateway, CHAT, turn.chat, x, responder, surfaces.responses_surface(turn))
     return responder.response
