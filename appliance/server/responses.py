@@ -6,6 +6,7 @@ import itertools
 import logging
 import secrets
 import uuid
+from collections.abc import Iterator
 
 from sanic import Request
 from sanic.exceptions import (
@@ -19,7 +20,9 @@ from sanic.exceptions import (
     ServiceUnavailable,
 )
 from sanic.handlers import ErrorHandler
+from sanic.helpers import has_message_body
 from sanic.response import HTTPResponse, ResponseStream
+from sanic.response.types import HEADER_TRANSLATION_TABLE
 
 from appliance import exchange as accounting
 from appliance import messages, responses
@@ -33,6 +36,28 @@ RESPONSES_PATH = "/v1/responses"
 SSE = "text/event-stream; charset=utf-8"
 
 
+def _clean(text: str) -> str:
+    # A printable string holds no CR, LF or NUL: only the rare other one pays for str.translate.
+    return text if text.isprintable() else text.translate(HEADER_TRANSLATION_TABLE)
+
+
+class Response(HTTPResponse):
+    """Sanic's HTTPResponse, with the same header cleaning done cheaper.
+
+    Sanic runs str.translate over every header name and value of every response (~1 us each, ~6 % of a
+    worker's CPU on a proxied request with its rate-limit headers); a printable string needs no change.
+    """
+
+    __slots__ = ()
+
+    @property
+    def processed_headers(self) -> Iterator[tuple[bytes, bytes]]:
+        if has_message_body(self.status):
+            self.headers.setdefault("content-type", self.content_type)
+        return ((_clean(name).encode("ascii"), _clean(f"{value}").encode(errors="surrogateescape"))
+                for name, value in self.headers.items())
+
+
 class SanicResponder:
     """The pipeline's Responder over one Sanic request."""
 
@@ -44,12 +69,12 @@ class SanicResponder:
         self.response: HTTPResponse | None = None
 
     async def complete(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.response = HTTPResponse(body, status=status, headers=headers, content_type=JSON)
+        self.response = Response(body, status=status, headers=headers, content_type=JSON)
 
     async def start_stream(self, headers: dict[str, str]) -> None:
         headers.setdefault("Cache-Control", "no-cache")
         headers["X-Accel-Buffering"] = "no"  # a reverse proxy in front must not buffer the stream
-        self._stream = await self._request.respond(status=200, headers=headers, content_type=SSE)
+        self._stream = await self._request.respond(Response(status=200, headers=headers, content_type=SSE))
 
     async def send(self, data: bytes) -> None:
         await self._stream.send(data)  # type: ignore[union-attr]
@@ -107,7 +132,7 @@ def exchange(request: Request) -> accounting.Exchange:
 
 
 def json_response(data: bytes, request: Request, status: int = 200) -> HTTPResponse:
-    return HTTPResponse(data, status=status, headers={"X-Request-ID": request_id(request)}, content_type=JSON)
+    return Response(data, status=status, headers={"X-Request-ID": request_id(request)}, content_type=JSON)
 
 
 def as_gateway_error(exception: BaseException) -> GatewayError:
@@ -149,10 +174,10 @@ class GatewayErrorHandler(ErrorHandler):
         headers = x.response_headers() if x is not None else {"X-Request-ID": request_id(request)}
         headers.update(error.headers)
         if request.path.startswith(MESSAGES_PATH):  # Anthropic clients read Anthropic's error shape
-            return HTTPResponse(messages.error_body(error, request_id(request)), status=messages.error_status(error),
+            return Response(messages.error_body(error, request_id(request)), status=messages.error_status(error),
                                 headers=headers, content_type=JSON)
         if request.path.startswith(RESPONSES_PATH):
-            return HTTPResponse(responses.error_body(error, request_id(request)), status=error.status,
+            return Response(responses.error_body(error, request_id(request)), status=error.status,
                                 headers=headers, content_type=JSON)
-        return HTTPResponse(error.json_body(request_id(request)), status=error.status, headers=headers,
+        return Response(error.json_body(request_id(request)), status=error.status, headers=headers,
                             content_type=JSON)
