@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from appliance import messages, responses
+from appliance import messages, messages_native, responses
 from appliance.auth import ANONYMOUS_ID
 from appliance.errors import GatewayError
 from appliance.exchange import CLIENT_CLOSED, Exchange, Responder, ms, record
@@ -130,16 +130,30 @@ class _MessagesTranslator:
         return self._stream.tokens
 
 
-def messages_surface(model: str, thinking: bool) -> Surface:
-    """Anthropic Messages answers for a request that named ``model``."""
+def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = None) -> Surface:
+    """Anthropic Messages answers for a request that named ``model``.
+
+    ``body``: the client's Messages body, passed through to a backend that speaks Messages itself (a
+    fallback to a chat backend is translated, attempt by attempt).
+    """
 
     async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
+        assert x.route is not None
+        if body is not None and messages_native.native(gw, x.route):
+            return await messages_native.answer(gw, messages_native.native_call(body, call, x.route), x, responder,
+                                                estimate_prompt(call.body))
+
         async def render(x: Exchange, chat: dict[str, Any], tokens: Tokens, cost: Cost, latency: float) -> bytes:
             return orjson.dumps(messages.message_response(chat, model=model, request=call.body, thinking=thinking))
 
         return await answer_rendered(gw, call, x, responder, render)
 
     async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None) -> None:
+        assert x.route is not None
+        if body is not None and messages_native.native(gw, x.route):
+            await messages_native.relay(gw, messages_native.native_call(body, call, x.route), x, responder,
+                                        first_token_s, estimate_prompt(call.body))
+            return
         await relay_translated(gw, call, x, responder, first_token_s,
                                _MessagesTranslator(model, call.body, thinking))
 
