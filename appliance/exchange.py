@@ -26,6 +26,10 @@ _PRIVATE_HEADERS = frozenset(
      "x-cache", "x-cache-ttl")
 )
 
+# The header naming the session a request belongs to (a Responses WebSocket's, or an HTTP client's own).
+SESSION_HEADER = "x-appliance-session-id"
+_MAX_SESSION_ID = 200
+
 # Logged for requests whose client disconnected before the answer was complete (nginx's convention).
 CLIENT_CLOSED = 499
 
@@ -64,6 +68,14 @@ class Exchange:
     cache: str | None = None  # HIT, MISS or BYPASS; None when not cacheable
     streaming: bool = False  # the first byte went out: no more retries
     recorded: bool = False
+    session_id: str | None = None  # set by the WebSocket route; else the client's X-Appliance-Session-ID
+
+    def session(self) -> str | None:
+        """The session id for the request log: the connection's, or a sane one the client sent."""
+        if self.session_id is not None:
+            return self.session_id
+        sent = self.controls.get(SESSION_HEADER)
+        return sent if sent and len(sent) <= _MAX_SESSION_ID and sent.isprintable() else None
 
     def response_headers(self) -> dict[str, str]:
         headers = {"X-Request-ID": self.request_id}
@@ -190,6 +202,7 @@ def record(
         output_cost_usd=cost.output if priced else None,
         cost_usd=cost.total if priced else None,
         cache=x.cache,
+        session_id=x.session(),
     ))
     if key_id is not None:
         usage_repo.add_to_rollup(

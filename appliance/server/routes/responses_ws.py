@@ -25,7 +25,7 @@ from appliance.sse import EventSplitter, event_data
 
 bp = Blueprint("responses_ws")
 
-SESSION_HEADER = "x-appliance-session-id"
+SESSION_HEADER = accounting.SESSION_HEADER
 
 
 class WebSocketResponder:
@@ -109,12 +109,12 @@ async def _warm_up(gateway: Any, ws: WebsocketImplProtocol, turn: surfaces.Respo
 
 
 def _exchange(request: Request, session: str) -> accounting.Exchange:
-    """One turn's exchange: its own request id; the session id travels to the backend."""
+    """One turn's exchange: its own request id; the session id travels to the backend and into the request log."""
     rid = request.app.ctx.request_ids()
     headers = accounting.forwardable(request.headers.items())
     headers[SESSION_HEADER] = session
     return accounting.Exchange(path=request.path, request_id=rid, upstream_id=rid, headers=headers,
-                               principal=request.ctx.principal)
+                               principal=request.ctx.principal, session_id=session)
 
 
 async def _send(ws: WebsocketImplProtocol, event: dict[str, Any]) -> None:
