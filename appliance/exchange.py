@@ -30,6 +30,9 @@ _PRIVATE_HEADERS = frozenset(
 SESSION_HEADER = "x-appliance-session-id"
 _MAX_SESSION_ID = 200
 
+# Names the request's tools the gateway left out (server and hosted tools a chat backend cannot run).
+DROPPED_TOOLS_HEADER = "X-Appliance-Dropped-Tools"
+
 # Logged for requests whose client disconnected before the answer was complete (nginx's convention).
 CLIENT_CLOSED = 499
 
@@ -69,6 +72,7 @@ class Exchange:
     streaming: bool = False  # the first byte went out: no more retries
     recorded: bool = False
     session_id: str | None = None  # set by the WebSocket route; else the client's X-Appliance-Session-ID
+    notes: dict[str, str] | None = None  # headers a surface adds to every answer (e.g. dropped tools)
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -93,6 +97,8 @@ class Exchange:
             headers["X-Cache"] = self.cache
         if self.admission is not None:
             headers.update(self.admission.headers)
+        if self.notes:
+            headers.update(self.notes)
         return headers
 
 

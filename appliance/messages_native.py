@@ -140,7 +140,7 @@ def _data(event: bytes) -> dict[str, Any]:
 
 def error_event(err: GatewayError) -> bytes:
     """A failure after the stream began: an ``event: error`` (the SDK raises), no message_stop."""
-    return sse_event("error", {"type": "error", "error": {"type": error_type(error_status(err)),
+    return sse_event("error", {"type": "error", "error": {"type": error_type(error_status(err, answered=True)),
                                                           "message": error_message(err)}})
 
 

@@ -20,6 +20,9 @@ The model name picks the behaviour:
   fake-embed        embeddings (8 dims)
   org/fake-slash    a normal answer (a model id that contains a slash)
 
+A request with an ``x-mock-script`` header (or a model named ``script-<name>``) gets a scripted answer
+instead: the conformance fixtures of tests/fakes/chat_scripts.py.
+
 Every request is recorded (path, headers, parsed body, and for fake-long when it was cancelled).
 """
 
@@ -33,6 +36,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes import chat_scripts
 from tests.support.threaded import ThreadedServer
 
 MODELS = ["fake-chat", "fake-tools", "fake-nousage", "fake-500", "fake-500-text", "fake-400", "fake-vllm-error",
@@ -73,6 +77,17 @@ class FakeOpenAI:
 
     def stop(self) -> None:
         self.server.stop()
+
+    def chats(self) -> list[Seen]:
+        """The chat requests seen, oldest first."""
+        return [seen for seen in self.requests if seen.path == "/v1/chat/completions"]
+
+    def last_chat(self) -> Any:
+        """The body of the latest chat request."""
+        found = self.chats()
+        if not found:
+            raise LookupError("the fake saw no chat request")
+        return found[-1].body
 
     def find(self, request_id: str) -> Seen:
         for seen in reversed(self.requests):
@@ -132,6 +147,12 @@ class FakeOpenAI:
         seen = await self._record(request)
         body = seen.body if isinstance(seen.body, dict) else {}
         model = body.get("model", "")
+        script = chat_scripts.script_of(request, body)
+        if script is not None:
+            try:
+                return await chat_scripts.play(request, body, script)
+            finally:
+                seen.finished_at = time.time()
         try:
             fault = await self._fault(model)
         except asyncio.CancelledError:

@@ -7,7 +7,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 
 from appliance import messages, messages_native, pipeline, surfaces
-from appliance.exchange import allowed_routes
+from appliance.exchange import DROPPED_TOOLS_HEADER, allowed_routes
 from appliance.providers.base import CHAT
 from appliance.server.responses import SanicResponder, exchange, json_response
 
@@ -20,6 +20,9 @@ async def create_message(request: Request) -> HTTPResponse | None:
     x.body = body = pipeline.parse_body(request.body)
     chat = messages.chat_request(body)  # validated and translated even when it may pass through
     chat.update((name, body[name]) for name in pipeline.GATEWAY_FIELDS if name in body)
+    dropped = messages.dropped_tools(body)
+    if dropped:  # on a chat backend; an Anthropic backend gets them all, passed through
+        x.notes = {DROPPED_TOOLS_HEADER: ", ".join(dropped)}
     responder = SanicResponder(request)
     surface = surfaces.messages_surface(body["model"], messages.wants_thinking(body), body)
     await pipeline.serve(request.app.ctx.gateway, CHAT, chat, x, responder, surface)
