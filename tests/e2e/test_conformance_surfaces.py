@@ -221,7 +221,11 @@ def test_03_responses_stream_text_real_server(app: Appliance, llamacpp_url: str)
     else:
         _check_text_stream(events, None)
     with oai(app).responses.stream(model=TINY, input="Say hi", max_output_tokens=16) as stream:
-        assert stream.get_final_response().output[0].type == "message"
+        sdk_events = list(stream)  # the SDK's accumulator takes every event
+    # The random-weights model rarely stops by itself, and get_final_response() insists on response.completed.
+    assert sdk_events[0].type == "response.created"
+    assert sdk_events[-1].type in ("response.completed", "response.incomplete")
+    assert sdk_events[-1].response.output[0].type == "message"
 
 
 @pytest.mark.parametrize("script", ["weather", "weather-one-chunk", "weather-finish-stop", "weather-dict"])
@@ -736,6 +740,8 @@ def test_25_count_tokens_real_server(app: Appliance, llamacpp_url: str) -> None:
     counted = client.messages.count_tokens(model=TINY, **COUNT_BODY)
     created = client.messages.create(model=TINY, max_tokens=1, **COUNT_BODY)
     prompt = created.usage.input_tokens + (created.usage.cache_read_input_tokens or 0)
+    # The gateway estimates for this backend (no tokenizer endpoint it can render the template with):
+    # 21 against 23 for this body when measured, inside the spec's tolerance of 2.
     assert abs(counted.input_tokens - prompt) <= 2
     assert client.messages.count_tokens(model=TINY, tools=[WEATHER_TOOL], **COUNT_BODY).input_tokens > \
         counted.input_tokens
