@@ -37,9 +37,14 @@ _DELTA_OVERHEAD = 90
 _CHARS_PER_TOKEN = 4
 
 
+# Backends that speak Messages themselves. (OpenAI-compatible providers claim every endpoint and let the
+# server answer 404, so ``supports`` cannot tell.)
+NATIVE_KINDS = ("anthropic",)
+
+
 def native(gw: Gateway, route: Route) -> bool:
     """True when ``route``'s backend serves Messages itself, so a Messages body passes through."""
-    return gw.providers[route.backend].supports(MESSAGES) and gw.providers[route.backend].kind == "anthropic"
+    return gw.providers[route.backend].kind in NATIVE_KINDS
 
 
 def native_call(body: dict[str, Any], call: Call, route: Route) -> Call:
@@ -49,7 +54,7 @@ def native_call(body: dict[str, Any], call: Call, route: Route) -> Call:
 
 def tokens_of(usage: Any) -> Tokens | None:
     """Anthropic usage as the gateway's tokens: its ``input_tokens`` leave out cache reads and writes."""
-    if not isinstance(usage, dict) or not _count(usage.get("input_tokens")):
+    if not isinstance(usage, dict) or _count(usage.get("input_tokens")) is None:
         return None
     cached = _count(usage.get("cache_read_input_tokens")) or 0
     written = _count(usage.get("cache_creation_input_tokens")) or 0
@@ -106,7 +111,7 @@ class StreamWatch:
             elif kind == "message_delta":
                 usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
                 self.output = _count(usage.get("output_tokens"))
-                if _count(usage.get("input_tokens")):  # cumulative counts may arrive only here
+                if _count(usage.get("input_tokens")):  # cumulative counts; some proxies send them only here
                     self.input = tokens_of(usage)
             elif kind == "message_stop":
                 self.stopped = True

@@ -6,6 +6,9 @@ one over HTTP, a ``mock/script-<name>`` model over the WebSocket. "Backend got X
 the fake recorded. Raw SSE is read with httpx, since the SDKs hide the ``event:`` lines. Responses objects
 and every streamed event are validated against OpenAI's OpenAPI spec. Cases 1, 3, 18, 19 and 25 also run
 against the real llama.cpp server (marker ``llamacpp``), with content assertions relaxed.
+
+Not marked ``frozen``: it drives the same translation code as test_messages.py and test_responses.py, which
+the frozen suite reruns against the binary; this suite's 46 tests would only add CI time there.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.appliance import ADMIN_KEY, Appliance
 from tests.support.openapi import validate, validate_event, validate_ws_frame
 from tests.support.threaded import free_port
-
-pytestmark = pytest.mark.frozen
 
 M = "m"  # the model name clients send: the mock backend's
 TINY = "tiny-chat"  # the real llama.cpp server's
