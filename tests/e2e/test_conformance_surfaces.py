@@ -477,6 +477,28 @@ def test_14_websocket_happy_path_and_continuation(app: Appliance, fake_openai: F
         oai(app).responses.retrieve(done["id"])
 
 
+def test_14_websocket_through_the_sdk(app: Appliance, fake_openai: FakeOpenAI) -> None:
+    """The same turns through the openai SDK's own WebSocket client (responses.connect)."""
+    with oai(app).responses.connect(max_retries=0) as connection:
+        connection.response.create(model="mock/script-hello", input="hi", store=False)
+        first = _sdk_turn(connection)
+        assert [e.type for e in first] == TEXT_EVENTS
+        connection.response.create(model="mock/script-hello", previous_response_id=first[-1].response.id,
+                                   input=[{"role": "user", "content": "more"}])
+        second = _sdk_turn(connection)
+    assert second[-1].type == "response.completed" and second[0].sequence_number == 0
+    assert [m["role"] for m in fake_openai.last_chat()["messages"]] == ["user", "assistant", "user"]
+
+
+def _sdk_turn(connection: Any) -> list[Any]:
+    events = []
+    for event in connection:
+        events.append(event)
+        if event.type in (*TERMINAL, "error"):
+            return events
+    raise AssertionError(f"the socket closed after {[e.type for e in events]}")
+
+
 def test_15_websocket_errors_keep_the_socket(app: Appliance) -> None:
     with ws_connect(app) as ws:
         (missing,) = ws_turn(ws, {"type": "response.create", "model": "mock/script-hello", "input": "x",
