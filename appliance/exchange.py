@@ -76,10 +76,7 @@ class Exchange:
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
-        if self.session_id is not None:
-            return self.session_id
-        sent = self.controls.get(SESSION_HEADER)
-        return sent if sent and len(sent) <= _MAX_SESSION_ID and sent.isprintable() else None
+        return self.session_id if self.session_id is not None else session_id_of(self.controls.get(SESSION_HEADER))
 
     def response_headers(self) -> dict[str, str]:
         headers = {"X-Request-ID": self.request_id}
@@ -100,6 +97,11 @@ class Exchange:
         if self.notes:
             headers.update(self.notes)
         return headers
+
+
+def session_id_of(sent: str | None) -> str | None:
+    """A client's session id, if it is one worth logging (short and printable)."""
+    return sent if sent and len(sent) <= _MAX_SESSION_ID and sent.isprintable() else None
 
 
 def forwardable(headers: Iterable[tuple[str, str]]) -> dict[str, str]:

@@ -54,7 +54,7 @@ class WebSocketResponder:
 @bp.websocket("/v1/responses")
 async def responses_socket(request: Request, ws: WebsocketImplProtocol) -> None:
     gateway = request.app.ctx.gateway
-    session = request.headers.get(SESSION_HEADER) or f"wsresp_{uuid.uuid4()}"
+    session = accounting.session_id_of(request.headers.get(SESSION_HEADER)) or f"wsresp_{uuid.uuid4()}"
     closes_at = time.monotonic() + gateway.settings.responses.ws_max_minutes * 60
     latest: dict[str, list[dict[str, Any]]] = {}  # this connection's latest response -> its conversation
     while True:
