@@ -2,7 +2,8 @@
 
 The pipeline routes, retries and accounts as for chat; a Surface only renders. Streams are parsed event
 by event here (a translation has to read every chunk), fed to the surface's state machine, and the
-usage the backend reports (or an estimate) is what the ledger records.
+usage the backend reports (or an estimate) is what the ledger records. An attempt that reaches an
+Anthropic backend with a Messages request is not translated at all: messages_native.py passes it through.
 """
 
 from __future__ import annotations
