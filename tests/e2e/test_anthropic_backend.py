@@ -267,6 +267,21 @@ def test_messages_errors_pass_in_anthropic_shape(app: Appliance, claude: anthrop
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_messages_retried_on_a_failing_backend(claude: anthropic.Anthropic, fake: FakeAnthropic, stream: bool) -> None:
+    before = len(fake.seen("/v1/messages"))
+    fake.fail_next = 1
+    raw = claude.messages.with_raw_response.create(model=TEXT_MODEL, max_tokens=16, messages=USER, stream=stream,
+                                                   extra_body={"retries": 1})
+    sent = fake.seen("/v1/messages")[before:]
+    assert len(sent) == 2 and sent[0].body == sent[1].body and "retries" not in sent[0].body
+    assert raw.headers["x-retry-count"] == "1" and raw.headers["x-appliance-attempts"] == "2"
+    if stream:
+        assert [event.type for event in raw.parse()][-1] == "message_stop"
+    else:
+        assert raw.parse().id == "msg_fake01"
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_messages_fall_back_to_a_chat_backend(claude: anthropic.Anthropic, fake_openai: FakeOpenAI,
                                               stream: bool) -> None:
     raw = claude.messages.with_raw_response.create(model="claude-fallback", max_tokens=32, messages=USER,

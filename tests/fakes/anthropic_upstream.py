@@ -10,6 +10,8 @@ API_KEY) and ``anthropic-version``. The model name picks the answer:
   claude-fake-cut         as claude-fake, but its stream ends after the text without message_stop
   anything else           HTTP 404 not_found_error "model: <name>"
 
+While ``fail_next`` is above 0, each POST /v1/messages takes one off it and gets HTTP 500 ``api_error``.
+
 POST /v1/messages/count_tokens answers ``{"input_tokens": count_of(body)}``, or a bare 404 (a proxy
 without the route) while ``count_tokens`` is False.
 
@@ -76,6 +78,7 @@ class FakeAnthropic(ThreadedServer):
     def __init__(self) -> None:
         self.requests: list[Seen] = []
         self.count_tokens = True
+        self.fail_next = 0
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/messages", self.messages)
@@ -138,6 +141,9 @@ class FakeAnthropic(ThreadedServer):
             return refused
         body = seen.body if isinstance(seen.body, dict) else {}
         model = body.get("model")
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return _error(500, "api_error", "Internal server error")
         if not isinstance(body.get("max_tokens"), int) or not body.get("messages"):
             return _error(400, "invalid_request_error", "max_tokens and messages are required")
         if model == OVERLOADED_MODEL:
