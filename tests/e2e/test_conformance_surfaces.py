@@ -156,6 +156,7 @@ def test_01_responses_non_stream_text(app: Appliance, fake_openai: FakeOpenAI) -
     assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens) == (10, 3, 13)
     assert r.usage.input_tokens_details.cached_tokens == 0 and r.usage.output_tokens_details.reasoning_tokens == 0
     assert fake_openai.last_chat()["messages"] == [{"role": "user", "content": "Say hi"}]
+    assert httpx.get(fake_openai.url + "/_mock/last_request").json() == fake_openai.last_chat()
 
 
 @pytest.mark.llamacpp

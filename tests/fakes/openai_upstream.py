@@ -21,7 +21,8 @@ The model name picks the behaviour:
   org/fake-slash    a normal answer (a model id that contains a slash)
 
 A request with an ``x-mock-script`` header (or a model named ``script-<name>``) gets a scripted answer
-instead: the conformance fixtures of tests/fakes/chat_scripts.py.
+instead: the conformance fixtures of tests/fakes/chat_scripts.py. ``GET /_mock/last_request`` answers the
+body of the latest chat request (``last_chat()`` in-process).
 
 Every request is recorded (path, headers, parsed body, and for fake-long when it was cancelled).
 """
@@ -65,6 +66,7 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/_mock/last_request", self.last_request)
         self.server = ThreadedServer(app)
 
     @property
@@ -104,6 +106,12 @@ class FakeOpenAI:
         seen = Seen(request.path, dict(request.headers), body)
         self.requests.append(seen)
         return seen
+
+    async def last_request(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(self.last_chat())
+        except LookupError as exc:
+            return web.json_response({"error": {"message": str(exc)}}, status=404)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
