@@ -19,7 +19,8 @@ Decisions the spec leaves open, taken here (the stream's own are in messages_str
 * Gateway failures in Anthropic's statuses: every backend down or unreachable, or busy, is 529
   ``overloaded_error``; a backend's broken answer is 500 ``api_error``; a timeout 504 ``timeout_error``.
 * A backend of ``type = "anthropic"`` gets the client's body as sent (messages_native.py): none of the
-  above applies to it.
+  above applies to it, and a body this translation refuses (a PDF document) still reaches it when every
+  target of the model is such a backend.
 """
 
 from __future__ import annotations

@@ -17,11 +17,12 @@ import orjson
 
 from appliance.catalog import Route
 from appliance.errors import GatewayError
-from appliance.exchange import CLIENT_CLOSED, Exchange, Responder, ms, record
+from appliance.exchange import CLIENT_CLOSED, Exchange, Responder, allowed_routes, ms, record
 from appliance.gateway import Gateway
 from appliance.messages import error_message, error_status, error_type
+from appliance.messages_request import _invalid, _is_int, _missing
 from appliance.messages_stream import sse_event
-from appliance.pipeline import upstream_body
+from appliance.pipeline import GATEWAY_FIELDS, plan_for, upstream_body
 from appliance.providers.anthropic_translate import stream_error
 from appliance.providers.base import COUNT_TOKENS, MESSAGES, Call
 from appliance.relay import answer_rendered, first_events
@@ -45,6 +46,37 @@ NATIVE_KINDS = ("anthropic",)
 def native(gw: Gateway, route: Route) -> bool:
     """True when ``route``'s backend serves Messages itself, so a Messages body passes through."""
     return gw.providers[route.backend].kind in NATIVE_KINDS
+
+
+async def only_native(gw: Gateway, x: Exchange, body: dict[str, Any]) -> bool:
+    """True when every target the key may reach for this Messages body speaks Messages itself."""
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        return False
+    await gw.wait_discovered()
+    try:
+        routes = allowed_routes(x, plan_for(gw, x, body).routes)
+    except GatewayError:
+        return False  # the request fails on its own account; the translation's error is the one to report
+    return all(native(gw, route) for route in routes)
+
+
+def untranslated(body: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's view of a Messages body no chat backend could take (a PDF document, say) but an
+    Anthropic one can: model, max_tokens, stream and the gateway's fields, with the whole prompt as one
+    message, so limits and budgets estimate it (generously: the JSON is counted too)."""
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        raise _missing("max_tokens")
+    if not _is_int(max_tokens) or max_tokens < 0:
+        raise _invalid("max_tokens", "Input should be a non-negative integer")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _invalid("stream", "Input should be a valid boolean")
+    prompt = orjson.dumps([body.get("system"), body.get("messages"), body.get("tools")]).decode()
+    out = {"model": body["model"], "max_tokens": max_tokens, "stream": stream,
+           "messages": [{"role": "user", "content": prompt}]}
+    out.update((name, body[name]) for name in GATEWAY_FIELDS if name in body)
+    return out
 
 
 def native_call(body: dict[str, Any], call: Call, route: Route) -> Call:

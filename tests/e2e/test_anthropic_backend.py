@@ -266,6 +266,24 @@ def test_messages_errors_pass_in_anthropic_shape(app: Appliance, claude: anthrop
     assert row["error_code"] == "backend_overloaded" and row["prompt_tokens"] == 25
 
 
+def test_messages_only_anthropic_takes_pass_through_untranslated(app: Appliance, claude: anthropic.Anthropic,
+                                                                fake: FakeAnthropic) -> None:
+    """A PDF document has no chat equivalent: refused for a chat backend, passed to an Anthropic one."""
+    pdf = [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}},
+        {"type": "text", "text": "Summarise it."}]}]
+    raw = claude.messages.with_raw_response.create(model=TEXT_MODEL, max_tokens=32, messages=pdf)
+    assert fake.last().body == {"model": TEXT_MODEL, "max_tokens": 32, "messages": pdf}
+    assert raw.parse().id == "msg_fake01"
+    assert logged(app, raw.headers["x-request-id"])["prompt_tokens"] == 25  # Anthropic's count, not the estimate
+    with pytest.raises(anthropic.BadRequestError) as refused:  # the chain reaches a chat backend
+        claude.messages.create(model="claude-fallback", max_tokens=32, messages=pdf)
+    assert "document" in refused.value.body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError) as missing:
+        claude.messages.create(model=TEXT_MODEL, max_tokens=None, messages=pdf)  # type: ignore[arg-type]
+    assert "max_tokens" in missing.value.body["error"]["message"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_messages_retried_on_a_failing_backend(claude: anthropic.Anthropic, fake: FakeAnthropic, stream: bool) -> None:
     before = len(fake.seen("/v1/messages"))

@@ -7,6 +7,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 
 from appliance import messages, messages_native, pipeline, surfaces
+from appliance.errors import GatewayError
 from appliance.exchange import DROPPED_TOOLS_HEADER, allowed_routes
 from appliance.providers.base import CHAT
 from appliance.server.responses import SanicResponder, exchange, json_response
@@ -18,7 +19,12 @@ bp = Blueprint("anthropic")
 async def create_message(request: Request) -> HTTPResponse | None:
     x = exchange(request)  # a refused body is logged by the error handler, with this exchange
     x.body = body = pipeline.parse_body(request.body)
-    chat = messages.chat_request(body)  # validated and translated even when it may pass through
+    try:
+        chat = messages.chat_request(body)  # validated and translated even when it may pass through
+    except GatewayError as exc:  # maybe only a chat backend could not take it (a PDF document, say)
+        if exc.status != 400 or not await messages_native.only_native(request.app.ctx.gateway, x, body):
+            raise
+        chat = messages_native.untranslated(body)
     chat.update((name, body[name]) for name in pipeline.GATEWAY_FIELDS if name in body)
     dropped = messages.dropped_tools(body)
     if dropped:  # on a chat backend; an Anthropic backend gets them all, passed through
