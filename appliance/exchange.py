@@ -26,6 +26,13 @@ _PRIVATE_HEADERS = frozenset(
      "x-cache", "x-cache-ttl")
 )
 
+# The header naming the session a request belongs to (a Responses WebSocket's, or an HTTP client's own).
+SESSION_HEADER = "x-appliance-session-id"
+_MAX_SESSION_ID = 200
+
+# Names the request's tools the gateway left out (server and hosted tools a chat backend cannot run).
+DROPPED_TOOLS_HEADER = "X-Appliance-Dropped-Tools"
+
 # Logged for requests whose client disconnected before the answer was complete (nginx's convention).
 CLIENT_CLOSED = 499
 
@@ -64,6 +71,12 @@ class Exchange:
     cache: str | None = None  # HIT, MISS or BYPASS; None when not cacheable
     streaming: bool = False  # the first byte went out: no more retries
     recorded: bool = False
+    session_id: str | None = None  # set by the WebSocket route; else the client's X-Appliance-Session-ID
+    notes: dict[str, str] | None = None  # headers a surface adds to every answer (e.g. dropped tools)
+
+    def session(self) -> str | None:
+        """The session id for the request log: the connection's, or a sane one the client sent."""
+        return self.session_id if self.session_id is not None else session_id_of(self.controls.get(SESSION_HEADER))
 
     def response_headers(self) -> dict[str, str]:
         headers = {"X-Request-ID": self.request_id}
@@ -81,7 +94,14 @@ class Exchange:
             headers["X-Cache"] = self.cache
         if self.admission is not None:
             headers.update(self.admission.headers)
+        if self.notes:
+            headers.update(self.notes)
         return headers
+
+
+def session_id_of(sent: str | None) -> str | None:
+    """A client's session id, if it is one worth logging (short and printable)."""
+    return sent if sent and len(sent) <= _MAX_SESSION_ID and sent.isprintable() else None
 
 
 def forwardable(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -190,6 +210,7 @@ def record(
         output_cost_usd=cost.output if priced else None,
         cost_usd=cost.total if priced else None,
         cache=x.cache,
+        session_id=x.session(),
     ))
     if key_id is not None:
         usage_repo.add_to_rollup(

@@ -16,6 +16,11 @@ Decisions the spec leaves open, taken here (the stream's own are in messages_str
   enabled thinking: a client that did not ask would find a block without ``text`` at ``content[0]``.
 * A ``length`` finish stays ``max_tokens`` even when a tool call is present: its arguments were cut short.
 * ``top_k`` is forwarded as an extension field (vLLM and llama.cpp honour it).
+* Gateway failures in Anthropic's statuses: every backend down or unreachable, or busy, is 529
+  ``overloaded_error``; a backend's broken answer is 500 ``api_error``; a timeout 504 ``timeout_error``.
+* A backend of ``type = "anthropic"`` gets the client's body as sent (messages_native.py): none of the
+  above applies to it, and a body this translation refuses (a PDF document) still reaches it when every
+  target of the model is such a backend.
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ _CONTEXT_ASKED = re.compile(r"(?:requested|has) (\d+) (?:input )?tokens")
 # Gateway statuses that Anthropic spells differently: "all backends busy" is its 529, a broken backend is a
 # 500, and an unsupported feature is the client's problem, not one worth the SDK's retries.
 _STATUSES = {501: 400, 502: 500, 503: 529}
+# A backend that cannot be reached at all is "down", which spec §4.4 spells 529 too (a broken answer is 500).
+_CODE_STATUSES = {"backend_unreachable": 529}
 
 
 def __getattr__(name: str) -> Any:
@@ -248,8 +255,14 @@ def error_type(status: int) -> str:
     return _ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
 
 
-def error_status(err: GatewayError) -> int:
-    """The status a Messages client gets for a gateway error (its SDK picks the exception by status)."""
+def error_status(err: GatewayError, *, answered: bool = False) -> int:
+    """The status a Messages client gets for a gateway error (its SDK picks the exception by status).
+
+    ``answered``: the error ends a stream that began, so the backend was reached after all and a lost
+    connection is a broken answer (500), not a backend that is down (529).
+    """
+    if not answered and err.code in _CODE_STATUSES:
+        return _CODE_STATUSES[err.code]
     return _STATUSES.get(err.status, err.status)
 
 

@@ -116,14 +116,14 @@ class MessagesStream:
     # -- events
 
     def start(self) -> bytes:
-        """message_start (an empty message) and a ping, as Anthropic sends them."""
+        """message_start (an empty message). The first ping follows the first content_block_start, as Anthropic
+        sends them (and as spec §6 case 19 orders them)."""
         if self._state != "new":
             return b""
         self._state = "open"
         message = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                    "stop_reason": None, "stop_sequence": None, "usage": _usage_dict(self.input_tokens, 0)}
-        return self._sent(sse_event("message_start", {"type": "message_start", "message": message})
-                          + self.ping())
+        return self._sent(sse_event("message_start", {"type": "message_start", "message": message}))
 
     def ping(self) -> bytes:
         return b"event: ping\ndata: {\"type\":\"ping\"}\n\n" if self._state == "open" else b""
@@ -180,7 +180,7 @@ class MessagesStream:
             self._close_block(out)
         self._calls.clear()
         self._state = "closed"
-        out.append(sse_event("error", {"type": "error", "error": {"type": error_type(error_status(err)),
+        out.append(sse_event("error", {"type": "error", "error": {"type": error_type(error_status(err, answered=True)),
                                                                    "message": error_message(err)}}))
         return b"".join(out)
 
@@ -228,6 +228,8 @@ class MessagesStream:
     def _start_block(self, out: list[bytes], block: dict[str, Any]) -> None:
         out.append(sse_event("content_block_start", {"type": "content_block_start", "index": self._next_index,
                                                      "content_block": block}))
+        if self._next_index == 0:
+            out.append(self.ping())
         self._next_index += 1
 
     def _close_block(self, out: list[bytes]) -> None:

@@ -23,18 +23,24 @@ from appliance.usage import Cost, StreamMeter, Tokens, from_reply
 
 # Turns the backend's parsed chat answer into the client's body (given its tokens, cost and latency).
 Render = Callable[[Exchange, dict[str, Any], Tokens, Cost, float], Awaitable[bytes]]
+# The tokens of a backend's parsed answer, given the body sent.
+Count = Callable[[dict[str, Any], dict[str, Any]], Tokens]
 
 
-async def answer_rendered(gw: Gateway, call: Call, x: Exchange, responder: Responder, render: Render, *,
-                          upstream_headers: bool = False) -> tuple[bytes, Tokens]:
-    """Send, answer whole in the client's shape, account; returns the backend's answer and tokens (for the cache)."""
+async def answer_rendered(gw: Gateway, call: Call, x: Exchange, responder: Responder, render: Render | None, *,
+                          upstream_headers: bool = False, count: Count = from_reply) -> tuple[bytes, Tokens]:
+    """Send, answer whole in the client's shape, account; returns the backend's answer and tokens (for the cache).
+
+    ``render`` None: the backend's answer is already in the client's shape and goes out as it came.
+    ``count``: the tokens of the backend's parsed answer (default: chat usage, else an estimate).
+    """
     reply = await gw.providers[x.route.backend].send(call)  # type: ignore[union-attr]
     assert reply.data is not None  # providers parse every non-streaming answer
     latency = time.perf_counter() - x.started
-    tokens = from_reply(reply.data, call.body)
+    tokens = count(reply.data, call.body)
     cost = price_of(gw, x, tokens)
     original = reply.body
-    body = await render(x, reply.data, tokens, cost, latency)
+    body = original if render is None else await render(x, reply.data, tokens, cost, latency)
     headers = {**(reply.headers if upstream_headers else {}), **x.response_headers(),
                "X-Appliance-Cost-Usd": f"{cost.total:.9f}", "X-Appliance-Latency-Ms": ms(latency),
                "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}

@@ -10,6 +10,9 @@ Choices the spec leaves open, taken here: hosted tools (web_search, file_search,
 not refused, so agents that always send them keep working (``dropped_tools`` names them for a warning
 header); ``max_output_tokens`` goes out as ``max_tokens``, the one name every local server accepts, and
 any positive value is taken (OpenAI's minimum of 16 would only refuse what local models handle fine).
+A stream that fails after ``response.created`` ends with ``response.failed`` (``server_error``) and is stored
+as failed, so GET shows what happened; only completed and incomplete responses can be continued (spec §1.7).
+Hosted tools left out are named in the ``X-Appliance-Dropped-Tools`` header.
 """
 
 from __future__ import annotations

@@ -2,19 +2,21 @@
 
 The pipeline routes, retries and accounts as for chat; a Surface only renders. Streams are parsed event
 by event here (a translation has to read every chunk), fed to the surface's state machine, and the
-usage the backend reports (or an estimate) is what the ledger records.
+usage the backend reports (or an estimate) is what the ledger records. An attempt that reaches an
+Anthropic backend with a Messages request is not translated at all: messages_native.py passes it through.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
-from appliance import messages, responses
+from appliance import messages, messages_native, responses
 from appliance.auth import ANONYMOUS_ID
 from appliance.errors import GatewayError
 from appliance.exchange import CLIENT_CLOSED, Exchange, Responder, ms, record
@@ -35,15 +37,14 @@ class StreamTranslator(Protocol):
 
     async def finish(self, usage: dict[str, Any] | None) -> bytes: ...
 
-    def error(self, err: GatewayError) -> bytes: ...
+    async def error(self, err: GatewayError) -> bytes: ...
 
     @property
     def tokens(self) -> Tokens: ...
 
 
-def _chunks(events: list[bytes]) -> list[dict[str, Any]]:
-    """The chat chunks in a batch of SSE events; a backend's error event raises."""
-    chunks = []
+def _chunks(events: list[bytes]) -> Iterator[dict[str, Any]]:
+    """The chat chunks in a batch of SSE events; a backend's error event raises (after those before it)."""
     for event in events:
         data = event_data(event)
         if not data or data == b"[DONE]":
@@ -57,8 +58,7 @@ def _chunks(events: list[bytes]) -> list[dict[str, Any]]:
         if "error" in chunk:
             error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             raise GatewayError("backend_error", str(error.get("message") or "the backend failed mid-stream"))
-        chunks.append(chunk)
-    return chunks
+        yield chunk
 
 
 async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None,
@@ -70,16 +70,20 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
     usage: dict[str, Any] | None = None
     first_at: float | None = None
 
-    def translate(events: list[bytes]) -> bytes:
+    def translate(events: list[bytes]) -> tuple[bytes, GatewayError | None]:
+        """The client's events for a batch, and the failure that ended it (what came before still goes out)."""
         nonlocal usage, first_at
         out = []
-        for chunk in _chunks(events):
-            if first_at is None:
-                first_at = time.perf_counter()
-            if isinstance(chunk.get("usage"), dict):
-                usage = chunk["usage"]
-            out.append(translator.feed(chunk))
-        return b"".join(out)
+        try:
+            for chunk in _chunks(events):
+                if first_at is None:
+                    first_at = time.perf_counter()
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                out.append(translator.feed(chunk))
+        except GatewayError as exc:
+            return b"".join(out), exc
+        return b"".join(out), None
 
     async with gw.providers[route.backend].stream(call) as upstream:
         overhead = time.perf_counter() - x.started - upstream.headers_after_s
@@ -89,16 +93,21 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
         x.streaming = True
         ttft = None
         try:
-            await responder.send(translator.start() + translate(first))
+            data, failure = translate(first)
+            await responder.send(translator.start() + data)
+            if failure is not None:
+                raise failure
             async for batch in events:
-                data = translate(batch)
+                data, failure = translate(batch)
                 if data:
                     await responder.send(data)
+                if failure is not None:
+                    raise failure
         except asyncio.CancelledError:
             record(gw, x, CLIENT_CLOSED, tokens=translator.tokens, error_code="client_closed", overhead_s=overhead)
             raise
         except GatewayError as exc:
-            await responder.end_stream(translator.error(exc))
+            await responder.end_stream(await translator.error(exc))
             record(gw, x, 200, tokens=translator.tokens, error_code=exc.code, overhead_s=overhead)
             return
         ttft = first_at - x.started if first_at else None
@@ -114,7 +123,7 @@ class _MessagesTranslator:
         self._stream = messages.MessagesStream(model, request=request, thinking=thinking)
 
     def start(self) -> bytes:
-        return self._stream.start() + self._stream.ping()
+        return self._stream.start()
 
     def feed(self, chunk: dict[str, Any]) -> bytes:
         return self._stream.feed(chunk)
@@ -122,7 +131,7 @@ class _MessagesTranslator:
     async def finish(self, usage: dict[str, Any] | None) -> bytes:
         return self._stream.finish(usage)
 
-    def error(self, err: GatewayError) -> bytes:
+    async def error(self, err: GatewayError) -> bytes:
         return self._stream.error(err)
 
     @property
@@ -130,16 +139,32 @@ class _MessagesTranslator:
         return self._stream.tokens
 
 
-def messages_surface(model: str, thinking: bool) -> Surface:
-    """Anthropic Messages answers for a request that named ``model``."""
+def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = None) -> Surface:
+    """Anthropic Messages answers for a request that named ``model``.
+
+    ``body``: the client's Messages body, passed through to a backend that speaks Messages itself (a
+    fallback to a chat backend is translated, attempt by attempt).
+    """
 
     async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
+        assert x.route is not None
+        if body is not None and messages_native.native(gw, x.route):
+            x.notes = None  # nothing is dropped on the way to a backend that speaks Messages
+            return await messages_native.answer(gw, messages_native.native_call(body, call, x.route), x, responder,
+                                                estimate_prompt(call.body))
+
         async def render(x: Exchange, chat: dict[str, Any], tokens: Tokens, cost: Cost, latency: float) -> bytes:
             return orjson.dumps(messages.message_response(chat, model=model, request=call.body, thinking=thinking))
 
         return await answer_rendered(gw, call, x, responder, render)
 
     async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None) -> None:
+        assert x.route is not None
+        if body is not None and messages_native.native(gw, x.route):
+            x.notes = None
+            await messages_native.relay(gw, messages_native.native_call(body, call, x.route), x, responder,
+                                        first_token_s, estimate_prompt(call.body))
+            return
         await relay_translated(gw, call, x, responder, first_token_s,
                                _MessagesTranslator(model, call.body, thinking))
 
@@ -147,6 +172,10 @@ def messages_surface(model: str, thinking: bool) -> Surface:
 
 
 # ------------------------------------------------------------------------------------------ Responses
+
+
+# Spec §1.7: a failed (or unfinished) response is no base for a continuation.
+CONTINUABLE = ("completed", "incomplete")
 
 
 async def stored_response(gw: Gateway, response_id: str, key_id: str | None) -> dict[str, Any] | None:
@@ -170,9 +199,11 @@ class ResponsesTurn:
     key_id: str | None
     conversation: list[dict[str, Any]] | None = None  # once answered: the chain including this response
 
-    async def store(self, gw: Gateway, response: dict[str, Any]) -> None:
+    async def store(self, gw: Gateway, response: dict[str, Any], *, continuable: bool = True) -> None:
+        """Keep the response (unless ``store: false``); ``continuable``: a WebSocket may chain from it in memory."""
         conversation = [*self.history, *responses.history_items(self.items, response.get("output") or [])]
-        self.conversation = conversation
+        if continuable:
+            self.conversation = conversation
         if self.request.get("store") is False:
             return
         now = time.time()
@@ -196,6 +227,10 @@ async def responses_turn(gw: Gateway, body: dict[str, Any], key_id: str | None,
             row = await stored_response(gw, previous, key_id) if isinstance(previous, str) else None
             if row is None:
                 raise responses.previous_not_found(str(previous))
+            if row["status"] not in CONTINUABLE:
+                raise GatewayError("invalid_value", f"Previous response with id '{previous}' is {row['status']}; "
+                                   "only completed or incomplete responses can be continued.",
+                                   param="previous_response_id")
             history = row["conversation"]
     chat = responses.chat_request(body, history)
     return ResponsesTurn(body, chat, responses.input_items(body, history), history, responses.new_response_id(),
@@ -228,8 +263,11 @@ class _ResponsesTranslator:
             await self._turn.store(self._gw, self._stream.response)  # before the final event goes out
         return _sse(events)
 
-    def error(self, err: GatewayError) -> bytes:
-        return _sse(self._stream.fail(err))
+    async def error(self, err: GatewayError) -> bytes:
+        events = self._stream.fail(err)
+        if self._stream.response is not None:  # stored as failed: GET shows it, a continuation is refused
+            await self._turn.store(self._gw, self._stream.response, continuable=False)
+        return _sse(events)
 
     @property
     def tokens(self) -> Tokens:

@@ -1,7 +1,10 @@
-"""A remote Anthropic Messages API (api.anthropic.com or a compatible proxy), answering in OpenAI's shapes.
+"""A remote Anthropic Messages API (api.anthropic.com or a compatible proxy).
 
-Chat only: the wire mapping lives in anthropic_translate; this module does the I/O. The gateway's own
-API key for the backend travels as ``x-api-key``; the client's key never leaves the gateway.
+OpenAI chat calls are answered in OpenAI's shapes (the wire mapping lives in anthropic_translate; this
+module does the I/O). Messages and count_tokens calls (endpoints MESSAGES, COUNT_TOKENS) carry an
+Anthropic body already and pass through: the answer comes back as Anthropic sent it, a stream as its
+whole SSE events. The gateway's own API key for the backend travels as ``x-api-key``, with the gateway's
+``anthropic-version``; the client's key never leaves the gateway.
 """
 
 from __future__ import annotations
@@ -18,7 +21,16 @@ import orjson
 from appliance.config import BackendSettings
 from appliance.errors import GatewayError
 from appliance.providers.anthropic_translate import ChatStream, chat_error, chat_response, messages_request
-from appliance.providers.base import CHAT, LISTING_TIMEOUT_S, Call, ModelInfo, Reply, transport_failure
+from appliance.providers.base import (
+    CHAT,
+    COUNT_TOKENS,
+    LISTING_TIMEOUT_S,
+    MESSAGES,
+    Call,
+    ModelInfo,
+    Reply,
+    transport_failure,
+)
 from appliance.providers.openai_compat import OpenAIStream
 from appliance.sse import DONE, event_data
 from appliance.transport import Limits, StreamResponse, Transport, TransportError
@@ -111,7 +123,7 @@ class AnthropicProvider:
         self._listing_limits = Limits(min(settings.timeout_s, LISTING_TIMEOUT_S), settings.connect_timeout_s)
 
     def supports(self, endpoint: str) -> bool:
-        return endpoint == CHAT
+        return endpoint in (CHAT, MESSAGES, COUNT_TOKENS)
 
     async def load(self) -> None:
         """Anthropic reports no queue; least_busy counts the gateway's own in-flight requests."""
@@ -122,31 +134,62 @@ class AnthropicProvider:
         return {**forwarded, "content-type": "application/json", "x-request-id": call.request_id, **self._auth}
 
     def _payload(self, call: Call, *, stream: bool) -> bytes:
+        if call.endpoint in (MESSAGES, COUNT_TOKENS):
+            return orjson.dumps(call.body)  # the client's own body, addressed to the upstream model
         if call.endpoint != CHAT:
             raise GatewayError("unsupported", f"backend {self.name!r} (Anthropic) does not serve "
                                f"/v1/{call.endpoint}")
         return orjson.dumps({**messages_request(call.body), "stream": stream})
 
+    def _path(self, call: Call) -> str:
+        return "/v1/messages/count_tokens" if call.endpoint == COUNT_TOKENS else "/v1/messages"
+
     async def send(self, call: Call) -> Reply:
         payload = self._payload(call, stream=False)
-        message, elapsed_s = await self._fetch("POST", "/v1/messages", call.limits or self._limits,
-                                               self._headers(call), payload)
+        limits = call.limits or self._limits
+        if call.endpoint != CHAT:
+            return await self._pass(call, payload, limits)
+        message, elapsed_s = await self._fetch("POST", "/v1/messages", limits, self._headers(call), payload)
         answer = chat_response(message, model=call.body.get("model") or "")
         return Reply(orjson.dumps(answer), answer, elapsed_s, {})
 
+    async def _pass(self, call: Call, payload: bytes, limits: Limits) -> Reply:
+        """A Messages or count_tokens answer as Anthropic sent it (parsed beside, for its usage)."""
+        try:
+            response = await self._transport.request("POST", self._root + self._path(call), limits=limits,
+                                                     headers=self._headers(call), body=payload)
+        except TransportError as exc:
+            raise transport_failure(exc, self.name, limits) from exc
+        if not 200 <= response.status < 300:
+            raise chat_error(response.status, response.body, headers=dict(response.headers))
+        try:
+            data = orjson.loads(response.body)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            raise GatewayError("backend_error", f"backend {self.name!r} answered {self._path(call)} with a body "
+                               "that is not a JSON object")
+        return Reply(response.body, data, response.elapsed_s, {})  # its headers describe the gateway's account
+
     @asynccontextmanager
-    async def stream(self, call: Call) -> AsyncIterator[AnthropicStream]:
+    async def stream(self, call: Call) -> AsyncIterator[AnthropicStream | OpenAIStream]:
+        """Chat: Anthropic's events translated to chat chunks. Messages: Anthropic's events, whole, as they come."""
         payload = self._payload(call, stream=True)
         limits = call.limits or self._limits
         options = call.body.get("stream_options")
-        translator = ChatStream(call.body.get("model") or "",
-                                include_usage=isinstance(options, dict) and options.get("include_usage") is True)
         try:
-            async with self._transport.stream("POST", self._root + "/v1/messages", limits=limits,
+            async with self._transport.stream("POST", self._root + self._path(call), limits=limits,
                                               headers=self._headers(call), body=payload) as response:
                 if not 200 <= response.status < 300:
                     raise chat_error(response.status, await response.read(), headers=dict(response.headers))
-                yield AnthropicStream(response, translator, self.name, limits)
+                if call.endpoint == MESSAGES:
+                    upstream = OpenAIStream(response, self.name, limits)  # whole SSE events, whatever the API
+                    upstream.headers = {}  # rate limits of the gateway's account are not the client's
+                    yield upstream
+                else:
+                    translator = ChatStream(call.body.get("model") or "", include_usage=isinstance(
+                        options, dict) and options.get("include_usage") is True)
+                    yield AnthropicStream(response, translator, self.name, limits)
         except TransportError as exc:
             raise transport_failure(exc, self.name, limits) from exc
 

@@ -18,6 +18,9 @@ from appliance.transport import ConnectError, Limits, ReadError, Timeout, Transp
 CHAT = "chat/completions"
 COMPLETIONS = "completions"
 EMBEDDINGS = "embeddings"
+# Anthropic's own endpoints, which only an Anthropic backend serves: Messages bodies pass through to it.
+MESSAGES = "messages"
+COUNT_TOKENS = "messages/count_tokens"
 
 # Model listing runs in the refresh loop: a hung backend must not hold it for a generation timeout.
 LISTING_TIMEOUT_S = 10.0

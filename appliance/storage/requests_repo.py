@@ -29,13 +29,14 @@ class RequestRecord(NamedTuple):
     output_cost_usd: float | None
     cost_usd: float | None
     cache: str | None
+    session_id: str | None = None
 
 
 _INSERT = (
     "INSERT INTO requests (request_id, created_at, endpoint, model, backend, backend_model, status, "
     "error_code, stream, latency_ms, overhead_ms, ttft_ms, prompt_tokens, completion_tokens, estimated, "
-    "key_id, cached_tokens, input_cost_usd, output_cost_usd, cost_usd, cache) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "key_id, cached_tokens, input_cost_usd, output_cost_usd, cost_usd, cache, session_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -52,6 +53,12 @@ async def recent(db: Database, limit: int = 100) -> list[dict[str, Any]]:
 async def count(db: Database) -> int:
     rows = await db.fetchall("SELECT count(*) FROM requests")
     return int(rows[0][0])
+
+
+async def for_session(db: Database, session_id: str, limit: int = 100) -> list[dict[str, Any]]:
+    """A session's requests, oldest first."""
+    rows = await db.fetchall("SELECT * FROM requests WHERE session_id = ? ORDER BY id LIMIT ?", (session_id, limit))
+    return [dict(row) for row in rows]
 
 
 async def recent_for_key(db: Database, key_id: str, limit: int = 20) -> list[dict[str, Any]]:

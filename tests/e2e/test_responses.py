@@ -11,6 +11,7 @@ import websockets.exceptions
 import websockets.sync.client
 
 from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.ledger import logged, rows_where
 from tests.support.openapi import validate
 
 pytestmark = pytest.mark.frozen
@@ -135,3 +136,31 @@ def test_websocket_handshake_needs_a_key(gateway: Appliance) -> None:
     with pytest.raises(websockets.exceptions.InvalidStatus) as info:
         websockets.sync.client.connect(ws_url(gateway), additional_headers={"Authorization": "Bearer sk-app-bad"})
     assert info.value.response.status_code == 401
+
+
+def test_session_id_in_the_request_log(gateway: Appliance) -> None:
+    """A WebSocket's session id (sent or generated) on every turn's row; an HTTP client's own one too."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}", "X-Appliance-Session-ID": "sess-log-7"}
+    with websockets.sync.client.connect(ws_url(gateway), additional_headers=headers) as ws:
+        for text in ("one", "two"):
+            ws.send(json.dumps({"type": "response.create", "model": "fake/fake-chat", "input": text}))
+            assert events_until_done(ws)[-1]["type"] == "response.completed"
+    rows = rows_where(gateway, "session_id = ?", ("sess-log-7",), count=2)
+    assert [(r["endpoint"], r["status"], r["backend"]) for r in rows] == [("/v1/responses", 200, "fake")] * 2
+    assert rows[0]["request_id"] != rows[1]["request_id"]
+
+    with websockets.sync.client.connect(ws_url(gateway), additional_headers={
+            "Authorization": f"Bearer {ADMIN_KEY}"}) as ws:
+        ws.send(json.dumps({"type": "response.create", "model": "fake/fake-chat", "input": "x",
+                            "metadata": {"probe": "generated-session"}}))
+        assert events_until_done(ws)[-1]["type"] == "response.completed"
+    generated = rows_where(gateway, "session_id LIKE 'wsresp_%' AND endpoint = '/v1/responses'", (), count=1)
+    assert len(generated[-1]["session_id"]) == len("wsresp_") + 36
+
+    reply = sdk(gateway).chat.completions.with_raw_response.create(
+        model="fake/fake-chat", messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"X-Appliance-Session-ID": "agent-run-9"})
+    assert logged(gateway, reply.headers["x-request-id"])["session_id"] == "agent-run-9"
+    plain = sdk(gateway).chat.completions.with_raw_response.create(
+        model="fake/fake-chat", messages=[{"role": "user", "content": "hi"}])
+    assert logged(gateway, plain.headers["x-request-id"])["session_id"] is None

@@ -1,4 +1,4 @@
-"""A fake Anthropic Messages API: GET /v1/models and POST /v1/messages, whole or streamed.
+"""A fake Anthropic Messages API: GET /v1/models, POST /v1/messages (whole or streamed), count_tokens.
 
 It checks what the real API checks first: ``x-api-key`` (401 ``authentication_error`` when it is not
 API_KEY) and ``anthropic-version``. The model name picks the answer:
@@ -10,7 +10,13 @@ API_KEY) and ``anthropic-version``. The model name picks the answer:
   claude-fake-cut         as claude-fake, but its stream ends after the text without message_stop
   anything else           HTTP 404 not_found_error "model: <name>"
 
-Every request is recorded (path, headers with lower-case names, parsed body, query).
+While ``fail_next`` is above 0, each POST /v1/messages takes one off it and gets HTTP 500 ``api_error``.
+
+POST /v1/messages/count_tokens answers ``{"input_tokens": count_of(body)}``, or a bare 404 (a proxy
+without the route) while ``count_tokens`` is False.
+
+Every request is recorded (path, headers with lower-case names, parsed body, query, and the exact bytes
+of the answer it streamed).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class Seen:
     headers: dict[str, str]
     body: Any
     query: dict[str, str] = field(default_factory=dict)
+    streamed: bytes = b""  # the SSE bytes sent, as written
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:
@@ -61,12 +68,21 @@ def _content(model: str) -> list[dict[str, Any]]:
     return [{"type": "text", "text": "".join(TEXT_PIECES)}]
 
 
+def count_of(body: dict[str, Any]) -> int:
+    """The fake's token count of a count_tokens body: one per four characters of its prompt fields."""
+    prompt = {name: body.get(name) for name in ("system", "messages", "tools")}
+    return 1 + len(json.dumps(prompt)) // 4
+
+
 class FakeAnthropic(ThreadedServer):
     def __init__(self) -> None:
         self.requests: list[Seen] = []
+        self.count_tokens = True
+        self.fail_next = 0
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count)
         super().__init__(app)
 
     def seen(self, path: str) -> list[Seen]:
@@ -106,6 +122,18 @@ class FakeAnthropic(ThreadedServer):
                 for model in MODELS]
         return web.json_response({"data": data, "has_more": False, "first_id": MODELS[0], "last_id": MODELS[-1]})
 
+    async def count(self, request: web.Request) -> web.Response:
+        seen = await self._record(request)
+        if not self.count_tokens:
+            return web.Response(status=404, text="Not Found")
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        body = seen.body if isinstance(seen.body, dict) else {}
+        if body.get("model") not in MODELS:
+            return _error(404, "not_found_error", f"model: {body.get('model')}")
+        return web.json_response({"input_tokens": count_of(body)})
+
     async def messages(self, request: web.Request) -> web.StreamResponse:
         seen = await self._record(request)
         refused = self._refused(request)
@@ -113,6 +141,9 @@ class FakeAnthropic(ThreadedServer):
             return refused
         body = seen.body if isinstance(seen.body, dict) else {}
         model = body.get("model")
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return _error(500, "api_error", "Internal server error")
         if not isinstance(body.get("max_tokens"), int) or not body.get("messages"):
             return _error(400, "invalid_request_error", "max_tokens and messages are required")
         if model == OVERLOADED_MODEL:
@@ -120,18 +151,20 @@ class FakeAnthropic(ThreadedServer):
         if model not in MODELS:
             return _error(404, "not_found_error", f"model: {model}")
         if body.get("stream"):
-            return await self._stream(request, model)
+            return await self._stream(request, model, seen)
         stop = "tool_use" if model == TOOLS_MODEL else "end_turn"
         return web.json_response({"id": "msg_fake01", "type": "message", "role": "assistant", "model": model,
                                   "content": _content(model), "stop_reason": stop, "stop_sequence": None,
                                   "usage": USAGE}, headers={"request-id": "req_fake"})
 
-    async def _stream(self, request: web.Request, model: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, model: str, seen: Seen) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "request-id": "req_fake"})
         await response.prepare(request)
 
         async def send(data: dict[str, Any]) -> None:
-            await response.write(f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode())
+            event = f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+            seen.streamed += event
+            await response.write(event)
 
         start_usage = {**USAGE, "output_tokens": 1}
         await send({"type": "message_start", "message": {

@@ -20,6 +20,10 @@ The model name picks the behaviour:
   fake-embed        embeddings (8 dims)
   org/fake-slash    a normal answer (a model id that contains a slash)
 
+A request with an ``x-mock-script`` header (or a model named ``script-<name>``) gets a scripted answer
+instead: the conformance fixtures of tests/fakes/chat_scripts.py. ``GET /_mock/last_request`` answers the
+body of the latest chat request (``last_chat()`` in-process).
+
 Every request is recorded (path, headers, parsed body, and for fake-long when it was cancelled).
 """
 
@@ -33,6 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes import chat_scripts
 from tests.support.threaded import ThreadedServer
 
 MODELS = ["fake-chat", "fake-tools", "fake-nousage", "fake-500", "fake-500-text", "fake-400", "fake-vllm-error",
@@ -61,6 +66,7 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/_mock/last_request", self.last_request)
         self.server = ThreadedServer(app)
 
     @property
@@ -73,6 +79,17 @@ class FakeOpenAI:
 
     def stop(self) -> None:
         self.server.stop()
+
+    def chats(self) -> list[Seen]:
+        """The chat requests seen, oldest first."""
+        return [seen for seen in self.requests if seen.path == "/v1/chat/completions"]
+
+    def last_chat(self) -> Any:
+        """The body of the latest chat request."""
+        found = self.chats()
+        if not found:
+            raise LookupError("the fake saw no chat request")
+        return found[-1].body
 
     def find(self, request_id: str) -> Seen:
         for seen in reversed(self.requests):
@@ -89,6 +106,12 @@ class FakeOpenAI:
         seen = Seen(request.path, dict(request.headers), body)
         self.requests.append(seen)
         return seen
+
+    async def last_request(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(self.last_chat())
+        except LookupError as exc:
+            return web.json_response({"error": {"message": str(exc)}}, status=404)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
@@ -132,6 +155,12 @@ class FakeOpenAI:
         seen = await self._record(request)
         body = seen.body if isinstance(seen.body, dict) else {}
         model = body.get("model", "")
+        script = chat_scripts.script_of(request, body)
+        if script is not None:
+            try:
+                return await chat_scripts.play(request, body, script)
+            finally:
+                seen.finished_at = time.time()
         try:
             fault = await self._fault(model)
         except asyncio.CancelledError:

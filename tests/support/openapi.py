@@ -42,3 +42,35 @@ def validate(instance: Any, schema_name: str) -> None:
     spec = _spec()
     schema = {"$ref": f"#/components/schemas/{schema_name}", "components": spec["components"]}
     jsonschema.Draft202012Validator(schema).validate(instance)
+
+
+@functools.cache
+def _event_schemas() -> dict[str, str]:
+    """Each streamed event type -> the name of its schema, from ResponseStreamEvent's members."""
+    schemas = _spec()["components"]["schemas"]
+    by_type: dict[str, str] = {}
+    for member in schemas["ResponseStreamEvent"]["anyOf"]:
+        name = member["$ref"].rsplit("/", 1)[1]
+        for kind in schemas[name]["properties"]["type"].get("enum", ()):
+            by_type[kind] = name
+    return by_type
+
+
+def validate_event(event: dict[str, Any]) -> str:
+    """Validate one streamed Responses event against its own schema (not the whole union: clearer errors).
+
+    Returns the schema's name; an event type the spec does not list raises.
+    """
+    name = _event_schemas().get(event.get("type"))  # type: ignore[arg-type]
+    if name is None:
+        raise jsonschema.ValidationError(f"no ResponseStreamEvent member has type {event.get('type')!r}")
+    validate(event, name)
+    return name
+
+
+def validate_ws_frame(frame: dict[str, Any]) -> str:
+    """A Responses WebSocket frame: a stream event, or an error frame (ResponseWsError)."""
+    if frame.get("type") == "error" and "error" in frame:
+        validate(frame, "ResponseWsError")
+        return "ResponseWsError"
+    return validate_event(frame)

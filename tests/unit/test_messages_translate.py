@@ -747,14 +747,14 @@ def test_no_choices() -> None:
 
 def test_stream_text() -> None:  # conformance test 19
     sse, stream = run([*text_chunks("He", "llo", "!"), chunk(finish="stop"), usage_chunk(10, 3)])
-    assert types(sse) == ["message_start", "ping", "content_block_start:text", "content_block_delta:text_delta",
+    assert types(sse) == ["message_start", "content_block_start:text", "ping", "content_block_delta:text_delta",
                           "content_block_delta:text_delta", "content_block_delta:text_delta", "content_block_stop",
                           "message_delta", "message_stop"]
     all_events = events(sse)
     start = all_events[0]["message"]
     assert start["content"] == [] and start["stop_reason"] is None and start["id"] == stream.id
     assert start["usage"]["input_tokens"] > 0  # pitfall 7: an estimate, never 0
-    assert all_events[2]["content_block"] == {"type": "text", "text": ""}
+    assert all_events[1]["content_block"] == {"type": "text", "text": ""}
     assert {e["index"] for e in all_events if "index" in e} == {0}
     delta = all_events[-2]
     assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
@@ -774,14 +774,14 @@ def test_stream_input_tokens_given() -> None:
 
 def test_empty_completion_has_no_blocks() -> None:  # decision (a)
     sse, _ = run([chunk({"role": "assistant", "content": ""}), chunk({"content": None}), chunk(finish="stop")])
-    assert types(sse) == ["message_start", "ping", "message_delta", "message_stop"]
+    assert types(sse) == ["message_start", "message_delta", "message_stop"]
     assert sdk_final(sse).content == []
 
 
 def test_stream_text_then_tool_use() -> None:  # conformance test 21
     sse, stream = run([*text_chunks("Checking"), *weather_call('{"ci', 'ty": "Pa', 'ris"}'),
                        chunk(finish="tool_calls"), usage_chunk()])
-    assert types(sse) == ["message_start", "ping", "content_block_start:text", "content_block_delta:text_delta",
+    assert types(sse) == ["message_start", "content_block_start:text", "ping", "content_block_delta:text_delta",
                           "content_block_stop", "content_block_start:tool_use", "content_block_delta:input_json_delta",
                           "content_block_stop", "message_delta", "message_stop"]
     tool_start = events(sse)[5]
@@ -975,7 +975,7 @@ def test_stream_thinking() -> None:
     chunks = [chunk({"role": "assistant", "reasoning_content": "Let me "}), chunk({"reasoning_content": "think."}),
               chunk({"content": "42"}), chunk(finish="stop")]
     sse, _ = run(chunks, thinking=True)
-    assert types(sse) == ["message_start", "ping", "content_block_start:thinking",
+    assert types(sse) == ["message_start", "content_block_start:thinking", "ping",
                           "content_block_delta:thinking_delta", "content_block_delta:thinking_delta",
                           "content_block_delta:signature_delta", "content_block_stop", "content_block_start:text",
                           "content_block_delta:text_delta", "content_block_stop", "message_delta", "message_stop"]
@@ -1007,7 +1007,7 @@ def test_stream_error_mid_stream() -> None:  # conformance test 24 (f)
 def test_stream_error_drops_buffered_calls() -> None:
     sse, stream = run(weather_call('{"ci'), finish=False)
     sse += stream.error(GatewayError("backend_timeout", "slow"))
-    assert types(sse) == ["message_start", "ping", "error"]
+    assert types(sse) == ["message_start", "error"]
     assert events(sse)[-1]["error"]["type"] == "timeout_error"
 
 
@@ -1037,7 +1037,7 @@ def test_stream_error_types(code: str, kind: str) -> None:
 def test_feed_before_start_starts() -> None:
     stream = MessagesStream("m")
     sse = stream.feed(chunk({"content": "x"})) + stream.finish()
-    assert types(sse)[:2] == ["message_start", "ping"]
+    assert types(sse)[:3] == ["message_start", "content_block_start:text", "ping"]
     assert stream.start() == b""
 
 
@@ -1082,6 +1082,11 @@ def test_error_type(status: int, kind: str) -> None:
     assert error_type(status) == kind
 
 
+def test_a_lost_backend_mid_stream_is_a_broken_answer() -> None:
+    err = GatewayError("backend_unreachable", "connection to backend 'b' failed")
+    assert error_status(err) == 529 and error_status(err, answered=True) == 500
+
+
 @pytest.mark.parametrize(("code", "status", "kind", "exception"), [
     ("invalid_value", 400, "invalid_request_error", anthropic.BadRequestError),
     ("missing_field", 400, "invalid_request_error", anthropic.BadRequestError),
@@ -1095,7 +1100,7 @@ def test_error_type(status: int, kind: str) -> None:
     ("unsupported", 400, "invalid_request_error", anthropic.BadRequestError),
     ("internal_error", 500, "api_error", anthropic.InternalServerError),
     ("backend_error", 500, "api_error", anthropic.InternalServerError),
-    ("backend_unreachable", 500, "api_error", anthropic.InternalServerError),
+    ("backend_unreachable", 529, "overloaded_error", anthropic.OverloadedError),  # down, spec §4.4
     ("no_healthy_backend", 529, "overloaded_error", anthropic.OverloadedError),
     ("backend_overloaded", 529, "overloaded_error", anthropic.OverloadedError),
     ("backend_timeout", 504, "timeout_error", anthropic.InternalServerError),

@@ -6,8 +6,9 @@ import orjson
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 
-from appliance import messages, pipeline, surfaces
-from appliance.exchange import allowed_routes
+from appliance import messages, messages_native, pipeline, surfaces
+from appliance.errors import GatewayError
+from appliance.exchange import DROPPED_TOOLS_HEADER, allowed_routes
 from appliance.providers.base import CHAT
 from appliance.server.responses import SanicResponder, exchange, json_response
 
@@ -18,19 +19,35 @@ bp = Blueprint("anthropic")
 async def create_message(request: Request) -> HTTPResponse | None:
     x = exchange(request)  # a refused body is logged by the error handler, with this exchange
     x.body = body = pipeline.parse_body(request.body)
-    chat = messages.chat_request(body)
+    try:
+        chat = messages.chat_request(body)  # validated and translated even when it may pass through
+    except GatewayError as exc:  # maybe only a chat backend could not take it (a PDF document, say)
+        if exc.status != 400 or not await messages_native.only_native(request.app.ctx.gateway, x, body):
+            raise
+        chat = messages_native.untranslated(body)
+    chat.update((name, body[name]) for name in pipeline.GATEWAY_FIELDS if name in body)
+    dropped = messages.dropped_tools(body)
+    if dropped:  # on a chat backend; an Anthropic backend gets them all, passed through
+        x.notes = {DROPPED_TOOLS_HEADER: ", ".join(dropped)}
     responder = SanicResponder(request)
-    surface = surfaces.messages_surface(body["model"], messages.wants_thinking(body))
+    surface = surfaces.messages_surface(body["model"], messages.wants_thinking(body), body)
     await pipeline.serve(request.app.ctx.gateway, CHAT, chat, x, responder, surface)
     return responder.response
 
 
 @bp.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request) -> HTTPResponse:
-    """An estimate (about four characters per token) for a model the key may use."""
+    """The count of an Anthropic backend that has the endpoint, else an estimate (about four characters per token).
+
+    The X-Appliance-Token-Count header says which: ``backend`` or ``estimate``.
+    """
     gateway = request.app.ctx.gateway
     body = pipeline.parse_body(request.body)
-    counted = messages.count_tokens(body)
+    estimate = messages.count_tokens(body)  # validates, whoever counts
     await gateway.wait_discovered()
-    allowed_routes(exchange(request), gateway.catalog.plan(body["model"]).routes)
-    return json_response(orjson.dumps(counted), request)
+    x = exchange(request)
+    routes = allowed_routes(x, gateway.catalog.plan(body["model"]).routes)
+    counted = await messages_native.count_tokens(gateway, body, x, routes)
+    response = json_response(counted or orjson.dumps(estimate), request)
+    response.headers["X-Appliance-Token-Count"] = "backend" if counted else "estimate"
+    return response

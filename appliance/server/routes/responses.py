@@ -8,8 +8,9 @@ import orjson
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 
-from appliance import pipeline, surfaces
+from appliance import pipeline, responses, surfaces
 from appliance.errors import GatewayError
+from appliance.exchange import DROPPED_TOOLS_HEADER
 from appliance.providers.base import CHAT
 from appliance.server.responses import SanicResponder, exchange, json_response
 from appliance.storage import responses_repo
@@ -30,6 +31,9 @@ async def create_response(request: Request) -> HTTPResponse | None:
     x = exchange(request)  # a refused body is logged by the error handler, with this exchange
     x.body = body = pipeline.parse_body(request.body)
     turn = await surfaces.responses_turn(gateway, body, _key_id(request))
+    dropped = responses.dropped_tools(body)
+    if dropped:
+        x.notes = {DROPPED_TOOLS_HEADER: ", ".join(dropped)}
     responder = SanicResponder(request)
     await pipeline.serve(gateway, CHAT, turn.chat, x, responder, surfaces.responses_surface(turn))
     return responder.response

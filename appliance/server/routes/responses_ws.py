@@ -25,7 +25,7 @@ from appliance.sse import EventSplitter, event_data
 
 bp = Blueprint("responses_ws")
 
-SESSION_HEADER = "x-appliance-session-id"
+SESSION_HEADER = accounting.SESSION_HEADER
 
 
 class WebSocketResponder:
@@ -54,7 +54,7 @@ class WebSocketResponder:
 @bp.websocket("/v1/responses")
 async def responses_socket(request: Request, ws: WebsocketImplProtocol) -> None:
     gateway = request.app.ctx.gateway
-    session = request.headers.get(SESSION_HEADER) or f"wsresp_{uuid.uuid4()}"
+    session = accounting.session_id_of(request.headers.get(SESSION_HEADER)) or f"wsresp_{uuid.uuid4()}"
     closes_at = time.monotonic() + gateway.settings.responses.ws_max_minutes * 60
     latest: dict[str, list[dict[str, Any]]] = {}  # this connection's latest response -> its conversation
     while True:
@@ -109,12 +109,12 @@ async def _warm_up(gateway: Any, ws: WebsocketImplProtocol, turn: surfaces.Respo
 
 
 def _exchange(request: Request, session: str) -> accounting.Exchange:
-    """One turn's exchange: its own request id; the session id travels to the backend."""
+    """One turn's exchange: its own request id; the session id travels to the backend and into the request log."""
     rid = request.app.ctx.request_ids()
     headers = accounting.forwardable(request.headers.items())
     headers[SESSION_HEADER] = session
     return accounting.Exchange(path=request.path, request_id=rid, upstream_id=rid, headers=headers,
-                               principal=request.ctx.principal)
+                               principal=request.ctx.principal, session_id=session)
 
 
 async def _send(ws: WebsocketImplProtocol, event: dict[str, Any]) -> None:
