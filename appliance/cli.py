@@ -143,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    from appliance import metricsdir
+
+    metricsdir.use(settings.data_dir)  # before the server's imports load prometheus_client
     from appliance.server.runner import AlreadyRunning, serve
     from appliance.storage.migrate import SchemaError
 
