@@ -23,10 +23,14 @@ async def models_on(db: Database, day: str, limit: int | None = None) -> list[di
 
 
 async def backend_samples(db: Database, since: float) -> list[tuple[str, float | None, int]]:
-    """(backend, latency ms, failed) of the requests a backend answered since ``since`` (no cache hits)."""
+    """(backend, latency ms, failed) of the requests routed to a backend since ``since``.
+
+    Not cache hits (the backend never saw them) nor 429s: the gateway's own limits refuse before any
+    backend is asked, and a backend's own 429 says it is up, as the circuit breaker sees it too.
+    """
     rows = await db.fetchall(
         f"SELECT backend, latency_ms, {_FAILED} FROM requests WHERE created_at >= ? AND backend IS NOT NULL "
-        "AND (cache IS NULL OR cache != 'HIT')", (since,))
+        "AND (cache IS NULL OR cache != 'HIT') AND status != 429", (since,))
     return [(row[0], row[1], int(row[2])) for row in rows]
 
 
