@@ -29,11 +29,17 @@ MODELS_SHOWN = 50
 RECENT_ERRORS = 20
 
 
+# Series read from the workers' shared metrics files, once per build.
+LIVE_SERIES = ("appliance_workers", "appliance_inflight_requests", "appliance_ratelimit_rejections_total",
+               "appliance_db_write_queue_depth")
+
+
 @dataclass(frozen=True, slots=True)
 class StatsContext:
     gateway: Gateway
     now: float  # unix seconds
     started_at: float  # when the appliance (its main process) started
+    live: dict[str, dict[Any, float]]  # metrics.shared_values(LIVE_SERIES)
 
 
 Section = Callable[[StatsContext], Awaitable[dict[str, Any]]]
@@ -41,7 +47,7 @@ Section = Callable[[StatsContext], Awaitable[dict[str, Any]]]
 
 async def about(ctx: StatsContext) -> dict[str, Any]:
     server = ctx.gateway.settings.server
-    live = metrics.shared_values(("appliance_workers", "appliance_inflight_requests"))
+    live = ctx.live
     return {"version": __version__, "now": ctx.now, "uptime_s": round(ctx.now - ctx.started_at, 3),
             "workers": {"configured": 1 if server.single_process else server.workers,
                         "alive": int(_total(live, "appliance_workers"))},
@@ -113,7 +119,7 @@ async def recent_errors(ctx: StatsContext) -> dict[str, Any]:
 
 async def limits_and_db(ctx: StatsContext) -> dict[str, Any]:
     """Limit rejections since start and the write queue: the live counters every worker adds to."""
-    live = metrics.shared_values(("appliance_ratelimit_rejections_total", "appliance_db_write_queue_depth"))
+    live = ctx.live
     by_limit = {dict(labels).get("limit", ""): int(value)
                 for labels, value in live.get("appliance_ratelimit_rejections_total", {}).items()}
     return {"limits": {"rejections": sum(by_limit.values()), "by_limit": by_limit},
@@ -149,7 +155,8 @@ class StatszCache:
         async with self._lock:
             now = self._clock()
             if self._doc is None or now - self._built_at >= self._ttl_s:
-                self._doc = await build(StatsContext(self._gateway, now, self._started_at))
+                live = metrics.shared_values(LIVE_SERIES)
+                self._doc = await build(StatsContext(self._gateway, now, self._started_at, live))
                 self._built_at = now
             return self._doc
 

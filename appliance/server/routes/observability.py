@@ -44,8 +44,9 @@ def note_arrival(request: Request) -> None:
 
 def log_access(request: Request, response: HTTPResponse) -> None:
     """Response middleware (only with an access log): one line for a request that has no ledger row."""
-    if getattr(request.ctx, "exchange", None) is not None:
-        return  # proxied: logged with its ledger row, when it ends
+    x = getattr(request.ctx, "exchange", None)
+    if x is not None and (x.recorded or x.in_flight):
+        return  # proxied: logged with its ledger row (a stream: when it ends)
     gateway = getattr(request.app.ctx, "gateway", None)
     if gateway is None or gateway.access_log is None:
         return
