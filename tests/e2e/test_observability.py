@@ -10,8 +10,10 @@ page, loaded from the appliance in Chromium, must show the backends and the traf
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -343,3 +345,31 @@ def test_bodies_when_asked_text_access_log_and_statsz_key_off_loopback(
     assert httpx.get(url, timeout=10).status_code == 401
     assert httpx.get(url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).status_code == 200
     assert httpx.get(f"http://{outside}:{app.port}/status", timeout=10).status_code == 200  # the page itself
+
+
+def test_counters_survive_a_killed_worker_and_its_live_gauges_go(app: Appliance, burst: dict[str, Any]) -> None:
+    """Last in the module: it kills a worker of the shared appliance (the watchdog replaces it)."""
+    before = eventually(lambda: _requests_counted(app, burst["sent"]))
+    pids = app.worker_pids(2)
+    victim = next(iter(pids))
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> None:
+        fresh = app.worker_pids(2, timeout=2)
+        assert len(fresh) == 2 and victim not in fresh
+        text = scrape(app)
+        assert total(text, "appliance_workers") == 2  # not 3: the dead worker was marked dead
+        assert total(text, "appliance_requests_total") == before  # its counts stay
+
+    eventually(replaced, timeout=20)
+    eventually(lambda: _assert_alive(app, 2))  # /statsz too, once its per-worker copy is renewed
+
+
+def _assert_alive(app: Appliance, workers: int) -> None:
+    assert app.get("/statsz")[1]["workers"]["alive"] == workers
+
+
+def _requests_counted(app: Appliance, sent: int) -> float:
+    counted = total(scrape(app), "appliance_requests_total")
+    assert counted == sent
+    return counted
