@@ -145,7 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(settings: Settings) -> int:
     from appliance import metricsdir
 
-    metricsdir.use(settings.data_dir)  # before the server's imports load prometheus_client
+    try:
+        metricsdir.use(settings.data_dir)  # before the server's imports load prometheus_client
+    except OSError as exc:
+        print(f"appliance: cannot start: {exc}", file=sys.stderr)
+        return 1
     from appliance.server.runner import AlreadyRunning, serve
     from appliance.storage.migrate import SchemaError
 

@@ -18,7 +18,7 @@ from appliance.errors import GatewayError
 from appliance.gateway import Gateway
 from appliance.limits import Admission, key_scope
 from appliance.metrics import endpoint_label as metrics_endpoint
-from appliance.storage import requests_repo, usage_repo
+from appliance.storage import requests_repo, stats_repo, usage_repo
 from appliance.usage import NO_COST, Cost, Tokens, cost_of, estimate_prompt
 
 # Client request headers that never travel upstream: the hop, our auth, our own controls.
@@ -67,8 +67,8 @@ class Exchange:
     cache: str | None = None  # HIT, MISS or BYPASS; None when not cacheable
     streaming: bool = False  # the first byte went out: no more retries
     recorded: bool = False
-    method: str = "POST"
-    client: str | None = None  # the caller's address, for the access log
+    method: str | None = None  # the HTTP method and the caller's address, for the access log (set by the
+    client: str | None = None  # web layer; None for a WebSocket turn or a batch line)
     in_flight: bool = False  # counted in appliance_inflight_requests until recorded
     response_body: bytes | None = None  # the whole answer sent, kept only for [log] store_bodies
 
@@ -224,7 +224,18 @@ def record(
             error=status >= 400 or error_code is not None, prompt=tokens.prompt or 0 if tokens else 0,
             completion=tokens.completion or 0 if tokens else 0, cached=tokens.cached if tokens else 0,
             cost=cost.total, cache_hit=x.cache == "HIT")
+    _count_traffic(gw, x, row)
     observe(gw, x, row)
+
+
+def _count_traffic(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
+    """The per-minute rollup the status page draws: every request, and per backend the ones it was asked."""
+    minute = int(row.created_at // 60)
+    failed = row.status >= 400 or row.error_code is not None
+    used = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
+    stats_repo.add_traffic(gw.writer, minute, "", failed=failed, tokens=used)
+    if row.backend is not None and x.cache != "HIT" and row.status != 429:
+        stats_repo.add_traffic(gw.writer, minute, row.backend, failed=failed, tokens=used)
 
 
 def observe(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:

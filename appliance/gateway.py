@@ -24,7 +24,7 @@ from appliance.providers import registry
 from appliance.providers.base import ModelInfo, Provider
 from appliance.resilience import Breakers
 from appliance.routing import Selector
-from appliance.storage import requests_repo, responses_repo
+from appliance.storage import requests_repo, responses_repo, stats_repo
 from appliance.storage.db import BufferedWriter, Database
 from appliance.transport import Limits, Transport
 from appliance.usage import Prices
@@ -165,7 +165,9 @@ class Gateway:
         Every worker sweeps on its own loop: deleting what is already gone is harmless.
         """
         await responses_repo.sweep(self.db, now)
-        await requests_repo.sweep(self.db, now - self.settings.log.keep_days * 86400)
+        cutoff = now - self.settings.log.keep_days * 86400
+        await requests_repo.sweep(self.db, cutoff)
+        await stats_repo.sweep_traffic(self.db, cutoff)
 
     async def wait_discovered(self) -> None:
         """Let a request that arrives in the first moments of a worker's life see the catalog."""

@@ -22,7 +22,8 @@ from appliance.gateway import Gateway
 from appliance.storage import stats_repo, usage_repo
 
 BACKEND_WINDOW_S = 300  # latency percentiles and error rates per backend
-TRAFFIC_STEP_S = 60
+LATENCY_SAMPLE = 5000  # percentiles over at most the newest this many requests of the window
+TRAFFIC_STEP_S = 60  # the traffic rollup's step (stats_repo.traffic_minute)
 TRAFFIC_STEPS = 60  # the sparkline: an hour, per minute
 RATE_STEPS = 5  # requests/s over the last five minutes
 MODELS_SHOWN = 50
@@ -69,18 +70,16 @@ async def usage_today(ctx: StatsContext) -> dict[str, Any]:
 async def backends(ctx: StatsContext) -> dict[str, Any]:
     """Each backend: health (the latest probe by any worker), breaker, in flight, the last 5 minutes."""
     gw = ctx.gateway
-    windows: dict[str, list[Any]] = {}
-    for backend, latency, failed in await stats_repo.backend_samples(gw.db, ctx.now - BACKEND_WINDOW_S):
-        window = windows.setdefault(backend, [[], 0, 0])
-        if latency is not None:
-            window[0].append(latency)
-        window[1] += 1
-        window[2] += failed
+    first_minute = int(ctx.now // TRAFFIC_STEP_S) - RATE_STEPS + 1
+    counts = await stats_repo.backend_counts(gw.db, first_minute)
+    latencies: dict[str, list[float]] = {}
+    for backend, latency in await stats_repo.backend_latencies(gw.db, ctx.now - BACKEND_WINDOW_S, LATENCY_SAMPLE):
+        latencies.setdefault(backend, []).append(latency)
     out = []
     for name, local in gw.catalog.backends.items():
         shared = gw.breakers.state(name)
-        latencies, requests, failed = windows.get(name, ([], 0, 0))
-        latencies.sort()
+        ordered = sorted(latencies.get(name, ()))
+        requests, failed = counts.get(name, (0, 0))
         up = shared["up"]
         out.append({
             "name": name, "kind": local.kind, "up": up,
@@ -89,8 +88,7 @@ async def backends(ctx: StatsContext) -> dict[str, Any]:
             "models": len(local.models), "inflight": shared["in_flight"],
             "breaker": {"state": shared["state"], "consecutive_failures": shared["consecutive_failures"],
                         "retry_after_s": shared["retry_after_s"]},
-            "latency_ms": {"p50": _percentile(latencies, 0.5), "p95": _percentile(latencies, 0.95)}
-            if latencies else None,
+            "latency_ms": {"p50": _percentile(ordered, 0.5), "p95": _percentile(ordered, 0.95)} if ordered else None,
             "requests": requests, "error_rate": _rate(failed, requests),
         })
     return {"backends": out, "backend_window_s": BACKEND_WINDOW_S}
@@ -100,13 +98,12 @@ async def traffic(ctx: StatsContext) -> dict[str, Any]:
     """Requests, errors and tokens per minute over the last hour (every request, with a key or not)."""
     last = int(ctx.now // TRAFFIC_STEP_S)
     first = last - TRAFFIC_STEPS + 1
-    rows = {row["step"]: row for row in
-            await stats_repo.traffic(ctx.gateway.db, first * TRAFFIC_STEP_S, TRAFFIC_STEP_S)}
+    rows = {row["minute"]: row for row in await stats_repo.traffic(ctx.gateway.db, first)}
     points = []
-    for step in range(first, last + 1):
-        row = rows.get(step, {})
-        points.append({"t": step * TRAFFIC_STEP_S, "requests": row.get("requests", 0),
-                       "errors": row.get("errors", 0) or 0, "tokens": row.get("tokens", 0) or 0})
+    for minute in range(first, last + 1):
+        row = rows.get(minute, {})
+        points.append({"t": minute * TRAFFIC_STEP_S, "requests": row.get("requests", 0),
+                       "errors": row.get("errors", 0), "tokens": row.get("tokens", 0)})
     recent = sum(p["requests"] for p in points[-RATE_STEPS:])
     elapsed = (RATE_STEPS - 1) * TRAFFIC_STEP_S + (ctx.now - last * TRAFFIC_STEP_S)  # the newest step is partial
     return {"traffic": points, "requests_per_s": round(recent / elapsed, 3)}

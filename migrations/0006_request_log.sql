@@ -16,3 +16,14 @@ ALTER TABLE usage_daily ADD COLUMN cache_hits INTEGER NOT NULL DEFAULT 0;
 
 CREATE INDEX requests_model ON requests (model);
 CREATE INDEX requests_status ON requests (status);
+
+-- Requests per minute, in total (backend '') and per backend that was asked (not cache hits, not 429s):
+-- fed by the buffered writer, so the status page's hour of traffic is 60 rows, whatever the load.
+CREATE TABLE traffic_minute (
+    minute INTEGER NOT NULL,            -- unix seconds // 60, UTC
+    backend TEXT NOT NULL,              -- '' for every request
+    requests INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,  -- status >= 400, or a stream that ended in an error event
+    tokens INTEGER NOT NULL DEFAULT 0,  -- prompt + completion
+    PRIMARY KEY (minute, backend)
+);

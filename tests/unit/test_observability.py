@@ -18,7 +18,7 @@ from appliance.config import Settings
 from appliance.gateway import Gateway
 from appliance.resources import migrations_dir
 from appliance.server.access import is_public
-from appliance.storage import requests_repo
+from appliance.storage import requests_repo, stats_repo
 from appliance.storage.db import BufferedWriter, Database
 from appliance.storage.migrate import migrate
 
@@ -42,6 +42,7 @@ async def _log_with(tmp_path: Path, ages_days: list[float]) -> tuple[Database, B
         created = NOW - age * DAY
         requests_repo.record(writer, row(f"req-{i}", created))
         requests_repo.record_bodies(writer, f"req-{i}", created, b'{"a": 1}', None, max_bytes=1024)
+        stats_repo.add_traffic(writer, int(created // 60), "", failed=False, tokens=3)
     await writer.flush()
     return db, writer
 
@@ -50,6 +51,10 @@ async def _counts(db: Database) -> tuple[int, int]:
     requests = (await db.fetchall("SELECT count(*) FROM requests"))[0][0]
     bodies = (await db.fetchall("SELECT count(*) FROM request_bodies"))[0][0]
     return requests, bodies
+
+
+async def _minutes(db: Database) -> int:
+    return (await db.fetchall("SELECT count(*) FROM traffic_minute"))[0][0]
 
 
 def test_sweep_drops_rows_and_bodies_older_than_the_cutoff_in_batches(tmp_path: Path,
@@ -79,9 +84,9 @@ def test_the_gateway_sweeps_by_log_keep_days_with_an_injected_now(tmp_path: Path
         try:
             gateway = Gateway(settings, None, db, None, None, None, None, None)  # type: ignore[arg-type]
             await gateway.sweep(NOW)
-            assert await _counts(db) == (2, 2)
+            assert await _counts(db) == (2, 2) and await _minutes(db) == 2
             await gateway.sweep(NOW + 6 * DAY)  # a week after the newest but one
-            assert await _counts(db) == (1, 1)
+            assert await _counts(db) == (1, 1) and await _minutes(db) == 1
         finally:
             await db.close()
 
