@@ -213,3 +213,15 @@ def test_percentiles_are_nearest_rank() -> None:
     ordered = [float(n) for n in range(1, 101)]
     assert statsz._percentile(ordered, 0.5) == 50.0 and statsz._percentile(ordered, 0.95) == 95.0
     assert statsz._percentile([7.0], 0.95) == 7.0
+
+
+def test_per_key_labels_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(metrics.ENV, raising=False)
+    recorder = metrics.Recorder(per_key=True, known_model=lambda name: True)
+    recorder.request_finished(endpoint="/v1/chat/completions", model="per-key-model", backend="b", status=429,
+                              cache=None, key=("key_abc", "ci bot"), latency_s=0.001, overhead_s=None, ttft_s=None,
+                              prompt_tokens=0, completion_tokens=0, cost_usd=0.0, retries=0, fell_back=False)
+    with_keys = metrics.render(metrics.LiveCollector(list), per_key=True).decode()
+    assert ('appliance_requests_total{backend="b",cache="none",endpoint="/v1/chat/completions",key_id="key_abc",'
+            'key_name="ci bot",model="per-key-model",status_class="4xx"} 1.0') in with_keys
+    assert "key_abc" not in metrics.render(metrics.LiveCollector(list), per_key=False).decode()
