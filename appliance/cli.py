@@ -146,7 +146,7 @@ def _serve(settings: Settings) -> int:
     from appliance import metricsdir
 
     try:
-        metricsdir.use(settings.data_dir)  # before the server's imports load prometheus_client
+        metrics_dir = metricsdir.use(settings.data_dir)  # before the server's imports load prometheus_client
     except OSError as exc:
         print(f"appliance: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -156,6 +156,7 @@ def _serve(settings: Settings) -> int:
     try:
         serve(settings)
     except AlreadyRunning as exc:
+        metricsdir.discard(metrics_dir)  # the running appliance's folder is another one: untouched
         print(f"appliance: {exc}", file=sys.stderr)
         return 1
     except SchemaError as exc:

@@ -35,3 +35,8 @@ def remove_stale() -> None:
     for entry in ours.parent.glob("run-*"):
         if entry != ours:
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def discard(path: Path) -> None:
+    """A run that never served (the data dir was taken): leave no folder behind."""
+    shutil.rmtree(path, ignore_errors=True)

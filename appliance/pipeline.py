@@ -226,8 +226,10 @@ async def _serve_hit(gw: Gateway, x: Exchange, body: dict[str, Any], hit: cache.
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else hit.tokens.as_usage()
         data["usage"] = {**usage, **usage_extras(NO_COST, x, latency)}
         headers["X-Appliance-Latency-Ms"] = ms(latency)
-        x.response_body = answer = orjson.dumps(data)
+        answer = orjson.dumps(data)
         await responder.complete(200, headers, answer)
+        if gw.settings.log.store_bodies:
+            x.response_body = answer
     record(gw, x, 200, tokens=hit.tokens, cost=NO_COST, ttft_s=latency)
 
 

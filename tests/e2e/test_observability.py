@@ -347,6 +347,14 @@ def test_bodies_when_asked_text_access_log_and_statsz_key_off_loopback(
     assert httpx.get(f"http://{outside}:{app.port}/status", timeout=10).status_code == 200  # the page itself
 
 
+def test_a_second_appliance_on_the_data_dir_leaves_the_metrics_alone(app: Appliance, burst: dict[str, Any]) -> None:
+    before = eventually(lambda: _requests_counted(app, burst["sent"]))
+    refused = app.cli("serve")
+    assert refused.returncode == 1 and "already running" in refused.stderr
+    assert len(list((app.data_dir / "metrics").iterdir())) == 1  # the running one's folder, nothing else
+    assert total(scrape(app), "appliance_requests_total") == before
+
+
 def test_counters_survive_a_killed_worker_and_its_live_gauges_go(app: Appliance, burst: dict[str, Any]) -> None:
     """Last in the module: it kills a worker of the shared appliance (the watchdog replaces it)."""
     before = eventually(lambda: _requests_counted(app, burst["sent"]))
