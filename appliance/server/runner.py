@@ -86,6 +86,8 @@ def _read_pid(path: Path) -> int | None:
 
 def serve(settings: Settings) -> None:
     configure_logging()
+    if metricsdir.ENV not in os.environ:  # the CLI sets it before prometheus_client loads; see metricsdir
+        log.warning("%s is not set: /metrics shows only the worker that answers", metricsdir.ENV)
     server = settings.server
     with data_dir_lock(settings.data_dir):
         metricsdir.remove_stale()

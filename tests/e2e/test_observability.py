@@ -345,6 +345,15 @@ def test_bodies_when_asked_text_access_log_and_statsz_key_off_loopback(
     assert httpx.get(url, timeout=10).status_code == 401
     assert httpx.get(url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).status_code == 200
     assert httpx.get(f"http://{outside}:{app.port}/status", timeout=10).status_code == 200  # the page itself
+    if not browser.available():
+        return
+    asked = browser.load_page(f"http://{outside}:{app.port}/", screenshot=ARTIFACTS / "status-page-live-key.png",
+                              wait_for_selector='body[data-state="need-key"] #key-form:not([hidden])')
+    assert "needs an API key" in asked.text and "fake" not in asked.text
+    assert [e for e in asked.errors if not (e.startswith("network:") and "/statsz" in e)] == []
+    shown = browser.load_page(f"http://{outside}:{app.port}/", screenshot=ARTIFACTS / "status-page-live-keyed.png",
+                              wait_for_selector='body[data-state="loaded"]', storage={"appliance-key": ADMIN_KEY})
+    assert shown.errors == [] and "fake" in shown.text
 
 
 def test_a_second_appliance_on_the_data_dir_leaves_the_metrics_alone(app: Appliance, burst: dict[str, Any]) -> None:
