@@ -134,6 +134,14 @@ class Catalog:
         hint = f" Known models: {listed}." if known else " No backend has reported any model yet."
         return GatewayError("model_not_found", f"The model '{model}' does not exist.{hint}", param="model")
 
+    def knows(self, name: str) -> bool:
+        """Is ``name`` a configured alias, a listed model, or ``backend/model`` of a listed one? (Metrics
+        label requests by such names only.)"""
+        if name in self._aliases or name in self._index:
+            return True
+        prefix, slash, rest = name.partition("/")
+        return bool(slash) and prefix in self.backends and rest in self._index
+
     def model_ids(self) -> list[str]:
         """Every listed id: aliases first, then discovered models (deduplicated)."""
         return [*self._aliases, *(m for m in self._by_model() if m not in self._aliases)]

@@ -143,12 +143,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    from appliance import metricsdir
+
+    try:
+        metrics_dir = metricsdir.use(settings.data_dir)  # before the server's imports load prometheus_client
+    except OSError as exc:
+        print(f"appliance: cannot start: {exc}", file=sys.stderr)
+        return 1
     from appliance.server.runner import AlreadyRunning, serve
     from appliance.storage.migrate import SchemaError
 
     try:
         serve(settings)
     except AlreadyRunning as exc:
+        metricsdir.discard(metrics_dir)  # the running appliance's folder is another one: untouched
         print(f"appliance: {exc}", file=sys.stderr)
         return 1
     except SchemaError as exc:

@@ -165,6 +165,21 @@ class ResponsesSettings(_Model):
 
 class MetricsSettings(_Model):
     require_key: bool = Field(False, description="Ask for an API key on /metrics (public by default).")
+    per_key: bool = Field(False, description="Add key_id and key_name labels to the request, token and cost "
+                          "series (one series per key: only with few keys).")
+
+
+class LogSettings(_Model):
+    keep_days: float = Field(30, gt=0, description="How long request-log rows (and stored bodies) are kept.")
+    store_bodies: bool = Field(False, description="Also store request bodies and whole (non-streamed) answers.")
+    max_body_kb: int = Field(64, ge=1, le=16_384, description="Stored bodies are cut to this size, in KB.")
+    access: Literal["json", "text", "off"] = Field("json", description="One access-log line per request on "
+                                                   "stdout: JSON, text, or none.")
+
+
+class StatusSettings(_Model):
+    public: bool = Field(False, description="Serve /statsz (the status page's data) without a key from anywhere, "
+                         "not only from loopback.")
 
 
 class DiscoverySettings(_Model):
@@ -182,6 +197,8 @@ class Settings(_Model):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    status: StatusSettings = Field(default_factory=StatusSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)

@@ -10,12 +10,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from appliance.auth import Principal
 from appliance.catalog import Route
 from appliance.errors import GatewayError
 from appliance.gateway import Gateway
 from appliance.limits import Admission, key_scope
-from appliance.storage import requests_repo, usage_repo
+from appliance.metrics import endpoint_label as metrics_endpoint
+from appliance.storage import requests_repo, stats_repo, usage_repo
 from appliance.usage import NO_COST, Cost, Tokens, cost_of, estimate_prompt
 
 # Client request headers that never travel upstream: the hop, our auth, our own controls.
@@ -73,6 +76,10 @@ class Exchange:
     recorded: bool = False
     session_id: str | None = None  # set by the WebSocket route; else the client's X-Appliance-Session-ID
     notes: dict[str, str] | None = None  # headers a surface adds to every answer (e.g. dropped tools)
+    method: str | None = None  # the HTTP method and the caller's address, for the access log (set by the
+    client: str | None = None  # web layer; None for a WebSocket turn or a batch line)
+    in_flight: bool = False  # counted in appliance_inflight_requests until recorded
+    response_body: bytes | None = None  # the whole answer sent, kept only for [log] store_bodies
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -134,6 +141,13 @@ def allowed_routes(x: Exchange, routes: tuple[Route, ...]) -> tuple[Route, ...]:
     return allowed
 
 
+def begin(gw: Gateway, x: Exchange) -> None:
+    """The request is being served: counted in flight until ``record``."""
+    if not x.in_flight:
+        x.in_flight = True
+        gw.metrics.request_started()
+
+
 def admit(gw: Gateway, x: Exchange, body: dict[str, Any], route: Route, *, counts_tokens: bool = True) -> None:
     """Count the request against its key's and its model's limits and budget, or refuse it (429)."""
     scopes = tuple(scope for scope in (key_scope(x.principal), gw.model_scopes.of(route.backend, route.upstream_model))
@@ -145,7 +159,19 @@ def admit(gw: Gateway, x: Exchange, body: dict[str, Any], route: Route, *, count
     expected = Tokens(prompt, most if isinstance(most, int) else 0)
     cost = cost_of(gw.prices.of(route.backend, route.upstream_model), expected).total
     shown = next((scope for scope in scopes if scope.rpm or scope.tpm), None)
-    x.admission = gw.limiter.admit(scopes, tokens=prompt, cost=cost, counts_tokens=counts_tokens, headers_for=shown)
+    try:
+        x.admission = gw.limiter.admit(scopes, tokens=prompt, cost=cost, counts_tokens=counts_tokens,
+                                       headers_for=shown)
+    except GatewayError as exc:
+        gw.metrics.rejected(_limit_of(exc))
+        raise
+
+
+def _limit_of(refusal: GatewayError) -> str:
+    """Which limit refused a request: requests, tokens, concurrency or budget (the metrics label)."""
+    if refusal.code == "budget_exceeded":
+        return "budget"
+    return str(refusal.extra.get("limit", "tokens"))  # a request larger than tpm carries no "limit"
 
 
 def usage_extras(cost: Cost, x: Exchange, ttft_s: float | None) -> dict[str, Any]:
@@ -188,7 +214,7 @@ def record(
     backend = x.route.backend if x.route else None
     backend_model = x.route.upstream_model if x.route else None
     priced = tokens is not None and tokens.prompt is not None
-    requests_repo.record(gw.writer, requests_repo.RequestRecord(
+    row = requests_repo.RequestRecord(
         request_id=x.request_id,
         created_at=x.arrived_at,
         endpoint=x.path,
@@ -211,10 +237,47 @@ def record(
         cost_usd=cost.total if priced else None,
         cache=x.cache,
         session_id=x.session(),
-    ))
+    )
+    requests_repo.record(gw.writer, row)
     if key_id is not None:
         usage_repo.add_to_rollup(
             gw.writer, usage_repo.day_of(x.arrived_at), key_id, model or "", backend or "", backend_model or "",
             error=status >= 400 or error_code is not None, prompt=tokens.prompt or 0 if tokens else 0,
             completion=tokens.completion or 0 if tokens else 0, cached=tokens.cached if tokens else 0,
-            cost=cost.total)
+            cost=cost.total, cache_hit=x.cache == "HIT")
+    _count_traffic(gw, x, row)
+    observe(gw, x, row)
+
+
+def _count_traffic(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
+    """The per-minute rollup the status page draws: every request, and per backend the ones it was asked."""
+    minute = int(row.created_at // 60)
+    failed = row.status >= 400 or row.error_code is not None
+    used = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
+    stats_repo.add_traffic(gw.writer, minute, "", failed=failed, tokens=used)
+    if row.backend is not None and x.cache != "HIT" and row.status != 429:
+        stats_repo.add_traffic(gw.writer, minute, row.backend, failed=failed, tokens=used)
+
+
+def observe(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
+    """What else a finished request feeds: metrics, the access log, stored bodies (when asked for)."""
+    principal = x.principal
+    if x.in_flight:
+        x.in_flight = False
+        gw.metrics.request_ended()
+    gw.metrics.request_finished(
+        endpoint=metrics_endpoint(row.endpoint), model=gw.metrics.model_label(row.model, x.route_name),
+        backend=row.backend, status=row.status, cache=row.cache,
+        key=(principal.key_id, principal.name) if principal is not None else None,
+        latency_s=row.latency_ms / 1000, overhead_s=row.overhead_ms / 1000 if row.overhead_ms is not None else None,
+        ttft_s=row.ttft_ms / 1000 if row.ttft_ms is not None else None, prompt_tokens=row.prompt_tokens or 0,
+        completion_tokens=row.completion_tokens or 0, cost_usd=row.cost_usd or 0.0, retries=x.retries,
+        fell_back=x.fallback_from is not None)
+    if gw.access_log is not None:
+        gw.access_log.write({**row._asdict(), "time": row.created_at, "path": row.endpoint, "method": x.method,
+                             "client": x.client})
+    settings = gw.settings.log
+    if settings.store_bodies:
+        requests_repo.record_bodies(gw.writer, row.request_id, row.created_at,
+                                    orjson.dumps(x.body) if x.body is not None else None, x.response_body,
+                                    max_bytes=settings.max_body_kb * 1024)

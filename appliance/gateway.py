@@ -12,17 +12,19 @@ import time
 from dataclasses import dataclass, field
 
 from appliance import discovery
+from appliance.accesslog import AccessLog
 from appliance.auth import Authenticator
 from appliance.cache import ResponseCache
 from appliance.catalog import Catalog
 from appliance.config import BackendSettings, Settings
 from appliance.errors import GatewayError
 from appliance.limits import Limiter, ModelScopes
+from appliance.metrics import Recorder
 from appliance.providers import registry
 from appliance.providers.base import ModelInfo, Provider
 from appliance.resilience import Breakers
 from appliance.routing import Selector
-from appliance.storage import responses_repo
+from appliance.storage import requests_repo, responses_repo, stats_repo
 from appliance.storage.db import BufferedWriter, Database
 from appliance.transport import Limits, Transport
 from appliance.usage import Prices
@@ -50,6 +52,8 @@ class Gateway:
     rng: random.Random = field(default_factory=random.Random, init=False)  # retry jitter
     providers: dict[str, Provider] = field(default_factory=dict, init=False)
     draining: bool = field(default=False, init=False)
+    metrics: Recorder = field(init=False)
+    access_log: AccessLog | None = field(default=None, init=False)
     _backends: dict[str, BackendSettings] = field(default_factory=dict, init=False)
     _discovered: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
@@ -58,6 +62,9 @@ class Gateway:
         self.catalog = Catalog(self.settings.models)
         self.prices = Prices(self.settings.models)
         self.model_scopes = ModelScopes(self.settings.models, first_slot=self.settings.limits.key_slots)
+        self.metrics = Recorder(per_key=self.settings.metrics.per_key, known_model=self.catalog.knows)
+        if self.settings.log.access != "off":
+            self.access_log = AccessLog(self.settings.log.access)
         for backend in self.settings.backends:
             self._add(backend, kind=backend.type)
 
@@ -121,6 +128,7 @@ class Gateway:
             if self.catalog.backends[name].up is not False:
                 log.warning("backend %r is not answering: %s", name, exc.message)
             self.catalog.update(name, models=None, error=exc.message)
+            self.breakers.set_probe(name, up=False)
             return
         if not backend.discover:
             models = [ModelInfo(id=m) for m in backend.models] if backend.models else models
@@ -129,6 +137,7 @@ class Gateway:
             log.info("backend %r (%s) is up with %d model(s)", name, provider.kind, len(models))
         state.kind = provider.kind
         self.catalog.update(name, models=models)
+        self.breakers.set_probe(name, up=True)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._refresh_loop(), name="backend-refresh")
@@ -143,12 +152,22 @@ class Gateway:
             try:
                 await self.refresh(scan=scan)
                 if scan:
-                    await responses_repo.sweep(self.db, time.time())  # past responses.keep_days
+                    await self.sweep(time.time())
             except Exception:  # never let one bad probe (or a busy database) end the loop
                 log.exception("backend refresh failed")
             if scan:
                 last_scan = now
             await asyncio.sleep(interval)
+
+    async def sweep(self, now: float) -> None:
+        """Drop stored Responses past responses.keep_days and request-log rows past log.keep_days.
+
+        Every worker sweeps on its own loop: deleting what is already gone is harmless.
+        """
+        await responses_repo.sweep(self.db, now)
+        cutoff = now - self.settings.log.keep_days * 86400
+        await requests_repo.sweep(self.db, cutoff)
+        await stats_repo.sweep_traffic(self.db, cutoff)
 
     async def wait_discovered(self) -> None:
         """Let a request that arrives in the first moments of a worker's life see the catalog."""

@@ -22,6 +22,7 @@ from appliance.exchange import (
     Responder,
     admit,
     allowed_routes,
+    begin,
     ms,
     record,
     usage_extras,
@@ -169,6 +170,7 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
                 surface: Surface = OPENAI) -> None:
     """Serve a valid OpenAI-shaped body; ``surface`` renders the answer (translated for Messages, Responses)."""
     x.body = x.body or body
+    begin(gw, x)
     try:
         await gw.wait_discovered()
         plan = plan_for(gw, x, body)
@@ -224,7 +226,10 @@ async def _serve_hit(gw: Gateway, x: Exchange, body: dict[str, Any], hit: cache.
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else hit.tokens.as_usage()
         data["usage"] = {**usage, **usage_extras(NO_COST, x, latency)}
         headers["X-Appliance-Latency-Ms"] = ms(latency)
-        await responder.complete(200, headers, orjson.dumps(data))
+        answer = orjson.dumps(data)
+        await responder.complete(200, headers, answer)
+        if gw.settings.log.store_bodies:
+            x.response_body = answer
     record(gw, x, 200, tokens=hit.tokens, cost=NO_COST, ttft_s=latency)
 
 

@@ -45,6 +45,8 @@ async def answer_rendered(gw: Gateway, call: Call, x: Exchange, responder: Respo
                "X-Appliance-Cost-Usd": f"{cost.total:.9f}", "X-Appliance-Latency-Ms": ms(latency),
                "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}
     await responder.complete(200, headers, body)
+    if gw.settings.log.store_bodies:
+        x.response_body = body
     record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=latency - reply.upstream_s, ttft_s=latency)
     return original, tokens
 

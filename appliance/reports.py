@@ -10,6 +10,8 @@ import datetime as dt
 import time
 from typing import Any
 
+import orjson
+
 from appliance.auth import Principal, public_view
 from appliance.errors import GatewayError
 from appliance.limits import Limiter, key_scope
@@ -51,3 +53,62 @@ async def key_view(db: Database, limiter: Limiter, principal: Principal) -> dict
         "recent": await requests_repo.recent_for_key(db, principal.key_id, RECENT),
     }
     return view
+
+
+REQUESTS_LIMIT = 100
+REQUESTS_LIMIT_MAX = 1000
+
+
+def _int_param(value: str | None, param: str, low: int, high: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if not low <= number <= high:
+        raise GatewayError("invalid_value", f"'{param}' must be an integer from {low} to {high}.", param=param)
+    return number
+
+
+def _status_param(value: str | None) -> tuple[int | None, int | None]:
+    """An exact status (429) or a class (4xx): (status, class digit)."""
+    if value is None:
+        return None, None
+    text = value.strip().lower()
+    if len(text) == 3 and text[0] in "12345" and text[1:] == "xx":
+        return None, int(text[0])
+    if len(text) == 3 and text.isdigit() and 100 <= int(text) <= 599:
+        return int(text), None
+    raise GatewayError("invalid_value", "'status' must be an HTTP status like 429 or a class like 5xx.",
+                       param="status")
+
+
+async def request_log(db: Database, args: dict[str, str | None]) -> list[dict[str, Any]]:
+    """GET /admin/requests: the newest request-log rows first, filtered; bodies where they were stored."""
+    unknown = sorted(set(args) - {"limit", "model", "status", "key", "before"})
+    if unknown:
+        raise GatewayError("invalid_value", f"Unknown parameter '{unknown[0]}' (known: limit, model, status, key, "
+                           "before).", param=unknown[0])
+    limit = _int_param(args.get("limit"), "limit", 1, REQUESTS_LIMIT_MAX) or REQUESTS_LIMIT
+    before = _int_param(args.get("before"), "before", 1, 2**63 - 1)
+    status, status_class = _status_param(args.get("status"))
+    rows = await requests_repo.search(db, limit=limit, model=args.get("model"), status=status,
+                                      status_class=status_class, key_id=args.get("key"), before_id=before,
+                                      with_bodies=True)
+    for row in rows:
+        row["stream"] = bool(row["stream"])
+        row["estimated"] = bool(row["estimated"])
+        for name in ("request_body", "response_body"):
+            row[name] = _body(row.get(name))
+    return rows
+
+
+def _body(raw: bytes | None) -> Any:
+    """A stored body as JSON when it parses, else as text (a body cut to max_body_kb no longer parses)."""
+    if raw is None:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return bytes(raw).decode("utf-8", "replace")

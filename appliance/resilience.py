@@ -46,6 +46,7 @@ MAX_WORKERS = 64  # ServerSettings.workers allows at most this many
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 STATE_NAMES = ("closed", "open", "half_open")
+_PROBE_UP = (None, True, False)
 
 
 # ---------------------------------------------------------------------------------------- retries
@@ -154,6 +155,8 @@ class _Slot(ctypes.Structure):
         ("queue_waiting", ctypes.c_double),
         ("running", ctypes.c_double),
         ("sampled_at", ctypes.c_double),  # 0: no load sample
+        ("probe", ctypes.c_int32),  # the latest health probe, any worker: 0 none yet, 1 up, 2 down
+        ("probed_at", ctypes.c_double),
     ]
 
 
@@ -351,7 +354,8 @@ class Breakers:
             slot = self._row(backend)
             if slot is None:
                 return {"state": "closed", "consecutive_failures": 0, "opened_at": None, "retry_after_s": 0.0,
-                        "window_ok": 0, "window_fail": 0, "in_flight": 0, "load": None}
+                        "window_ok": 0, "window_fail": 0, "in_flight": 0, "load": None, "up": None,
+                        "probed_at": None}
             self._advance(slot, now)
             load = None
             if slot.sampled_at:
@@ -367,7 +371,18 @@ class Breakers:
                 "window_fail": slot.fail_total,
                 "in_flight": slot.inflight_sum,
                 "load": load,
+                "up": _PROBE_UP[slot.probe],
+                "probed_at": slot.probed_at or None,
             }
+
+    def set_probe(self, backend: str, up: bool, at: float | None = None) -> None:
+        """The outcome of a health probe (any worker's: the latest one is what every worker reports)."""
+        when = self._clock() if at is None else at
+        with self._table.lock:
+            slot = self._row(backend)
+            if slot is not None and when >= slot.probed_at:
+                slot.probe = 1 if up else 2
+                slot.probed_at = when
 
     # ------------------------------------------------------------------ in flight and load
 

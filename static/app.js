@@ -156,8 +156,11 @@
     status.textContent = backends.length ? `${up}/${backends.length} backends up` : "no backends";
     status.className = `pill ${up === backends.length && up > 0 ? "good" : up > 0 ? "warn" : "bad"}`;
     const workers = d.workers?.configured;
+    const alive = d.workers?.alive;
+    const workersText = missing(workers) ? null
+      : `${!missing(alive) && alive !== workers ? `${alive}/` : ""}${workers} worker${workers === 1 ? "" : "s"}`;
     $("meta").textContent = [d.version && `v${d.version}`, !missing(d.uptime_s) && `up ${duration(d.uptime_s)}`,
-      !missing(workers) && `${workers} worker${workers === 1 ? "" : "s"}`].filter(Boolean).join(" · ");
+      workersText].filter(Boolean).join(" · ");
     renderTotals(d);
     renderTraffic(d.traffic ?? []);
     renderBackends(backends, now);

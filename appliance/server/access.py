@@ -1,7 +1,8 @@
 """Who may call what: the request middleware that turns a presented key into a principal.
 
 Public without a key: liveness, readiness, the status page and its files. /statsz answers loopback
-callers without a key. Everything else needs one; its role and endpoint patterns are checked here, its
+callers without a key (anyone with ``[status] public``); the page asks for a key when /statsz does.
+Everything else needs one; its role and endpoint patterns are checked here, its
 model patterns and limits in the pipeline (which knows the model).
 """
 
@@ -24,7 +25,7 @@ def is_public(request: Request) -> bool:
         return True
     if path == "/metrics":
         return not request.app.ctx.settings.metrics.require_key
-    return path in LOOPBACK_PATHS and from_loopback(request)
+    return path in LOOPBACK_PATHS and (request.app.ctx.settings.status.public or from_loopback(request))
 
 
 def from_loopback(request: Request) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse
@@ -16,8 +17,8 @@ from appliance.server import access, lifecycle
 from appliance.server.responses import GatewayErrorHandler, RequestIds
 from appliance.server.routes import anthropic as anthropic_routes
 from appliance.server.routes import keys as keys_routes
+from appliance.server.routes import observability, ops, responses_ws
 from appliance.server.routes import openai as openai_routes
-from appliance.server.routes import ops, responses_ws
 from appliance.server.routes import responses as responses_routes
 
 APP_NAME = "appliance"
@@ -36,9 +37,10 @@ def configure_logging() -> None:
 
 
 def create_app(settings: Settings, limit_table: SharedTable | None = None,
-               backend_table: BackendTable | None = None) -> Sanic:
+               backend_table: BackendTable | None = None, started_at: float | None = None) -> Sanic:
     """The tables hold what all workers share live (limit counters; breakers and in-flight counts per
-    backend); the main process makes them before the workers start. Without them: this process only."""
+    backend); the main process makes them before the workers start. Without them: this process only.
+    ``started_at``: when the appliance started (its uptime survives a worker's restart)."""
     configure_logging()
     app = Sanic(APP_NAME, error_handler=GatewayErrorHandler())
     app.config.update(
@@ -56,15 +58,20 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.ctx.request_ids = RequestIds()
     app.ctx.limit_table = limit_table or SharedTable(table_size(settings), shared=False)
     app.ctx.backend_table = backend_table or BackendTable(shared=False)
+    app.ctx.started_at = started_at or time.time()
     app.blueprint(openai_routes.bp)
     app.blueprint(anthropic_routes.bp)
     app.blueprint(responses_routes.bp)
     app.blueprint(responses_ws.bp)
     app.blueprint(keys_routes.bp)
     app.blueprint(ops.bp)
+    app.blueprint(observability.bp)
     app.static("/static", static_dir(), name="static")
     if settings.server.cors_origins:
         _add_cors(app, settings.server.cors_origins)  # first: a preflight carries no key
+    if settings.log.access != "off":
+        app.on_request(observability.note_arrival)
+        app.on_response(observability.log_access)
     app.on_request(access.authenticate)
     lifecycle.register(app)
     return app

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 import sys
 import threading
 
 from sanic import Sanic
 
+from appliance import metrics
 from appliance.auth import Authenticator
 from appliance.cache import ResponseCache
 from appliance.gateway import Gateway
 from appliance.limits import Limiter, worker_index
 from appliance.resilience import Breakers
+from appliance.statsz import StatszCache
 from appliance.storage import keys_repo
 from appliance.storage.db import BufferedWriter, Database
 from appliance.storage.migrate import database_path
@@ -86,7 +89,7 @@ async def open_gateway(app: Sanic) -> None:
     if not settings.server.single_process:
         _stop_with_parent()
     db = await Database.open(database_path(settings.data_dir))
-    writer = BufferedWriter(db, settings.server.flush_interval_ms / 1000)
+    writer = BufferedWriter(db, settings.server.flush_interval_ms / 1000, on_flush=metrics.Recorder.write_queue)
     writer.start()
     transport = await Transport.open()
     authenticator = Authenticator(db, await keys_repo.install_secret(db), settings.auth.cache_ttl_s,
@@ -101,6 +104,8 @@ async def open_gateway(app: Sanic) -> None:
     gateway = Gateway(settings, transport, db, writer, authenticator, limiter, breakers, cache)
     gateway.start()
     app.ctx.gateway = gateway
+    app.ctx.statsz = StatszCache(gateway, app.ctx.started_at)
+    metrics.worker_started()
 
 
 async def start_draining(app: Sanic) -> None:
@@ -120,3 +125,4 @@ async def close_gateway(app: Sanic) -> None:
     await gateway.stop()
     await gateway.transport.close()
     await gateway.db.close()
+    metrics.process_dead(os.getpid())

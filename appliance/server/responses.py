@@ -126,7 +126,8 @@ def exchange(request: Request) -> accounting.Exchange:
     headers = request.headers.items()
     x = accounting.Exchange(path=request.path, request_id=rid, upstream_id=upstream_id,
                             headers=accounting.forwardable(headers), controls=accounting.controls(headers),
-                            principal=getattr(request.ctx, "principal", None))
+                            principal=getattr(request.ctx, "principal", None), method=request.method,
+                            client=request.ip)
     request.ctx.exchange = x
     return x
 

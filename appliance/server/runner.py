@@ -20,7 +20,7 @@ from sanic import Sanic
 from sanic.worker.constants import ProcessState
 from sanic.worker.loader import AppLoader
 
-from appliance import auth
+from appliance import auth, metrics, metricsdir
 from appliance.config import Settings
 from appliance.limits import Limiter, SharedTable, key_scope, period_start_day, table_size
 from appliance.resilience import BackendTable
@@ -86,15 +86,18 @@ def _read_pid(path: Path) -> int | None:
 
 def serve(settings: Settings) -> None:
     configure_logging()
+    if metricsdir.ENV not in os.environ:  # the CLI sets it before prometheus_client loads; see metricsdir
+        log.warning("%s is not set: /metrics shows only the worker that answers", metricsdir.ENV)
     server = settings.server
     with data_dir_lock(settings.data_dir):
+        metricsdir.remove_stale()
         applied = migrate(database_path(settings.data_dir), migrations_dir())
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
         shared = not server.single_process  # one process needs no shared memory (nor its tracker process)
         table = SharedTable(table_size(settings), shared=shared)
         asyncio.run(prepare_keys(settings, table))
-        loader = AppLoader(factory=partial(create_app, settings, table, BackendTable(shared=shared)))
+        loader = AppLoader(factory=partial(create_app, settings, table, BackendTable(shared=shared), time.time()))
         app = loader.load()
         ssl = {"cert": str(server.tls_cert), "key": str(server.tls_key)} if server.tls_cert else None
         app.prepare(host=server.host, port=server.port, workers=1 if server.single_process else server.workers,
@@ -212,6 +215,8 @@ def _start_watchdog(app: Sanic) -> None:
                     continue
                 restarted[process.name] = now
                 log.warning("worker %s (pid %s) died; starting a new one", process.name, process.pid)
+                if process.pid:
+                    metrics.process_dead(process.pid)  # its in-flight and worker gauges stop counting
                 manager.monitor_publisher.send(process.name)
 
     threading.Thread(target=loop, daemon=True, name="worker-watchdog").start()

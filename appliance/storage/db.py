@@ -69,9 +69,10 @@ class Database:
 class BufferedWriter:
     """Collects rows on the hot path (no await, no I/O) and writes them in batches."""
 
-    def __init__(self, db: Database, interval_s: float) -> None:
+    def __init__(self, db: Database, interval_s: float, on_flush: Callable[[int], None] | None = None) -> None:
         self._db = db
         self._interval_s = interval_s
+        self._on_flush = on_flush  # told the rows waiting at each periodic flush (the queue depth metric)
         self._pending: dict[str, list[tuple[Any, ...]]] = {}
         self._sums: dict[str, dict[tuple[Any, ...], list[float]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -132,6 +133,8 @@ class BufferedWriter:
                 await asyncio.wait_for(self._stopping.wait(), self._interval_s)
             except TimeoutError:
                 pass
+            if self._on_flush is not None:
+                self._on_flush(self.depth)
             await self.flush()
 
     async def stop(self) -> None:

@@ -66,3 +66,76 @@ async def recent_for_key(db: Database, key_id: str, limit: int = 20) -> list[dic
         "SELECT request_id, created_at, endpoint, model, status, prompt_tokens, completion_tokens, cost_usd, "
         "latency_ms FROM requests WHERE key_id = ? ORDER BY id DESC LIMIT ?", (key_id, limit))
     return [dict(row) for row in rows]
+
+
+_INSERT_BODIES = ("INSERT INTO request_bodies (request_id, created_at, request, response, truncated) "
+                  "VALUES (?, ?, ?, ?, ?)")
+
+
+def record_bodies(writer: BufferedWriter, request_id: str, created_at: float, request: bytes | None,
+                  response: bytes | None, *, max_bytes: int) -> None:
+    """Queue a request's bodies (only with [log] store_bodies), each cut to ``max_bytes``."""
+    cut = any(b is not None and len(b) > max_bytes for b in (request, response))
+    writer.add(_INSERT_BODIES, (request_id, created_at, request[:max_bytes] if request is not None else None,
+                                response[:max_bytes] if response is not None else None, int(cut)))
+
+
+_COLUMNS = ("id, request_id, created_at, endpoint, model, backend, backend_model, status, error_code, stream, "
+            "latency_ms, overhead_ms, ttft_ms, prompt_tokens, completion_tokens, cached_tokens, estimated, key_id, "
+            "input_cost_usd, output_cost_usd, cost_usd, cache")
+
+
+async def search(db: Database, *, limit: int, model: str | None = None, status: int | None = None,
+                 status_class: int | None = None, key_id: str | None = None, before_id: int | None = None,
+                 with_bodies: bool = False) -> list[dict[str, Any]]:
+    """The newest rows first, filtered; ``status_class`` 5 means 500-599. Bodies joined when asked."""
+    where, params = [], []
+    for clause, value in (("model = ?", model), ("status = ?", status), ("key_id = ?", key_id),
+                          ("id < ?", before_id)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    if status_class is not None:
+        where.append("status BETWEEN ? AND ?")
+        params += [status_class * 100, status_class * 100 + 99]
+    sql = (f"SELECT {_COLUMNS} FROM requests" + (" WHERE " + " AND ".join(where) if where else "")
+           + " ORDER BY id DESC LIMIT ?")
+    rows = [dict(row) for row in await db.fetchall(sql, [*params, limit])]
+    if with_bodies and rows:
+        await _attach_bodies(db, rows)
+    return rows
+
+
+async def _attach_bodies(db: Database, rows: list[dict[str, Any]]) -> None:
+    found = await db.fetchall(
+        "SELECT request_id, created_at, request, response, truncated FROM request_bodies WHERE request_id IN "
+        f"({', '.join('?' * len(rows))})", [row["request_id"] for row in rows])
+    bodies = {(b["request_id"], b["created_at"]): b for b in found}
+    for row in rows:
+        body = bodies.get((row["request_id"], row["created_at"]))
+        row["request_body"] = body["request"] if body else None
+        row["response_body"] = body["response"] if body else None
+        row["body_truncated"] = bool(body["truncated"]) if body else False
+
+
+SWEEP_BATCH = 5000
+
+
+async def sweep(db: Database, older_than: float) -> int:
+    """Delete request-log rows and bodies created before ``older_than`` (unix seconds), in small batches
+    so the writer is never held for long. Idempotent: workers may sweep at the same time."""
+    removed = 0
+    for table in ("requests", "request_bodies"):
+        while True:
+            count = await db.write(lambda conn, table=table: _delete_batch(conn, table, older_than))
+            removed += count
+            if count < SWEEP_BATCH:
+                break
+    return removed
+
+
+async def _delete_batch(conn: Any, table: str, older_than: float) -> int:
+    cursor = await conn.execute(
+        f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE created_at < ? LIMIT ?)",
+        (older_than, SWEEP_BATCH))
+    return cursor.rowcount

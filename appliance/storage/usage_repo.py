@@ -10,12 +10,13 @@ from appliance.storage.db import BufferedWriter, Database
 
 _ROLLUP = (
     "INSERT INTO usage_daily (day, key_id, model, backend, backend_model, requests, errors, prompt_tokens, "
-    "completion_tokens, cached_tokens, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "completion_tokens, cached_tokens, cost_usd, cache_hits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (day, key_id, model, backend, backend_model) DO UPDATE SET "
     "requests = requests + excluded.requests, errors = errors + excluded.errors, "
     "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = completion_tokens + excluded.completion_tokens, "
-    "cached_tokens = cached_tokens + excluded.cached_tokens, cost_usd = cost_usd + excluded.cost_usd"
+    "cached_tokens = cached_tokens + excluded.cached_tokens, cost_usd = cost_usd + excluded.cost_usd, "
+    "cache_hits = cache_hits + excluded.cache_hits"
 )
 
 
@@ -30,9 +31,10 @@ def _day(days: int) -> str:
 
 
 def add_to_rollup(writer: BufferedWriter, day: str, key_id: str, model: str, backend: str, backend_model: str,
-                  *, error: bool, prompt: int, completion: int, cached: int, cost: float) -> None:
+                  *, error: bool, prompt: int, completion: int, cached: int, cost: float,
+                  cache_hit: bool = False) -> None:
     writer.add_sum(_ROLLUP, (day, key_id, model, backend, backend_model),
-                   (1, int(error), prompt, completion, cached, cost))
+                   (1, int(error), prompt, completion, cached, cost, int(cache_hit)))
 
 
 _GROUPS = {"day": "day", "model": "model", "key": "key_id"}

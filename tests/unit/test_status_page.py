@@ -33,7 +33,7 @@ def statsz() -> dict[str, Any]:
                 "errors": 3 if i in (20, 21, 45) else 0, "tokens": 300} for i in range(60)]
     breaker_closed = {"state": "closed", "consecutive_failures": 0, "retry_after_s": 0}
     return {
-        "version": "0.1.0", "uptime_s": 7384.5, "now": NOW, "workers": {"configured": 2},
+        "version": "0.1.0", "uptime_s": 7384.5, "now": NOW, "workers": {"configured": 2, "alive": 1},
         "totals": {"requests": 120, "errors": 3, "prompt_tokens": 5000, "completion_tokens": 1200, "cost_usd": 0.12,
                    "cache_hits": 10, "cache_hit_rate": 0.083, "requests_per_s": 0.4},
         "backends": [
@@ -129,6 +129,7 @@ def test_status_page_shows_statsz(fake: FakeAppliance) -> None:
     assert "closed" in result.text
     assert "120" in result.text and "210 ms" in result.text and "backend_unreachable" in result.text
     assert "2/4 backends up" in result.text
+    assert "1/2 workers" in result.text  # one worker is down (being replaced)
     assert '<svg id="sparkline"' in result.html
     # Data is text, never markup: the would-be tag shows as written and no element was made from it.
     assert XSS in result.text and "<img" not in result.html

@@ -1,0 +1,59 @@
+"""Observability: /metrics (Prometheus), /statsz (the status page's data), /admin/requests (the request log),
+and the access-log line of requests that are not proxied (those are logged with their ledger row)."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse
+
+from appliance import metrics, reports
+from appliance.server.responses import json_response, request_id
+
+bp = Blueprint("observability")
+
+
+@bp.get("/metrics")
+async def prometheus_metrics(request: Request) -> HTTPResponse:
+    gateway = request.app.ctx.gateway
+    breakers, catalog = gateway.breakers, gateway.catalog
+    live = metrics.LiveCollector(lambda: [(name, breakers.state(name)) for name in list(catalog.backends)])
+    return HTTPResponse(metrics.render(live, gateway.settings.metrics.per_key), content_type=metrics.CONTENT_TYPE)
+
+
+@bp.get("/statsz")
+async def statsz(request: Request) -> HTTPResponse:
+    response = json_response(orjson.dumps(await request.app.ctx.statsz.get()), request)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/admin/requests")
+async def admin_requests(request: Request) -> HTTPResponse:
+    args = {name: request.args.get(name) for name in request.args}
+    rows = await reports.request_log(request.app.ctx.gateway.db, args)
+    return json_response(orjson.dumps({"object": "list", "data": rows}), request)
+
+
+def note_arrival(request: Request) -> None:
+    """Request middleware (only with an access log): when the request arrived."""
+    request.ctx.arrived = time.time()
+
+
+def log_access(request: Request, response: HTTPResponse) -> None:
+    """Response middleware (only with an access log): one line for a request that has no ledger row."""
+    x = getattr(request.ctx, "exchange", None)
+    if x is not None and (x.recorded or x.in_flight):
+        return  # proxied: logged with its ledger row (a stream: when it ends)
+    gateway = getattr(request.app.ctx, "gateway", None)
+    if gateway is None or gateway.access_log is None:
+        return
+    arrived = getattr(request.ctx, "arrived", None) or time.time()
+    principal = getattr(request.ctx, "principal", None)
+    gateway.access_log.write({
+        "time": arrived, "request_id": request_id(request), "method": request.method, "path": request.path,
+        "status": response.status, "latency_ms": round((time.time() - arrived) * 1000, 3),
+        "key_id": principal.key_id if principal is not None else None, "client": request.ip,
+    })

@@ -1,0 +1,84 @@
+"""SQL behind /statsz: today's rollups, the per-minute traffic rollup, and a bounded sample of the request log."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from appliance.storage.db import BufferedWriter, Database
+
+# A request that failed: an error status, or a stream that ended in an error event after its 200.
+_FAILED = "(status >= 400 OR error_code IS NOT NULL)"
+
+
+async def models_on(db: Database, day: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Per requested model, that UTC day's totals (from the rollups), busiest first (None: all)."""
+    rows = await db.fetchall(
+        "SELECT model, sum(requests) AS requests, sum(errors) AS errors, sum(prompt_tokens) AS prompt_tokens, "
+        "sum(completion_tokens) AS completion_tokens, sum(cached_tokens) AS cached_tokens, "
+        "round(sum(cost_usd), 9) AS cost_usd, sum(cache_hits) AS cache_hits FROM usage_daily WHERE day = ? "
+        "GROUP BY model ORDER BY requests DESC, model LIMIT ?", (day, -1 if limit is None else limit))
+    return [dict(row) for row in rows]
+
+
+_TRAFFIC = ("INSERT INTO traffic_minute (minute, backend, requests, errors, tokens) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (minute, backend) DO UPDATE SET requests = requests + excluded.requests, "
+            "errors = errors + excluded.errors, tokens = tokens + excluded.tokens")
+
+
+def add_traffic(writer: BufferedWriter, minute: int, backend: str, *, failed: bool, tokens: int) -> None:
+    """Count one request in its minute (``backend`` '' for the total); written at the next flush."""
+    writer.add_sum(_TRAFFIC, (minute, backend), (1, int(failed), tokens))
+
+
+async def traffic(db: Database, first_minute: int) -> list[dict[str, Any]]:
+    """Every request, per minute from ``first_minute`` on (minutes without traffic are absent)."""
+    rows = await db.fetchall(
+        "SELECT minute, requests, errors, tokens FROM traffic_minute WHERE backend = '' AND minute >= ? "
+        "ORDER BY minute", (first_minute,))
+    return [dict(row) for row in rows]
+
+
+async def backend_counts(db: Database, first_minute: int) -> dict[str, tuple[int, int]]:
+    """{backend: (requests, errors)} from ``first_minute`` on."""
+    rows = await db.fetchall(
+        "SELECT backend, sum(requests), sum(errors) FROM traffic_minute WHERE minute >= ? AND backend != '' "
+        "GROUP BY backend", (first_minute,))
+    return {row[0]: (int(row[1]), int(row[2])) for row in rows}
+
+
+async def backend_latencies(db: Database, since: float, limit: int) -> list[tuple[str, float]]:
+    """(backend, latency ms) of the newest ``limit`` requests a backend answered since ``since``.
+
+    Not cache hits (the backend never saw them) nor 429s: the gateway's own limits refuse before any
+    backend is asked, and a backend's own 429 says it is up, as the circuit breaker sees it too.
+    """
+    rows = await db.fetchall(
+        "SELECT backend, latency_ms FROM requests WHERE created_at >= ? AND backend IS NOT NULL "
+        "AND latency_ms IS NOT NULL AND (cache IS NULL OR cache != 'HIT') AND status != 429 "
+        "ORDER BY created_at DESC LIMIT ?", (since, limit))
+    return [(row[0], row[1]) for row in rows]
+
+
+async def sweep_traffic(db: Database, older_than: float) -> None:
+    minute = int(older_than // 60)
+    await db.write(lambda conn: conn.execute("DELETE FROM traffic_minute WHERE minute < ?", (minute,)))
+
+
+async def recent_errors(db: Database, since: float, limit: int) -> list[dict[str, Any]]:
+    rows = await db.fetchall(
+        "SELECT created_at AS time, request_id, endpoint, model, backend, status, error_code FROM requests "
+        f"WHERE created_at >= ? AND {_FAILED} ORDER BY created_at DESC LIMIT ?", (since, limit))
+    return [dict(row) for row in rows]
+
+
+def size_bytes(path: Path) -> int:
+    """The database on disk: the file plus its write-ahead log."""
+    total = 0
+    for name in (str(path), f"{path}-wal"):
+        try:
+            total += os.stat(name).st_size
+        except FileNotFoundError:
+            pass
+    return total
