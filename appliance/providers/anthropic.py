@@ -155,21 +155,8 @@ class AnthropicProvider:
 
     async def _pass(self, call: Call, payload: bytes, limits: Limits) -> Reply:
         """A Messages or count_tokens answer as Anthropic sent it (parsed beside, for its usage)."""
-        try:
-            response = await self._transport.request("POST", self._root + self._path(call), limits=limits,
-                                                     headers=self._headers(call), body=payload)
-        except TransportError as exc:
-            raise transport_failure(exc, self.name, limits) from exc
-        if not 200 <= response.status < 300:
-            raise chat_error(response.status, response.body, headers=dict(response.headers))
-        try:
-            data = orjson.loads(response.body)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):
-            raise GatewayError("backend_error", f"backend {self.name!r} answered {self._path(call)} with a body "
-                               "that is not a JSON object")
-        return Reply(response.body, data, response.elapsed_s, {})  # its headers describe the gateway's account
+        raw, data, elapsed_s = await self._exchange("POST", self._path(call), limits, self._headers(call), payload)
+        return Reply(raw, data, elapsed_s, {})  # its headers describe the gateway's account
 
     @asynccontextmanager
     async def stream(self, call: Call) -> AsyncIterator[AnthropicStream | OpenAIStream]:
@@ -209,6 +196,12 @@ class AnthropicProvider:
     async def _fetch(self, method: str, path: str, limits: Limits, headers: dict[str, str],
                      body: bytes | None = None) -> tuple[dict[str, Any], float]:
         """A whole exchange: the answer as a JSON object and the time it took, or the error it makes."""
+        _raw, data, elapsed_s = await self._exchange(method, path, limits, headers, body)
+        return data, elapsed_s
+
+    async def _exchange(self, method: str, path: str, limits: Limits, headers: dict[str, str],
+                        body: bytes | None) -> tuple[bytes, dict[str, Any], float]:
+        """The answer's bytes, the JSON object they hold and the time it took, or the error it makes."""
         try:
             response = await self._transport.request(method, self._root + path, limits=limits, headers=headers,
                                                      body=body)
@@ -221,7 +214,7 @@ class AnthropicProvider:
         except orjson.JSONDecodeError:
             data = None
         if isinstance(data, dict):
-            return data, response.elapsed_s
+            return response.body, data, response.elapsed_s
         raise GatewayError("backend_error", f"backend {self.name!r} answered {path.partition('?')[0]} with a "
                            "body that is not a JSON object")
 
