@@ -64,6 +64,7 @@ class Exchange:
     cache: str | None = None  # HIT, MISS or BYPASS; None when not cacheable
     streaming: bool = False  # the first byte went out: no more retries
     recorded: bool = False
+    batch_id: str | None = None  # set for a batch line: its ledger row names the batch
 
     def response_headers(self) -> dict[str, str]:
         headers = {"X-Request-ID": self.request_id}
@@ -190,6 +191,7 @@ def record(
         output_cost_usd=cost.output if priced else None,
         cost_usd=cost.total if priced else None,
         cache=x.cache,
+        batch_id=x.batch_id,
     ))
     if key_id is not None:
         usage_repo.add_to_rollup(

@@ -12,7 +12,9 @@ import threading
 from sanic import Sanic
 
 from appliance.auth import Authenticator
+from appliance.batch_runner import BatchRunner
 from appliance.cache import ResponseCache
+from appliance.files import FileStore
 from appliance.gateway import Gateway
 from appliance.limits import Limiter, worker_index
 from appliance.resilience import Breakers
@@ -101,6 +103,9 @@ async def open_gateway(app: Sanic) -> None:
     gateway = Gateway(settings, transport, db, writer, authenticator, limiter, breakers, cache)
     gateway.start()
     app.ctx.gateway = gateway
+    runner = BatchRunner(gateway, FileStore(settings.data_dir))  # acts only while it holds the lease
+    runner.start()
+    app.ctx.batch_runner = runner
 
 
 async def start_draining(app: Sanic) -> None:
@@ -109,6 +114,7 @@ async def start_draining(app: Sanic) -> None:
     app.ctx.stop_task.cancel()
     gateway: Gateway = app.ctx.gateway
     gateway.draining = True
+    await app.ctx.batch_runner.stop()  # its lines in flight go back to pending, for the next start
     delay = app.ctx.settings.server.drain_delay_s
     if delay:
         await asyncio.sleep(delay)
