@@ -182,6 +182,29 @@ class StatusSettings(_Model):
                          "not only from loopback.")
 
 
+class FilesSettings(_Model):
+    max_bytes: int = Field(536_870_912, gt=0, description="Largest upload to /v1/files, in bytes (512 MB).")
+    batch_max_bytes: int = Field(209_715_200, gt=0, description="Largest upload with purpose=batch (200 MB).")
+    quota_bytes: int | None = Field(None, gt=0, description="Total bytes of stored files, all keys (none: no cap).")
+    sweep_interval_s: float = Field(60, gt=0, description="How often expired files are deleted.")
+
+
+class BatchesSettings(_Model):
+    max_requests: int = Field(50_000, gt=0, description="Most request lines in one batch input file.")
+    max_active_per_key: int = Field(100, gt=0, description="Unfinished batches one key may have.")
+    max_concurrency: int | None = Field(None, gt=0, description="Batch lines in flight per backend "
+                                        "(default by kind: vLLM 4, llama.cpp slots-1, others 1).")
+    backend_concurrency: dict[str, int] = Field(default_factory=dict,
+                                                description="Per backend name: its batch lines in flight.")
+    reserve: int = Field(1, ge=0, description="Backend slots batch lines leave free for interactive requests.")
+    max_attempts: int = Field(3, ge=1, le=10, description="Tries per line on connection errors, 429 and 5xx.")
+    cancel_grace_s: float = Field(60, ge=0, description="How long cancel waits for lines in flight.")
+    allow_mixed_models: bool = Field(False, description="Accept input files naming more than one model.")
+    window_seconds_override: float | None = Field(None, gt=0, description="Tests: replaces the 24 h window.")
+    lease_s: float = Field(30, gt=0, description="The runner's lease; another worker takes over after it.")
+    poll_interval_s: float = Field(0.5, gt=0, description="How often the runner looks for work.")
+
+
 class DiscoverySettings(_Model):
     enabled: bool = Field(True, description="Probe local ports for backends when none is configured.")
     interval_s: float = Field(60, gt=0, description="How often backends are probed and listed.")
@@ -202,6 +225,8 @@ class Settings(_Model):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
+    files: FilesSettings = Field(default_factory=FilesSettings)
+    batches: BatchesSettings = Field(default_factory=BatchesSettings)
     config_file: Path | None = Field(None, description="Where these settings came from (not a TOML key).")
 
     @model_validator(mode="after")

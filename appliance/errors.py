@@ -36,10 +36,19 @@ CODES: dict[str, tuple[int, str]] = {
     "backend_timeout": (504, "server_error"),
     "internal_error": (500, "server_error"),
     "client_closed": (499, "invalid_request_error"),  # logged only: the client is gone
+    # Files and Batches (the codes OpenAI is seen to use there)
+    "missing_required_parameter": (400, "invalid_request_error"),
+    "invalid_file_format": (400, "invalid_request_error"),
+    "invalid_file_purpose": (400, "invalid_request_error"),
+    "storage_quota_exceeded": (400, "invalid_request_error"),
+    "batch_not_cancellable": (409, "invalid_request_error"),
+    "file_too_large": (413, "invalid_request_error"),
+    "batch_limit_exceeded": (429, "rate_limit_error"),
 }
 
 # Statuses a client must not retry blindly: the SDKs honour x-should-retry.
-_NO_RETRY = {"budget_exceeded", "unsupported"}
+_NO_RETRY = {"budget_exceeded", "unsupported", "storage_quota_exceeded", "batch_not_cancellable",
+             "batch_limit_exceeded"}
 
 MAX_RETRY_AFTER_S = 120  # the OpenAI SDK gives up on larger values
 

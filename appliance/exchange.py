@@ -80,6 +80,7 @@ class Exchange:
     client: str | None = None  # web layer; None for a WebSocket turn or a batch line)
     in_flight: bool = False  # counted in appliance_inflight_requests until recorded
     response_body: bytes | None = None  # the whole answer sent, kept only for [log] store_bodies
+    batch_id: str | None = None  # set for a batch line: its ledger row names the batch
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -237,6 +238,7 @@ def record(
         cost_usd=cost.total if priced else None,
         cache=x.cache,
         session_id=x.session(),
+        batch_id=x.batch_id,
     )
     requests_repo.record(gw.writer, row)
     if key_id is not None:

@@ -16,6 +16,8 @@ from appliance.resources import static_dir
 from appliance.server import access, lifecycle
 from appliance.server.responses import GatewayErrorHandler, RequestIds
 from appliance.server.routes import anthropic as anthropic_routes
+from appliance.server.routes import batches as batches_routes
+from appliance.server.routes import files as files_routes
 from appliance.server.routes import keys as keys_routes
 from appliance.server.routes import observability, ops, responses_ws
 from appliance.server.routes import openai as openai_routes
@@ -66,6 +68,8 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.blueprint(keys_routes.bp)
     app.blueprint(ops.bp)
     app.blueprint(observability.bp)
+    app.blueprint(files_routes.bp)
+    app.blueprint(batches_routes.bp)
     app.static("/static", static_dir(), name="static")
     if settings.server.cors_origins:
         _add_cors(app, settings.server.cors_origins)  # first: a preflight carries no key

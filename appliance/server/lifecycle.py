@@ -14,7 +14,9 @@ from sanic import Sanic
 
 from appliance import metrics
 from appliance.auth import Authenticator
+from appliance.batch_runner import BatchRunner
 from appliance.cache import ResponseCache
+from appliance.files import FileStore
 from appliance.gateway import Gateway
 from appliance.limits import Limiter, worker_index
 from appliance.resilience import Breakers
@@ -106,6 +108,9 @@ async def open_gateway(app: Sanic) -> None:
     app.ctx.gateway = gateway
     app.ctx.statsz = StatszCache(gateway, app.ctx.started_at)
     metrics.worker_started()
+    runner = BatchRunner(gateway, FileStore(settings.data_dir))  # acts only while it holds the lease
+    runner.start()
+    app.ctx.batch_runner = runner
 
 
 async def start_draining(app: Sanic) -> None:
@@ -114,6 +119,7 @@ async def start_draining(app: Sanic) -> None:
     app.ctx.stop_task.cancel()
     gateway: Gateway = app.ctx.gateway
     gateway.draining = True
+    await app.ctx.batch_runner.stop()  # its lines in flight go back to pending, for the next start
     delay = app.ctx.settings.server.drain_delay_s
     if delay:
         await asyncio.sleep(delay)

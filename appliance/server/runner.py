@@ -21,6 +21,7 @@ from sanic.worker.constants import ProcessState
 from sanic.worker.loader import AppLoader
 
 from appliance import auth, metrics, metricsdir
+from appliance.batch_runner import prepare_data_dir
 from appliance.config import Settings
 from appliance.limits import Limiter, SharedTable, key_scope, period_start_day, table_size
 from appliance.resilience import BackendTable
@@ -94,6 +95,7 @@ def serve(settings: Settings) -> None:
         applied = migrate(database_path(settings.data_dir), migrations_dir())
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
+        prepare_data_dir(settings.data_dir, database_path(settings.data_dir))
         shared = not server.single_process  # one process needs no shared memory (nor its tracker process)
         table = SharedTable(table_size(settings), shared=shared)
         asyncio.run(prepare_keys(settings, table))

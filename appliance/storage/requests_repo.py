@@ -30,13 +30,14 @@ class RequestRecord(NamedTuple):
     cost_usd: float | None
     cache: str | None
     session_id: str | None = None
+    batch_id: str | None = None
 
 
 _INSERT = (
     "INSERT INTO requests (request_id, created_at, endpoint, model, backend, backend_model, status, "
     "error_code, stream, latency_ms, overhead_ms, ttft_ms, prompt_tokens, completion_tokens, estimated, "
-    "key_id, cached_tokens, input_cost_usd, output_cost_usd, cost_usd, cache, session_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "key_id, cached_tokens, input_cost_usd, output_cost_usd, cost_usd, cache, session_id, batch_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 

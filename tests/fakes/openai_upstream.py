@@ -24,7 +24,11 @@ A request with an ``x-mock-script`` header (or a model named ``script-<name>``) 
 instead: the conformance fixtures of tests/fakes/chat_scripts.py. ``GET /_mock/last_request`` answers the
 body of the latest chat request (``last_chat()`` in-process).
 
-Every request is recorded (path, headers, parsed body, and for fake-long when it was cancelled).
+Two body fields (which the gateway passes through, as any unknown field) script one request whatever its
+model: ``fake_status`` answers that HTTP status with an error envelope, ``fake_delay_ms`` waits first.
+
+Every request is recorded (path, headers, parsed body, and for fake-long when it was cancelled). Chat
+requests that carry ``X-Appliance-Batch`` (batch lines) are counted while in flight: ``batch_max_in_flight``.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[Seen] = []
         self.failures: dict[str, int] = {}  # fake-fail-* name -> failures served so far
+        self.batch_in_flight = 0
+        self.batch_max_in_flight = 0
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -152,6 +158,16 @@ class FakeOpenAI:
                                  status=status, headers=headers)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        if "X-Appliance-Batch" not in request.headers:
+            return await self._chat(request)
+        self.batch_in_flight += 1
+        self.batch_max_in_flight = max(self.batch_max_in_flight, self.batch_in_flight)
+        try:
+            return await self._chat(request)
+        finally:
+            self.batch_in_flight -= 1
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         seen = await self._record(request)
         body = seen.body if isinstance(seen.body, dict) else {}
         model = body.get("model", "")
@@ -162,6 +178,12 @@ class FakeOpenAI:
             finally:
                 seen.finished_at = time.time()
         try:
+            if body.get("fake_delay_ms"):
+                await asyncio.sleep(body["fake_delay_ms"] / 1000)
+            if body.get("fake_status"):
+                return web.json_response({"error": {"message": f"scripted status {body['fake_status']}",
+                                                    "type": "invalid_request_error", "param": None,
+                                                    "code": "scripted"}}, status=body["fake_status"])
             fault = await self._fault(model)
         except asyncio.CancelledError:
             seen.cancelled_at = time.time()
