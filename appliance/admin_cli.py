@@ -1,4 +1,4 @@
-"""The keys, usage and backup commands: the admin API's operations, on the data dir directly.
+"""The keys, usage, batches and backup commands: the admin API's operations, on the data dir directly.
 
 They work while the server runs (SQLite in WAL mode; key changes reach the workers within
 ``auth.cache_ttl_s``). Errors print the same messages the admin API returns.
@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from appliance import auth, reports
+from appliance import auth, batches_cli, reports
 from appliance.config import Settings
 from appliance.errors import GatewayError
 from appliance.resources import migrations_dir
@@ -54,6 +54,8 @@ async def _run(args: argparse.Namespace, settings: Settings, fields: dict[str, A
                                         group_by=args.group_by)
             _print_rows(rows, as_json=args.json)
             return 0
+        if args.command == "batches":
+            return await batches_cli.run(db, args)
         return await _keys(db, args, settings, fields)
     finally:
         await db.close()

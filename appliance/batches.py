@@ -50,6 +50,18 @@ def not_cancellable(status: str) -> GatewayError:
     return GatewayError("batch_not_cancellable", f"Cannot cancel a batch with status '{status}'.")
 
 
+def cancel_needed(row: dict[str, Any]) -> bool:
+    """Whether a cancel must still flip this batch to cancelling (False: it already is, or is cancelled).
+
+    Raises batch_not_cancellable for a batch past the point of cancelling (finalizing, completed...)."""
+    status = row["status"]
+    if status in CANCELLABLE:
+        return True
+    if status in ("cancelling", "cancelled"):
+        return False
+    raise not_cancellable(status)
+
+
 def batch_object(row: dict[str, Any]) -> dict[str, Any]:
     """The OpenAI Batch object: every key present, null where a value does not exist yet."""
     errors = orjson.loads(row["errors_json"]) if row["errors_json"] else None

@@ -1,4 +1,4 @@
-"""The command line: serve, check-config, keys, usage, backup, version.
+"""The command line: serve, check-config, keys, usage, batches, backup, version.
 
 Thin on purpose: parse arguments, build Settings, call into the layers below. Heavy imports (the web
 server) happen only once a command needs them, so `appliance --help` stays fast, frozen too.
@@ -57,12 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--group-by", choices=("day", "model", "key"), default="day")
     usage.add_argument("--json", action="store_true", help="print JSON")
 
+    _add_batch_commands(commands)
+
     backup = commands.add_parser("backup", help="copy the database to FILE, safely, also while serving")
     backup.add_argument("target", metavar="FILE")
     _common(backup)
 
     commands.add_parser("version", help="print the version")
     return parser
+
+
+def _add_batch_commands(commands: Any) -> None:
+    batches = commands.add_parser("batches", help="list, show and cancel batches (works while the server runs)")
+    actions = batches.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="batches, newest first, with their progress")
+    _common(listing)
+    listing.add_argument("--key", metavar="ID", help="only this key's batches")
+    listing.add_argument("--status", help="only batches in this status (validating, in_progress, completed...)")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    listing.add_argument("--json", action="store_true", help="print the Batch objects as JSON")
+    for action, text in (("show", "one batch, as its Batch object (JSON)"),
+                         ("cancel", "cancel a validating or in-progress batch")):
+        command = actions.add_parser(action, help=text)
+        command.add_argument("id")
+        _common(command)
 
 
 def _add_key_commands(commands: Any) -> None:

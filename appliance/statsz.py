@@ -19,7 +19,7 @@ from typing import Any
 
 from appliance import __version__, metrics
 from appliance.gateway import Gateway
-from appliance.storage import stats_repo, usage_repo
+from appliance.storage import batches_repo, stats_repo, usage_repo
 
 BACKEND_WINDOW_S = 300  # latency percentiles and error rates per backend
 LATENCY_SAMPLE = 5000  # percentiles over at most the newest this many requests of the window
@@ -124,7 +124,12 @@ async def limits_and_db(ctx: StatsContext) -> dict[str, Any]:
                    "write_queue_depth": int(_total(live, "appliance_db_write_queue_depth"))}}
 
 
-SECTIONS: tuple[Section, ...] = (about, usage_today, backends, traffic, recent_errors, limits_and_db)
+async def batches(ctx: StatsContext) -> dict[str, Any]:
+    """Batches by status, lines still to run, and the unfinished batches with their progress."""
+    return {"batches": await batches_repo.summary(ctx.gateway.db)}
+
+
+SECTIONS: tuple[Section, ...] = (about, usage_today, backends, traffic, recent_errors, limits_and_db, batches)
 
 
 async def build(ctx: StatsContext, sections: tuple[Section, ...] = SECTIONS) -> dict[str, Any]:

@@ -47,7 +47,7 @@
     return node;
   }
 
-  // rows: arrays of cells; a cell is a string or [text, className].
+  // rows: arrays of cells; a cell is a string, [text, className] or a DOM node.
   function fill(tableId, rows, emptyText) {
     const body = $(tableId).tBodies[0];
     if (!rows.length) {
@@ -59,9 +59,17 @@
     }
     body.replaceChildren(...rows.map((cells) => {
       const tr = el("tr");
-      tr.append(...cells.map((cell) => (Array.isArray(cell) ? el("td", cell[0], cell[1]) : el("td", cell))));
+      tr.append(...cells.map(cellOf));
       return tr;
     }));
+  }
+
+  function cellOf(cell) {
+    if (Array.isArray(cell)) return el("td", cell[0], cell[1]);
+    if (!(cell instanceof Node)) return el("td", cell);
+    const td = el("td");
+    td.append(cell);
+    return td;
   }
 
   // Rendering.
@@ -140,6 +148,34 @@
     ]), "No requests yet.");
   }
 
+  // A cell may also be a DOM node (the progress bar).
+  function progress(counts) {
+    const total = counts?.total ?? 0;
+    const done = (counts?.completed ?? 0) + (counts?.failed ?? 0);
+    const bar = el("progress");
+    bar.max = Math.max(1, total);
+    bar.value = Math.min(done, bar.max);
+    bar.textContent = total ? `${Math.round((100 * done) / total)}%` : "—";
+    bar.title = total ? `${done} of ${total} lines` : "counting lines";
+    return bar;
+  }
+
+  function renderBatches(b, now) {
+    const active = b?.active ?? [];
+    const byStatus = Object.entries(b?.by_status ?? {}).sort(([x], [y]) => x.localeCompare(y));
+    $("batches-note").textContent = byStatus.map(([status, n]) => `${status} ${num(n)}`).join(" · ");
+    const statusClass = { in_progress: "good", validating: "", finalizing: "", cancelling: "warn" };
+    fill("batches", active.map((batch) => {
+      const counts = batch.request_counts ?? {};
+      return [
+        [batch.id ?? "?", "mono"], [batch.status ?? "—", statusClass[batch.status] ?? ""], progress(counts),
+        [num(counts.completed), "num"], [num(counts.failed), counts.failed > 0 ? "num bad" : "num"],
+        [num(counts.total), "num"], batch.endpoint ?? "—", batch.model ?? "—",
+        missing(batch.expires_at) ? "—" : `in ${duration(batch.expires_at - now)}`,
+      ];
+    }), byStatus.length ? "No batch running." : "No batches yet.");
+  }
+
   function renderErrors(errors) {
     const latest = [...errors].sort((a, b) => (b.time ?? 0) - (a.time ?? 0)).slice(0, 20);
     fill("errors", latest.map((e) => [
@@ -165,6 +201,7 @@
     renderTraffic(d.traffic ?? []);
     renderBackends(backends, now);
     renderModels(d.models ?? []);
+    renderBatches(d.batches, now);
     renderErrors(d.recent_errors ?? []);
     $("footer").textContent = `Last updated ${new Date().toLocaleTimeString()} · refreshes every ${POLL_MS / 1000} s`;
     $("banner").hidden = true;

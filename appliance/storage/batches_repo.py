@@ -34,12 +34,16 @@ async def get(db: Database, batch_id: str) -> dict[str, Any] | None:
     return dict(rows[0]) if rows else None
 
 
-async def page(db: Database, *, owner: str | None, after: dict[str, Any] | None, limit: int) -> list[dict[str, Any]]:
+async def page(db: Database, *, owner: str | None, after: dict[str, Any] | None, limit: int,
+               status: str | None = None) -> list[dict[str, Any]]:
     """Newest first; up to ``limit + 1`` rows (the extra one tells has_more)."""
     where, params = ["1"], []
     if owner is not None:
         where.append("owner_key_id = ?")
         params.append(owner)
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
     if after is not None:
         where.append("(created_at, id) < (?, ?)")
         params += [after["created_at"], after["id"]]

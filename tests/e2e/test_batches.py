@@ -283,3 +283,64 @@ def test_b12_concurrency_cap_and_interactive_priority(client: openai.OpenAI, fak
     assert done.status == "completed" and done.request_counts.completed == 40
     assert 1 <= fake_openai.batch_max_in_flight <= 2
     assert len(waits) == 10  # every interactive call was answered while the batch ran
+
+
+def test_cli_lists_shows_and_cancels_while_serving(app: Appliance, client: openai.OpenAI) -> None:
+    ids = [f"r{i}" for i in range(20)]
+    batch = client.batches.create(input_file_id=upload(client, [line(c, chat_body("fake1/fake-slow-500"))
+                                                                for c in ids]),
+                                  endpoint=CHAT_URL, completion_window="24h")
+    poll(client, batch.id, until={"in_progress"} | TERMINAL)
+    listed = app.cli("batches", "list", "--status", "in_progress")
+    assert listed.returncode == 0, listed.stderr
+    assert batch.id in listed.stdout and "in_progress" in listed.stdout
+    shown = app.cli("batches", "show", batch.id)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == batch.id
+    cancelled = app.cli("batches", "cancel", batch.id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.split() in ([batch.id, "cancelling"], [batch.id, "cancelled"])
+    done = poll(client, batch.id)
+    assert done.status == "cancelled" and done.request_counts.total == 20
+    again = app.cli("batches", "cancel", batch.id)
+    assert again.returncode == 0 and again.stdout.split() == [batch.id, "cancelled"]
+    finished = app.cli("batches", "cancel", poll(client, client.batches.create(
+        input_file_id=upload(client, [line("a", chat_body())]), endpoint=CHAT_URL, completion_window="24h").id).id)
+    assert finished.returncode == 1 and "Cannot cancel a batch with status 'completed'" in finished.stderr
+    unknown = app.cli("batches", "list", "--status", "bogus")
+    assert unknown.returncode == 1 and "--status" in unknown.stderr
+    missing = app.cli("batches", "show", "batch_nope")
+    assert missing.returncode == 1 and "No such Batch object: batch_nope" in missing.stderr
+
+
+@pytest.mark.llamacpp
+def test_200_lines_against_the_real_server(app: Appliance, client: openai.OpenAI, llamacpp_url: str) -> None:
+    """The issue's batch: 200 lines on the real llama.cpp server (tiny model), progress on /statsz meanwhile."""
+    app.wait_ready()
+    ids = [f"line-{i:03d}" for i in range(200)]
+    body = {"model": "tiny-chat", "max_tokens": 4, "temperature": 0}
+    file_id = upload(client, [line(c, {**body, "messages": [{"role": "user", "content": f"Count to {i}."}]})
+                              for i, c in enumerate(ids)])
+    batch = client.batches.create(input_file_id=file_id, endpoint=CHAT_URL, completion_window="24h")
+    seen_running = None
+    deadline = time.monotonic() + 300
+    while (current := client.batches.retrieve(batch.id)).status not in TERMINAL:
+        assert time.monotonic() < deadline, current
+        if current.status == "in_progress" and current.request_counts.completed and seen_running is None:
+            status, stats, _ = app.get("/statsz")
+            assert status == 200
+            seen_running = next((b for b in stats["batches"]["active"] if b["id"] == batch.id), None)
+        time.sleep(0.3)
+    assert current.status == "completed", current
+    assert (current.request_counts.total, current.request_counts.completed, current.request_counts.failed) == \
+        (200, 200, 0)
+    assert seen_running is not None and seen_running["status"] == "in_progress"
+    assert seen_running["request_counts"]["total"] == 200 and seen_running["request_counts"]["completed"] > 0
+    results = lines_of(client, current.output_file_id)
+    assert sorted(r["custom_id"] for r in results) == ids  # exactly one line per custom_id
+    for result in results:
+        answer = result["response"]["body"]
+        assert result["response"]["status_code"] == 200 and answer["object"] == "chat.completion"
+        assert answer["usage"]["completion_tokens"] <= 4 and answer["choices"][0]["message"]["role"] == "assistant"
+    status, stats, _ = app.get("/statsz")
+    assert stats["batches"]["by_status"].get("completed", 0) >= 1
+    assert all(b["id"] != batch.id for b in stats["batches"]["active"])

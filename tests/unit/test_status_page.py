@@ -64,6 +64,17 @@ def statsz() -> dict[str, Any]:
         ],
         "limits": {"rejections": 4},
         "db": {"size_bytes": 123456, "write_queue_depth": 0},
+        "batches": {
+            "by_status": {"completed": 3, "in_progress": 1, "validating": 1}, "pending_lines": 150,
+            "active": [
+                {"id": "batch_abc123", "owner_key_id": "key_1", "endpoint": "/v1/chat/completions",
+                 "model": "llama3.2", "status": "in_progress", "created_at": NOW - 600, "expires_at": NOW + 85800,
+                 "request_counts": {"total": 200, "completed": 48, "failed": 2}},
+                {"id": "batch_new", "owner_key_id": "key_1", "endpoint": "/v1/embeddings", "model": None,
+                 "status": "validating", "created_at": NOW - 1, "expires_at": NOW + 86399,
+                 "request_counts": {"total": 0, "completed": 0, "failed": 0}},
+            ],
+        },
     }
 
 
@@ -131,6 +142,9 @@ def test_status_page_shows_statsz(fake: FakeAppliance) -> None:
     assert "2/4 backends up" in result.text
     assert "1/2 workers" in result.text  # one worker is down (being replaced)
     assert '<svg id="sparkline"' in result.html
+    # Batches: the running one with its progress bar (50 of 200 lines answered), the new one still counting.
+    assert "batch_abc123" in result.text and "batch_new" in result.text and "in_progress 1" in result.text
+    assert '<progress max="200" value="50" title="50 of 200 lines">25%</progress>' in result.html
     # Data is text, never markup: the would-be tag shows as written and no element was made from it.
     assert XSS in result.text and "<img" not in result.html
     assert result.phone_scroll_width is not None and result.phone_scroll_width <= 375  # no sideways scroll

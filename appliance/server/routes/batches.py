@@ -70,12 +70,9 @@ async def retrieve_batch(request: Request, batch_id: str) -> HTTPResponse:
 @bp.post("/v1/batches/<batch_id>/cancel")
 async def cancel_batch(request: Request, batch_id: str) -> HTTPResponse:
     row = await _owned(request, batch_id)
-    if row["status"] not in batches.CANCELLABLE and row["status"] not in ("cancelling", "cancelled"):
-        raise batches.not_cancellable(row["status"])
-    if row["status"] in batches.CANCELLABLE:
+    if batches.cancel_needed(row):
         row = await batches_repo.request_cancel(request.app.ctx.gateway.db, batch_id, int(time.time())) or row
-        if row["status"] not in ("cancelling", "cancelled"):  # it moved on meanwhile (e.g. finalizing)
-            raise batches.not_cancellable(row["status"])
+        batches.cancel_needed(row)  # raises if it moved on meanwhile (e.g. to finalizing)
         _wake_runner(request)
     return json_response(orjson.dumps(batches.batch_object(row)), request)
 
