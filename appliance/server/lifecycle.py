@@ -75,8 +75,9 @@ async def mark_serving(app: Sanic) -> None:
     app.ctx.serving = True
 
 
-def _stop_with_parent() -> None:
-    """Ask Linux to SIGTERM this worker if the main process dies (kill -9, OOM): no orphan keeps the port."""
+def stop_with_parent() -> None:
+    """Ask Linux to SIGTERM this process (a worker, Sanic's SyncManager) if the main process dies (kill -9,
+    OOM): no orphan keeps the port or lingers."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -89,7 +90,7 @@ async def open_gateway(app: Sanic) -> None:
     _watch_stop_signals(app)
     settings = app.ctx.settings
     if not settings.server.single_process:
-        _stop_with_parent()
+        stop_with_parent()
     db = await Database.open(database_path(settings.data_dir))
     writer = BufferedWriter(db, settings.server.flush_interval_ms / 1000, on_flush=metrics.Recorder.write_queue)
     writer.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import multiprocessing
 import os
 import queue
 import signal
@@ -13,10 +14,12 @@ import threading
 import time
 from contextlib import contextmanager
 from functools import partial
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import IO, Any
 
 from sanic import Sanic
+from sanic.mixins import startup
 from sanic.worker.constants import ProcessState
 from sanic.worker.loader import AppLoader
 
@@ -26,6 +29,7 @@ from appliance.config import Settings
 from appliance.limits import Limiter, SharedTable, key_scope, period_start_day, table_size
 from appliance.resilience import BackendTable
 from appliance.resources import migrations_dir
+from appliance.server import lifecycle
 from appliance.server.app import configure_logging, create_app
 from appliance.storage import usage_repo
 from appliance.storage.db import Database
@@ -114,7 +118,20 @@ def serve(settings: Settings) -> None:
         else:
             app.main_process_ready(_relay_signals)
             app.main_process_ready(_start_watchdog)
+            startup.Manager = _manager_that_stops_with_us
             Sanic.serve(primary=app, app_loader=loader)
+
+
+def _manager_that_stops_with_us() -> SyncManager:
+    """What Sanic.serve starts for its worker states, but ended by Linux when the main process dies.
+
+    multiprocessing.Manager() takes no initializer, so a kill -9 of the main process left this one
+    process behind (measured: one orphan per kill). Sanic is pinned; serve() looks up ``Manager`` in its
+    own module at each call, which is where this is put.
+    """
+    manager = SyncManager(ctx=multiprocessing.get_context())
+    manager.start(initializer=lifecycle.stop_with_parent)
+    return manager
 
 
 async def prepare_keys(settings: Settings, table: SharedTable) -> None:

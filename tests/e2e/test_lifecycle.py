@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.support.appliance import ADMIN_KEY, Appliance, appliance_cmd
+from tests.support.appliance import ADMIN_KEY, Appliance, appliance_cmd, descendants
 
 # The frozen subset runs this module again against the built binary (tests/run).
 pytestmark = pytest.mark.frozen
@@ -199,15 +199,18 @@ def test_tls(start_appliance, fake_openai, tmp_path):
 
 
 def test_workers_follow_a_killed_main_process(start_appliance, fake_openai):
-    """kill -9 of the main process (OOM killer) must not leave orphan workers holding the port."""
+    """kill -9 of the main process (OOM killer) must leave no orphan: no worker holding the port, nor Sanic's
+    SyncManager or the resource tracker."""
     app = start_appliance(fake_only(fake_openai))
     workers = app.worker_pids(2)
     assert len(workers) == 2
+    tree = set(descendants(app.proc.pid))
+    assert workers <= tree and len(tree) >= 4  # the workers, the SyncManager, the resource tracker
     app.proc.kill()
     app.proc.wait(10)
     deadline = time.monotonic() + 20
-    while any(os.path.exists(f"/proc/{pid}") and "Z" not in _state(pid) for pid in workers):
-        assert time.monotonic() < deadline, "orphaned workers kept running"
+    while left := [pid for pid in tree if os.path.exists(f"/proc/{pid}") and "Z" not in _state(pid)]:
+        assert time.monotonic() < deadline, f"orphans kept running: {left}"
         time.sleep(0.1)
 
 
