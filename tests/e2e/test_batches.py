@@ -344,3 +344,26 @@ def test_200_lines_against_the_real_server(app: Appliance, client: openai.OpenAI
     status, stats, _ = app.get("/statsz")
     assert stats["batches"]["by_status"].get("completed", 0) >= 1
     assert all(b["id"] != batch.id for b in stats["batches"]["active"])
+
+
+def test_responses_lines(client: openai.OpenAI) -> None:
+    """/v1/responses batches: each line through the Responses surface, its answer a Response object."""
+    url = "/v1/responses"
+    lines = [line(f"r{i}", {"model": "fake/fake-chat", "input": f"Say {i}", "max_output_tokens": 16}, url)
+             for i in range(3)]
+    done = poll(client, client.batches.create(input_file_id=upload(client, lines), endpoint=url,
+                                              completion_window="24h").id)
+    assert done.status == "completed" and done.endpoint == url, done
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 0)
+    results = lines_of(client, done.output_file_id)
+    assert sorted(r["custom_id"] for r in results) == ["r0", "r1", "r2"]
+    for result in results:
+        response = result["response"]["body"]
+        assert result["response"]["status_code"] == 200
+        assert response["object"] == "response" and response["id"].startswith("resp_")
+        assert response["status"] == "completed" and response["output"][0]["type"] == "message"
+        assert response["usage"]["input_tokens"] > 0
+    chat_line = [line("c", chat_body())]
+    wrong = poll(client, client.batches.create(input_file_id=upload(client, chat_line), endpoint=url,
+                                               completion_window="24h").id)
+    assert wrong.status == "failed" and wrong.errors.data[0].code == "url_mismatch"  # a chat line in a Responses batch

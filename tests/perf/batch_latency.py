@@ -179,7 +179,8 @@ def log(text: str) -> None:
 
 def render(result: dict[str, Any]) -> str:
     a = result["params"]
-    lines = [f"# interactive latency with and without a running batch ({time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime())})", "",
+    when = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
+    lines = [f"# interactive latency with and without a running batch ({when})", "",
              f"- mock delay {a['delay_ms']} ms per request; {a['workers']} workers; batch of {a['lines']} lines on "
              f"the same backend and model; [batches] reserve = {a['reserve']}, max_concurrency = "
              f"{a['batch_concurrency'] or 'by kind'}; {a['rounds']} round(s) x {a['duration']} s per phase; medians "
