@@ -19,11 +19,10 @@ import pytest
 
 from tests.conftest import base_config
 from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.batches import CHAT_URL, TERMINAL, line, lines_of, poll, upload
 
 pytestmark = pytest.mark.frozen
 
-CHAT_URL = "/v1/chat/completions"
-TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
 @pytest.fixture(scope="module")
@@ -50,33 +49,8 @@ def client(app: Appliance) -> openai.OpenAI:
     return user_client(app)
 
 
-def line(custom_id: str, body: dict[str, Any], url: str = CHAT_URL) -> dict[str, Any]:
-    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
-
-
 def chat_body(model: str = "fake/fake-chat", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
-
-
-def upload(client: openai.OpenAI, lines: list[Any] | bytes, name: str = "in.jsonl") -> str:
-    raw = lines if isinstance(lines, bytes) else b"".join(json.dumps(item).encode() + b"\n" for item in lines)
-    return client.files.create(file=(name, raw), purpose="batch").id
-
-
-def poll(client: openai.OpenAI, batch_id: str, until: set[str] = TERMINAL, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in until:
-            return batch
-        assert time.monotonic() < deadline, batch
-        time.sleep(0.2)
-
-
-def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
-    if file_id is None:
-        return []
-    return [json.loads(raw) for raw in client.files.content(file_id).text.splitlines()]
 
 
 def test_b1_happy_path(client: openai.OpenAI, app: Appliance) -> None:

@@ -19,11 +19,10 @@ import pytest
 
 from tests.conftest import base_config
 from tests.support.appliance import ADMIN_KEY, Appliance, descendants
+from tests.support.batches import CHAT_URL, TERMINAL, lines_of, poll
 
 pytestmark = pytest.mark.frozen
 
-CHAT_URL = "/v1/chat/completions"
-TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
 def config(fake_openai: Any, fake_ollama: Any, llamacpp_port: int, **batches: Any) -> dict[str, Any]:
@@ -42,22 +41,6 @@ def create(client: openai.OpenAI, bodies: list[dict[str, Any]]) -> tuple[str, li
                    for c, b in zip(ids, bodies, strict=True))
     file_id = client.files.create(file=("in.jsonl", raw), purpose="batch").id
     return client.batches.create(input_file_id=file_id, endpoint=CHAT_URL, completion_window="24h").id, ids
-
-
-def poll(client: openai.OpenAI, batch_id: str, until: Callable[[Any], bool], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        if until(batch):
-            return batch
-        assert time.monotonic() < deadline, batch
-        time.sleep(0.1)
-
-
-def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
-    if file_id is None:
-        return []
-    return [json.loads(raw) for raw in client.files.content(file_id).text.splitlines()]
 
 
 def kill_tree_from_pid_file(app: Appliance) -> None:
