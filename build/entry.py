@@ -41,6 +41,6 @@ if __name__ == "__main__":
             except PermissionError:
                 pass
         _follow_the_bootloader()
-    from appliance.cli import main  # heavy imports only after this point
+    from appliance.cli.main import main  # heavy imports only after this point
 
     sys.exit(main(sys.argv[1:]))

@@ -2,7 +2,7 @@
 -- request log's cache outcome.
 
 CREATE TABLE response_cache (
-    key TEXT PRIMARY KEY,               -- sha256 hex of the canonical request (see appliance/cache.py)
+    key TEXT PRIMARY KEY,               -- sha256 hex of the canonical request (see appliance/core/cache.py)
     scope TEXT,                         -- key id the entry belongs to; NULL when entries are shared
     endpoint TEXT NOT NULL,             -- chat/completions, completions or embeddings
     model TEXT NOT NULL,                -- backend/model that served the answer

@@ -18,8 +18,9 @@ from urllib.parse import quote
 
 import orjson
 
-from appliance.config import BackendSettings
-from appliance.errors import GatewayError
+from appliance.common.config import BackendSettings
+from appliance.common.errors import GatewayError
+from appliance.common.sse import DONE, event_data
 from appliance.providers.anthropic_translate import ChatStream, chat_error, chat_response, messages_request
 from appliance.providers.base import (
     CHAT,
@@ -32,8 +33,7 @@ from appliance.providers.base import (
     transport_failure,
 )
 from appliance.providers.openai_compat import OpenAIStream
-from appliance.sse import DONE, event_data
-from appliance.transport import Limits, StreamResponse, Transport, TransportError
+from appliance.providers.transport import Limits, StreamResponse, Transport, TransportError
 
 log = logging.getLogger("appliance.providers.anthropic")
 

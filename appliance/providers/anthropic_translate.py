@@ -6,7 +6,7 @@ servers, so the request side does the tidying they forgive: system text hoisted 
 merged so roles alternate, tool results gathered at the head of the user turn that follows the tool
 calls, ``max_tokens`` always set, temperature clamped to Anthropic's 0..1.
 
-What survives the round trip back through appliance/messages.py: the matched stop sequence travels in
+What survives the round trip back through appliance/api/messages/: the matched stop sequence travels in
 ``choices[].stop_reason`` (vLLM's field) and cache writes in ``prompt_tokens_details.cache_write_tokens``.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import orjson
 
-from appliance.chat import tool_call_function
-from appliance.errors import GatewayError, retry_after_headers
+from appliance.common.chat import tool_call_function
+from appliance.common.errors import GatewayError, retry_after_headers
 
 # What Anthropic needs and chat does not require: the answer's length limit.
 DEFAULT_MAX_TOKENS = 4096

@@ -11,8 +11,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from appliance.errors import GatewayError
-from appliance.transport import ConnectError, Limits, ReadError, Timeout, TransportError
+from appliance.common.errors import GatewayError
+from appliance.providers.transport import ConnectError, Limits, ReadError, Timeout, TransportError
 
 # The OpenAI endpoints a provider can serve, as the path after /v1/.
 CHAT = "chat/completions"

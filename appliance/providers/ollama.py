@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from appliance.config import BackendSettings
-from appliance.errors import GatewayError
+from appliance.common.config import BackendSettings
+from appliance.common.errors import GatewayError
 from appliance.providers.base import (
     CHAT,
     COMPLETIONS,
@@ -43,7 +43,7 @@ from appliance.providers.ollama_translate import (
     shown_model,
     text_completion,
 )
-from appliance.transport import Limits, StreamResponse, Transport, TransportError
+from appliance.providers.transport import Limits, StreamResponse, Transport, TransportError
 
 log = logging.getLogger("appliance.providers.ollama")
 

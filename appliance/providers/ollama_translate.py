@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
-from appliance.chat import tool_call_function
-from appliance.errors import GatewayError, retry_after_headers
+from appliance.common.chat import tool_call_function
+from appliance.common.errors import GatewayError, retry_after_headers
+from appliance.common.sse import DONE, encode
 from appliance.providers.base import CHAT, ModelInfo
-from appliance.sse import DONE, encode
 
 # OpenAI fields Ollama has no equivalent for: dropped (the provider logs each once).
 DROPPED_FIELDS = ("tool_choice", "logit_bias", "user", "parallel_tool_calls")

@@ -11,8 +11,9 @@ from typing import Any
 
 import orjson
 
-from appliance.config import BackendSettings
-from appliance.errors import GatewayError, upstream_error
+from appliance.common.config import BackendSettings
+from appliance.common.errors import GatewayError, upstream_error
+from appliance.common.sse import EventSplitter
 from appliance.providers.base import (
     EMBEDDINGS,
     LISTING_TIMEOUT_S,
@@ -23,8 +24,7 @@ from appliance.providers.base import (
     transport_failure,
 )
 from appliance.providers.load import Load, parse_llamacpp_slots, parse_vllm_metrics
-from appliance.sse import EventSplitter
-from appliance.transport import Limits, StreamResponse, Transport, TransportError
+from appliance.providers.transport import Limits, StreamResponse, Transport, TransportError
 
 
 def api_base(url: str) -> str:

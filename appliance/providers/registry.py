@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from appliance.config import BackendSettings
+from appliance.common.config import BackendSettings
 from appliance.providers.anthropic import AnthropicProvider
 from appliance.providers.base import Provider
 from appliance.providers.ollama import OllamaProvider
 from appliance.providers.openai_compat import OpenAICompatProvider
-from appliance.transport import Transport
+from appliance.providers.transport import Transport
 
 
 def build(settings: BackendSettings, transport: Transport, kind: str | None = None) -> Provider:

@@ -12,7 +12,7 @@ from ipaddress import ip_address
 
 from sanic import Request
 
-from appliance.auth import presented_key
+from appliance.accounts.auth import presented_key
 
 PUBLIC_PATHS = frozenset(("/health", "/healthz", "/ready", "/", "/status"))
 PUBLIC_PREFIXES = ("/static/",)

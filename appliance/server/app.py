@@ -9,10 +9,10 @@ import time
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
-from appliance.config import Settings
-from appliance.limits import SharedTable, table_size
-from appliance.resilience import BackendTable
-from appliance.resources import static_dir
+from appliance.accounts.limits import SharedTable, table_size
+from appliance.common.config import Settings
+from appliance.common.resources import static_dir
+from appliance.core.resilience import BackendTable
 from appliance.server import access, lifecycle
 from appliance.server.responses import GatewayErrorHandler, RequestIds
 from appliance.server.routes import anthropic as anthropic_routes

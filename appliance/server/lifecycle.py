@@ -12,19 +12,19 @@ import threading
 
 from sanic import Sanic
 
-from appliance import metrics
-from appliance.auth import Authenticator
-from appliance.batch_runner import BatchRunner
-from appliance.cache import ResponseCache
-from appliance.files import FileStore
-from appliance.gateway import Gateway
-from appliance.limits import Limiter, worker_index
-from appliance.resilience import Breakers
-from appliance.statsz import StatszCache
+from appliance.accounts.auth import Authenticator
+from appliance.accounts.limits import Limiter, worker_index
+from appliance.batches.files import FileStore
+from appliance.batches.runner import BatchRunner
+from appliance.core.cache import ResponseCache
+from appliance.core.gateway import Gateway
+from appliance.core.resilience import Breakers
+from appliance.observe import metrics
+from appliance.providers.transport import Transport
+from appliance.server.statsz import StatszCache
 from appliance.storage import keys_repo
 from appliance.storage.db import BufferedWriter, Database
 from appliance.storage.migrate import database_path
-from appliance.transport import Transport
 
 log = logging.getLogger("appliance.server")
 

@@ -24,9 +24,10 @@ from sanic.helpers import has_message_body
 from sanic.response import HTTPResponse, ResponseStream
 from sanic.response.types import HEADER_TRANSLATION_TABLE
 
-from appliance import exchange as accounting
-from appliance import messages, responses
-from appliance.errors import GatewayError
+from appliance.api.messages import translate as messages
+from appliance.api.responses import translate as responses
+from appliance.common.errors import GatewayError
+from appliance.core import exchange as accounting
 
 log = logging.getLogger("appliance.server")
 

@@ -23,12 +23,13 @@ from sanic.mixins import startup
 from sanic.worker.constants import ProcessState
 from sanic.worker.loader import AppLoader
 
-from appliance import auth, metrics, metricsdir
-from appliance.batch_runner import prepare_data_dir
-from appliance.config import Settings
-from appliance.limits import Limiter, SharedTable, key_scope, period_start_day, table_size
-from appliance.resilience import BackendTable
-from appliance.resources import migrations_dir
+from appliance.accounts import auth
+from appliance.accounts.limits import Limiter, SharedTable, key_scope, period_start_day, table_size
+from appliance.batches.runner import prepare_data_dir
+from appliance.common.config import Settings
+from appliance.common.resources import migrations_dir
+from appliance.core.resilience import BackendTable
+from appliance.observe import metrics, metricsdir
 from appliance.server import lifecycle
 from appliance.server.app import configure_logging, create_app
 from appliance.storage import usage_repo

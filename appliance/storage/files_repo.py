@@ -1,4 +1,4 @@
-"""SQL for file metadata (the bytes live on disk; see appliance/files.py)."""
+"""SQL for file metadata (the bytes live on disk; see appliance/batches/files.py)."""
 
 from __future__ import annotations
 

@@ -20,12 +20,12 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from appliance.cache import ResponseCache, cache_key, decide
-from appliance.config import CacheSettings
-from appliance.resources import migrations_dir
+from appliance.accounts.usage import Tokens
+from appliance.common.config import CacheSettings
+from appliance.common.resources import migrations_dir
+from appliance.core.cache import ResponseCache, cache_key, decide
 from appliance.storage.db import BufferedWriter, Database
 from appliance.storage.migrate import migrate
-from appliance.usage import Tokens
 
 # A typical small chat request (~1 KB) and its answer.
 BODY = orjson.loads(orjson.dumps({

@@ -14,8 +14,10 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from appliance import messages as messages_surface
-from appliance.errors import GatewayError
+from appliance.api.messages import request as messages_request_side
+from appliance.api.messages import stream as messages_stream
+from appliance.api.messages import translate as messages_translate
+from appliance.common.errors import GatewayError
 from appliance.providers.anthropic_translate import (
     DEFAULT_MAX_TOKENS,
     ChatStream,
@@ -228,7 +230,7 @@ def test_messages_must_be_a_list() -> None:
 
 
 def test_anthropic_request_to_chat_and_back() -> None:
-    """A Messages body through appliance/messages.py and back here keeps its meaning."""
+    """A Messages body through appliance/api/messages/ and back here keeps its meaning."""
     original = {"model": "claude-x", "max_tokens": 100, "system": "S", "temperature": 0.5, "stop_sequences": ["END"],
                 "metadata": {"user_id": "u"}, "tools": [{"name": "get_weather", "input_schema": SCHEMA}],
                 "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
@@ -239,7 +241,7 @@ def test_anthropic_request_to_chat_and_back() -> None:
                         {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
                                                  {"type": "text", "text": "and tomorrow?"}]}]}
-    back = messages_request(messages_surface.chat_request(original))
+    back = messages_request(messages_request_side.chat_request(original))
     assert back == {**original, "stream": False}
 
 
@@ -308,7 +310,7 @@ def test_stop_sequence_survives() -> None:
     answer = chat_response(message({"type": "text", "text": "x"}, stop_reason="stop_sequence", stop_sequence="END"),
                            model="m")
     assert answer["choices"][0]["stop_reason"] == "END"
-    back = messages_surface.message_response(answer, model="m")
+    back = messages_translate.message_response(answer, model="m")
     assert (back["stop_reason"], back["stop_sequence"]) == ("stop_sequence", "END")
 
 
@@ -317,7 +319,7 @@ def test_usage_with_cache() -> None:
     assert chat_usage(usage) == {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105,
                                  "prompt_tokens_details": {"cached_tokens": 60, "cache_write_tokens": 30}}
     # And back through the Messages surface: the three input counts are what Anthropic said.
-    back = messages_surface.anthropic_usage(chat_usage(usage))
+    back = messages_translate.anthropic_usage(chat_usage(usage))
     assert back == {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 60,
                     "cache_creation_input_tokens": 30}
 
@@ -634,9 +636,9 @@ def test_chat_errors_through_the_openai_sdk(status: int, body: bytes, exception:
 
 
 def test_anthropic_stream_through_chat_and_back() -> None:
-    """Anthropic SSE -> chat chunks (here) -> Anthropic SSE (appliance/messages.py): the SDK sees the same answer."""
+    """Anthropic SSE -> chat chunks (here) -> Anthropic SSE (api/messages/stream.py): the SDK sees the same answer."""
     chunks, _ = translate(frames(TOOL_USE_TRANSCRIPT))
-    stream = messages_surface.MessagesStream("claude-x")
+    stream = messages_stream.MessagesStream("claude-x")
     sse = stream.start() + b"".join(stream.feed(c) for c in chunks) + stream.finish()
 
     def handler(request: httpx2.Request) -> httpx2.Response:

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from appliance import auth
-from appliance.errors import GatewayError
-from appliance.resources import migrations_dir
+from appliance.accounts import auth
+from appliance.common.errors import GatewayError
+from appliance.common.resources import migrations_dir
 from appliance.storage import keys_repo
 from appliance.storage.db import Database
 from appliance.storage.migrate import migrate

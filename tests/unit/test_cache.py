@@ -6,14 +6,14 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletionChunk
 
-from appliance.cache import MEMORY_MAX_BODY, Decision, ResponseCache, cache_key, decide, synthesized_stream
-from appliance.config import CacheSettings
-from appliance.errors import GatewayError
-from appliance.resources import migrations_dir
+from appliance.accounts.usage import Tokens
+from appliance.common.config import CacheSettings
+from appliance.common.errors import GatewayError
+from appliance.common.resources import migrations_dir
+from appliance.core.cache import MEMORY_MAX_BODY, Decision, ResponseCache, cache_key, decide, synthesized_stream
 from appliance.storage import cache_repo
 from appliance.storage.db import BufferedWriter, Database
 from appliance.storage.migrate import migrate
-from appliance.usage import Tokens
 
 CHAT, COMPLETIONS, EMBEDDINGS = "chat/completions", "completions", "embeddings"
 MESSAGES = [{"role": "user", "content": "Say hi"}]

@@ -1,8 +1,8 @@
 import pytest
 
-from appliance.catalog import Catalog
-from appliance.config import ModelSettings
-from appliance.errors import GatewayError
+from appliance.common.config import ModelSettings
+from appliance.common.errors import GatewayError
+from appliance.core.catalog import Catalog
 from appliance.providers.base import ModelInfo
 
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import ConfigError, load_settings
+from appliance.common.config import ConfigError, load_settings
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from appliance.config import Settings
+from appliance.common.config import Settings
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -22,7 +22,7 @@ def test_every_config_key_is_documented():
 
 
 def test_every_route_is_documented():
-    from appliance.config import load_settings
+    from appliance.common.config import load_settings
     from appliance.server.app import create_app
 
     app = create_app(load_settings(environ={}))

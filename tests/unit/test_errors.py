@@ -1,6 +1,6 @@
 import orjson
 
-from appliance.errors import GatewayError, retry_after_headers, upstream_error
+from appliance.common.errors import GatewayError, retry_after_headers, upstream_error
 
 
 def test_envelope_has_all_keys_and_the_request_id():

@@ -7,9 +7,7 @@ import multiprocessing
 
 import pytest
 
-from appliance.config import ModelSettings
-from appliance.errors import GatewayError
-from appliance.limits import (
+from appliance.accounts.limits import (
     Limiter,
     ModelScopes,
     Scope,
@@ -19,6 +17,8 @@ from appliance.limits import (
     period_of,
     period_start_day,
 )
+from appliance.common.config import ModelSettings
+from appliance.common.errors import GatewayError
 
 
 class Clock:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from appliance.messages_native import StreamWatch, tokens_of
-from appliance.usage import Tokens
+from appliance.accounts.usage import Tokens
+from appliance.api.messages.native import StreamWatch, tokens_of
 
 
 def event(data: dict[str, Any], space: bool = True) -> bytes:

@@ -19,14 +19,10 @@ import pydantic
 import pytest
 from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
 
-from appliance import messages_stream as messages_module
-from appliance.errors import GatewayError
-from appliance.messages import (
-    MessagesStream,
-    chat_request,
-    count_request,
-    count_tokens,
-    dropped_tools,
+from appliance.api.messages import stream as messages_stream
+from appliance.api.messages.request import chat_request, count_request, count_tokens, dropped_tools, wants_thinking
+from appliance.api.messages.stream import MessagesStream
+from appliance.api.messages.translate import (
     error_body,
     error_message,
     error_status,
@@ -34,8 +30,8 @@ from appliance.messages import (
     message_response,
     tool_input,
     tool_use_id,
-    wants_thinking,
 )
+from appliance.common.errors import GatewayError
 
 STREAM_EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
 TOOL_ID = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -1054,7 +1050,7 @@ def test_streams_share_no_state() -> None:  # pitfall 2: no class-level mutable 
 
 def test_ping_while_arguments_are_buffered(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter(itertools.count(0.0, 10.0))
-    monkeypatch.setattr(messages_module.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(messages_stream.time, "monotonic", lambda: next(clock))
     stream = MessagesStream("m")
     stream.start()
     sent = [stream.feed(c) for c in weather_call('{"ci', 'ty"', ': "Paris"}', "")]

@@ -2,7 +2,7 @@ import sqlite3
 
 import pytest
 
-from appliance.resources import migrations_dir
+from appliance.common.resources import migrations_dir
 from appliance.storage.migrate import SchemaError, applied_migrations, migrate
 
 

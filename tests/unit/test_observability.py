@@ -12,11 +12,12 @@ from typing import Any
 import orjson
 import pytest
 
-from appliance import metrics, statsz
-from appliance.accesslog import AccessLog
-from appliance.config import Settings
-from appliance.gateway import Gateway
-from appliance.resources import migrations_dir
+from appliance.common.config import Settings
+from appliance.common.resources import migrations_dir
+from appliance.core.gateway import Gateway
+from appliance.observe import metrics
+from appliance.observe.accesslog import AccessLog
+from appliance.server import statsz
 from appliance.server.access import is_public
 from appliance.storage import requests_repo, stats_repo
 from appliance.storage.db import BufferedWriter, Database
@@ -132,8 +133,8 @@ def test_endpoint_and_status_labels_are_bounded() -> None:
 
 
 def test_catalog_knows_aliases_listed_models_and_backend_prefixed_names() -> None:
-    from appliance.catalog import Catalog
-    from appliance.config import ModelSettings
+    from appliance.common.config import ModelSettings
+    from appliance.core.catalog import Catalog
     from appliance.providers.base import ModelInfo
 
     catalog = Catalog([ModelSettings(name="chat", target="fake/fake-chat")])

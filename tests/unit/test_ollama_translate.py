@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from appliance.config import BackendSettings
-from appliance.errors import GatewayError
+from appliance.common.config import BackendSettings
+from appliance.common.errors import GatewayError
 from appliance.providers.base import CHAT, COMPLETIONS
 from appliance.providers.ollama import OllamaProvider, ollama_root
 from appliance.providers.ollama_translate import (
@@ -32,7 +32,7 @@ from appliance.providers.ollama_translate import (
     trained_window,
     unix_time,
 )
-from appliance.transport import ConnectError, Response
+from appliance.providers.transport import ConnectError, Response
 
 USER = [{"role": "user", "content": "hi"}]
 

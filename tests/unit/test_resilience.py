@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from appliance.config import RoutingSettings
-from appliance.errors import GatewayError, upstream_error
-from appliance.providers.load import Load, parse_llamacpp_metrics, parse_llamacpp_slots, parse_vllm_metrics
-from appliance.resilience import (
+from appliance.common.config import RoutingSettings
+from appliance.common.errors import GatewayError, upstream_error
+from appliance.core.resilience import (
     BackendTable,
     Breakers,
     backoff,
@@ -22,6 +21,7 @@ from appliance.resilience import (
     retryable,
     retryable_status,
 )
+from appliance.providers.load import Load, parse_llamacpp_metrics, parse_llamacpp_slots, parse_vllm_metrics
 
 NOW = 1_800_000_000.0
 SETTINGS = RoutingSettings(breaker_failures=3, breaker_failure_rate=0.5, breaker_min_requests=10,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from appliance.resources import migrations_dir
+from appliance.common.resources import migrations_dir
 from appliance.storage import responses_repo
 from appliance.storage.db import Database
 from appliance.storage.migrate import migrate

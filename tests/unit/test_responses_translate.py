@@ -17,21 +17,19 @@ import pytest
 from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 from pydantic import BaseModel, TypeAdapter
 
-from appliance.errors import GatewayError
-from appliance.responses import (
-    chat_messages,
+from appliance.api.responses.items import chat_messages, history_items, input_items
+from appliance.api.responses.stream import ResponsesStream, sse, ws_request
+from appliance.api.responses.translate import (
     chat_request,
     dropped_tools,
     error_body,
-    history_items,
-    input_items,
     previous_not_found,
     response_object,
     response_skeleton,
     response_usage,
     ws_error_frame,
 )
-from appliance.responses_stream import ResponsesStream, sse, ws_request
+from appliance.common.errors import GatewayError
 from tests.support.openapi import validate
 
 EVENT_SCHEMAS = {

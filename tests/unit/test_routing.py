@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from appliance.routing import EXPLORE_S, FAILURE_LATENCY_S, Selector, Target
+from appliance.core.routing import EXPLORE_S, FAILURE_LATENCY_S, Selector, Target
 
 A, B, C = Target("a", "m"), Target("b", "m"), Target("c", "m")
 ABC = [A, B, C]

@@ -1,4 +1,4 @@
-from appliance.sse import EventSplitter, event_data
+from appliance.common.sse import EventSplitter, event_data
 
 
 def test_events_split_across_reads_are_held_until_whole():

@@ -1,7 +1,7 @@
 import orjson
 
-from appliance.config import ModelSettings
-from appliance.usage import FREE, Price, Prices, StreamMeter, Tokens, cost_of, estimate_prompt, from_reply
+from appliance.accounts.usage import FREE, Price, Prices, StreamMeter, Tokens, cost_of, estimate_prompt, from_reply
+from appliance.common.config import ModelSettings
 
 
 def chunk(data):

@@ -6,9 +6,12 @@ import orjson
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 
-from appliance import messages, messages_native, pipeline, surfaces
-from appliance.errors import GatewayError
-from appliance.exchange import DROPPED_TOOLS_HEADER, allowed_routes
+from appliance.api import surfaces
+from appliance.api.messages import native as messages_native
+from appliance.api.messages import request as messages_request
+from appliance.common.errors import GatewayError
+from appliance.core import pipeline
+from appliance.core.exchange import DROPPED_TOOLS_HEADER, allowed_routes
 from appliance.providers.base import CHAT
 from appliance.server.responses import SanicResponder, exchange, json_response
 
@@ -20,17 +23,17 @@ async def create_message(request: Request) -> HTTPResponse | None:
     x = exchange(request)  # a refused body is logged by the error handler, with this exchange
     x.body = body = pipeline.parse_body(request.body)
     try:
-        chat = messages.chat_request(body)  # validated and translated even when it may pass through
+        chat = messages_request.chat_request(body)  # validated and translated even when it may pass through
     except GatewayError as exc:  # maybe only a chat backend could not take it (a PDF document, say)
         if exc.status != 400 or not await messages_native.only_native(request.app.ctx.gateway, x, body):
             raise
         chat = messages_native.untranslated(body)
     chat.update((name, body[name]) for name in pipeline.GATEWAY_FIELDS if name in body)
-    dropped = messages.dropped_tools(body)
+    dropped = messages_request.dropped_tools(body)
     if dropped:  # on a chat backend; an Anthropic backend gets them all, passed through
         x.notes = {DROPPED_TOOLS_HEADER: ", ".join(dropped)}
     responder = SanicResponder(request)
-    surface = surfaces.messages_surface(body["model"], messages.wants_thinking(body), body)
+    surface = surfaces.messages_surface(body["model"], messages_request.wants_thinking(body), body)
     await pipeline.serve(request.app.ctx.gateway, CHAT, chat, x, responder, surface)
     return responder.response
 
@@ -43,7 +46,7 @@ async def count_tokens(request: Request) -> HTTPResponse:
     """
     gateway = request.app.ctx.gateway
     body = pipeline.parse_body(request.body)
-    estimate = messages.count_tokens(body)  # validates, whoever counts
+    estimate = messages_request.count_tokens(body)  # validates, whoever counts
     await gateway.wait_discovered()
     x = exchange(request)
     routes = allowed_routes(x, gateway.catalog.plan(body["model"]).routes)

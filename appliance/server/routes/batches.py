@@ -1,7 +1,7 @@
 """/v1/batches: create (the runner takes it from there), retrieve, cancel, list.
 
 Problems with the create request itself (fields, the input file's reference) are answered at once;
-problems with the file's content fail the batch later, as OpenAI does (see appliance/batches.py).
+problems with the file's content fail the batch later, as OpenAI does (see appliance/batches/batch.py).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import orjson
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 
-from appliance import batches, pipeline
-from appliance.errors import GatewayError
+from appliance.batches import batch as batches
+from appliance.common.errors import GatewayError
+from appliance.core import pipeline
 from appliance.server.responses import json_response
 from appliance.server.routes.files import owned_file, owner_filter
 from appliance.storage import batches_repo

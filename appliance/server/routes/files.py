@@ -13,8 +13,8 @@ import orjson
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 
-from appliance import files, multipart
-from appliance.errors import GatewayError
+from appliance.batches import files, multipart
+from appliance.common.errors import GatewayError
 from appliance.server.responses import json_response, request_id
 from appliance.storage import files_repo
 

@@ -8,9 +8,9 @@ import orjson
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 
-from appliance import auth, reports
-from appliance.errors import GatewayError
-from appliance.pipeline import parse_body
+from appliance.accounts import auth, reports
+from appliance.common.errors import GatewayError
+from appliance.core.pipeline import parse_body
 from appliance.server.responses import json_response
 
 bp = Blueprint("keys")

@@ -9,7 +9,8 @@ import orjson
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 
-from appliance import metrics, reports
+from appliance.accounts import reports
+from appliance.observe import metrics
 from appliance.server.responses import json_response, request_id
 
 bp = Blueprint("observability")

@@ -8,7 +8,7 @@ import orjson
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 
-from appliance import pipeline
+from appliance.core import pipeline
 from appliance.providers.base import CHAT, COMPLETIONS, EMBEDDINGS
 from appliance.server.responses import SanicResponder, exchange, json_response
 

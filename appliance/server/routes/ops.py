@@ -9,7 +9,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, file
 
 from appliance import __version__
-from appliance.resources import static_dir
+from appliance.common.resources import static_dir
 from appliance.server.responses import json_response
 
 bp = Blueprint("ops")

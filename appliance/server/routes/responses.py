@@ -8,9 +8,11 @@ import orjson
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 
-from appliance import pipeline, responses, surfaces
-from appliance.errors import GatewayError
-from appliance.exchange import DROPPED_TOOLS_HEADER
+from appliance.api import surfaces
+from appliance.api.responses import translate as responses
+from appliance.common.errors import GatewayError
+from appliance.core import pipeline
+from appliance.core.exchange import DROPPED_TOOLS_HEADER
 from appliance.providers.base import CHAT
 from appliance.server.responses import SanicResponder, exchange, json_response
 from appliance.storage import responses_repo

@@ -17,11 +17,14 @@ import orjson
 from sanic import Blueprint, Request
 from sanic.server.websockets.impl import WebsocketImplProtocol
 
-from appliance import exchange as accounting
-from appliance import pipeline, responses, surfaces
-from appliance.errors import GatewayError
+from appliance.api import surfaces
+from appliance.api.responses import stream as responses_stream
+from appliance.api.responses import translate as responses
+from appliance.common.errors import GatewayError
+from appliance.common.sse import EventSplitter, event_data
+from appliance.core import exchange as accounting
+from appliance.core import pipeline
 from appliance.providers.base import CHAT
-from appliance.sse import EventSplitter, event_data
 
 bp = Blueprint("responses_ws")
 
@@ -79,7 +82,7 @@ async def _turn(request: Request, ws: WebsocketImplProtocol, frame: str | bytes,
     x = _exchange(request, session)
     stream_id: str | None = None
     try:
-        body, generate = responses.ws_request(frame)
+        body, generate = responses_stream.ws_request(frame)
         stream_id = body.get("stream_id") if isinstance(body.get("stream_id"), str) else None
         x.body = body
         turn = await surfaces.responses_turn(gateway, body, principal.key_id, latest)
@@ -100,7 +103,7 @@ async def _turn(request: Request, ws: WebsocketImplProtocol, frame: str | bytes,
 
 async def _warm_up(gateway: Any, ws: WebsocketImplProtocol, turn: surfaces.ResponsesTurn) -> None:
     """``generate: false``: no backend call; a response with empty output to chain from."""
-    stream = responses.ResponsesStream(turn.request, response_id=turn.response_id, created_at=turn.created_at)
+    stream = responses_stream.ResponsesStream(turn.request, response_id=turn.response_id, created_at=turn.created_at)
     events = stream.warmup()
     if stream.response is not None:
         await turn.store(gateway, stream.response)

@@ -1,0 +1,285 @@
+"""One request as the gateway sees it, and its accounting: admission, cost, the ledger row.
+
+Shared by every surface (chat, completions, embeddings, Messages, Responses) and web-server free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from appliance.accounts.auth import Principal
+from appliance.accounts.limits import Admission, key_scope
+from appliance.accounts.usage import NO_COST, Cost, Tokens, cost_of, estimate_prompt
+from appliance.common.errors import GatewayError
+from appliance.core.catalog import Route
+from appliance.core.gateway import Gateway
+from appliance.observe.metrics import endpoint_label as metrics_endpoint
+from appliance.storage import requests_repo, stats_repo, usage_repo
+
+# Client request headers that never travel upstream: the hop, our auth, our own controls.
+_PRIVATE_HEADERS = frozenset(
+    ("host", "connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer",
+     "transfer-encoding", "upgrade", "content-length", "content-type", "accept-encoding", "authorization",
+     "x-api-key", "cookie", "x-request-id", "openai-organization", "openai-project", "expect",
+     "x-cache", "x-cache-ttl")
+)
+
+# The header naming the session a request belongs to (a Responses WebSocket's, or an HTTP client's own).
+SESSION_HEADER = "x-appliance-session-id"
+_MAX_SESSION_ID = 200
+
+# Names the request's tools the gateway left out (server and hosted tools a chat backend cannot run).
+DROPPED_TOOLS_HEADER = "X-Appliance-Dropped-Tools"
+
+# Logged for requests whose client disconnected before the answer was complete (nginx's convention).
+CLIENT_CLOSED = 499
+
+
+class Responder(Protocol):
+    """How the pipeline talks back to the client (implemented by the web layer)."""
+
+    async def complete(self, status: int, headers: dict[str, str], body: bytes) -> None: ...
+
+    async def start_stream(self, headers: dict[str, str]) -> None: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def end_stream(self, data: bytes) -> None: ...
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One client request as the pipeline sees it, and what became of it."""
+
+    path: str
+    request_id: str
+    upstream_id: str  # the id sent to the backend: UUID-shaped, as some backends insist
+    headers: dict[str, str]  # the client's headers that may travel upstream (see forwardable)
+    started: float = field(default_factory=time.perf_counter)
+    arrived_at: float = field(default_factory=time.time)
+    controls: dict[str, str] = field(default_factory=dict)  # X-Appliance-* and X-Cache* sent by the client
+    principal: Principal | None = None  # set by the web layer once the key checked out
+    body: dict[str, Any] | None = None
+    route: Route | None = None  # the target being tried, then the one that answered
+    route_name: str | None = None  # the alias (or model) whose plan was followed
+    admission: Admission | None = None
+    attempts: int = 0
+    retries: int = 0
+    fallback_from: Route | None = None  # the first target that failed
+    cache: str | None = None  # HIT, MISS or BYPASS; None when not cacheable
+    streaming: bool = False  # the first byte went out: no more retries
+    recorded: bool = False
+    session_id: str | None = None  # set by the WebSocket route; else the client's X-Appliance-Session-ID
+    notes: dict[str, str] | None = None  # headers a surface adds to every answer (e.g. dropped tools)
+    method: str | None = None  # the HTTP method and the caller's address, for the access log (set by the
+    client: str | None = None  # web layer; None for a WebSocket turn or a batch line)
+    in_flight: bool = False  # counted in appliance_inflight_requests until recorded
+    response_body: bytes | None = None  # the whole answer sent, kept only for [log] store_bodies
+    batch_id: str | None = None  # set for a batch line: its ledger row names the batch
+
+    def session(self) -> str | None:
+        """The session id for the request log: the connection's, or a sane one the client sent."""
+        return self.session_id if self.session_id is not None else session_id_of(self.controls.get(SESSION_HEADER))
+
+    def response_headers(self) -> dict[str, str]:
+        headers = {"X-Request-ID": self.request_id}
+        if self.route is not None:
+            headers["X-Appliance-Backend"] = self.route.backend
+            headers["X-Appliance-Model"] = self.route.upstream_model
+        if self.route_name is not None:
+            headers["X-Appliance-Route"] = self.route_name
+        if self.attempts:
+            headers["X-Appliance-Attempts"] = str(self.attempts)
+            headers["X-Retry-Count"] = str(self.retries)
+        if self.fallback_from is not None:
+            headers["X-Fallback-From"] = f"{self.fallback_from.backend}/{self.fallback_from.upstream_model}"
+        if self.cache is not None:
+            headers["X-Cache"] = self.cache
+        if self.admission is not None:
+            headers.update(self.admission.headers)
+        if self.notes:
+            headers.update(self.notes)
+        return headers
+
+
+def session_id_of(sent: str | None) -> str | None:
+    """A client's session id, if it is one worth logging (short and printable)."""
+    return sent if sent and len(sent) <= _MAX_SESSION_ID and sent.isprintable() else None
+
+
+def forwardable(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Client headers that may reach a backend (names lower-cased, as the web layer gives them)."""
+    return {k: v for k, v in headers
+            if k not in _PRIVATE_HEADERS and not k.startswith(("x-appliance-", "sec-websocket-"))}
+
+
+def controls(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The client's instructions to the gateway itself: X-Appliance-* and the cache headers."""
+    return {k: v for k, v in headers if k.startswith(("x-appliance-", "x-cache"))}
+
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+def allowed_routes(x: Exchange, routes: tuple[Route, ...]) -> tuple[Route, ...]:
+    """The routes the key may use, by the name the client sent or by the backend model that serves it."""
+    principal = x.principal
+    if principal is None:  # fail closed: only the web layer's auth step sets a principal
+        raise GatewayError("invalid_api_key", "This request was not authenticated.")
+    if principal.models == ("*",):
+        return routes
+    allowed = tuple(r for r in routes if any(principal.allows_model(name) for name in (
+        r.model, f"{r.backend}/{r.upstream_model}", r.upstream_model)))
+    if not allowed:
+        principal.check_model(routes[0].model)  # raises model_not_allowed, naming the model as sent
+    return allowed
+
+
+def begin(gw: Gateway, x: Exchange) -> None:
+    """The request is being served: counted in flight until ``record``."""
+    if not x.in_flight:
+        x.in_flight = True
+        gw.metrics.request_started()
+
+
+def admit(gw: Gateway, x: Exchange, body: dict[str, Any], route: Route, *, counts_tokens: bool = True) -> None:
+    """Count the request against its key's and its model's limits and budget, or refuse it (429)."""
+    scopes = tuple(scope for scope in (key_scope(x.principal), gw.model_scopes.of(route.backend, route.upstream_model))
+                   if scope is not None)
+    if not scopes:
+        return
+    prompt = estimate_prompt(body)
+    most = body.get("max_completion_tokens") or body.get("max_tokens")
+    expected = Tokens(prompt, most if isinstance(most, int) else 0)
+    cost = cost_of(gw.prices.of(route.backend, route.upstream_model), expected).total
+    shown = next((scope for scope in scopes if scope.rpm or scope.tpm), None)
+    try:
+        x.admission = gw.limiter.admit(scopes, tokens=prompt, cost=cost, counts_tokens=counts_tokens,
+                                       headers_for=shown)
+    except GatewayError as exc:
+        gw.metrics.rejected(_limit_of(exc))
+        raise
+
+
+def _limit_of(refusal: GatewayError) -> str:
+    """Which limit refused a request: requests, tokens, concurrency or budget (the metrics label)."""
+    if refusal.code == "budget_exceeded":
+        return "budget"
+    return str(refusal.extra.get("limit", "tokens"))  # a request larger than tpm carries no "limit"
+
+
+def usage_extras(cost: Cost, x: Exchange, ttft_s: float | None) -> dict[str, Any]:
+    """What the gateway adds to a response's usage object (the names Lunar's API uses)."""
+    extras: dict[str, Any] = cost.as_usage()
+    extras["latency_ms"] = round((time.perf_counter() - x.started) * 1000, 3)
+    extras["ttft_ms"] = round(ttft_s * 1000, 3) if ttft_s is not None else None
+    return extras
+
+
+def price_of(gw: Gateway, x: Exchange, tokens: Tokens) -> Cost:
+    if x.route is None:
+        return NO_COST
+    return cost_of(gw.prices.of(x.route.backend, x.route.upstream_model), tokens)
+
+
+def record(
+    gw: Gateway,
+    x: Exchange,
+    status: int,
+    *,
+    tokens: Tokens | None = None,
+    cost: Cost | None = None,
+    error_code: str | None = None,
+    overhead_s: float | None = None,
+    ttft_s: float | None = None,
+) -> None:
+    """Once per request: release its limits with what it really used, queue its ledger row and rollup."""
+    if x.recorded:
+        return
+    x.recorded = True
+    if cost is None:
+        cost = price_of(gw, x, tokens) if tokens else NO_COST
+    if x.admission is not None:
+        gw.limiter.settle(x.admission, tokens=tokens.total if tokens else 0, cost=cost.total)
+    body = x.body or {}
+    model = body.get("model")
+    model = model if isinstance(model, str) else None
+    key_id = x.principal.key_id if x.principal else None
+    backend = x.route.backend if x.route else None
+    backend_model = x.route.upstream_model if x.route else None
+    priced = tokens is not None and tokens.prompt is not None
+    row = requests_repo.RequestRecord(
+        request_id=x.request_id,
+        created_at=x.arrived_at,
+        endpoint=x.path,
+        model=model,
+        backend=backend,
+        backend_model=backend_model,
+        status=status,
+        error_code=error_code,
+        stream=bool(body.get("stream")),
+        latency_ms=round((time.perf_counter() - x.started) * 1000, 3),
+        overhead_ms=round(overhead_s * 1000, 3) if overhead_s is not None else None,
+        ttft_ms=round(ttft_s * 1000, 3) if ttft_s is not None else None,
+        prompt_tokens=tokens.prompt if tokens else None,
+        completion_tokens=tokens.completion if tokens else None,
+        estimated=bool(tokens and tokens.estimated),
+        key_id=key_id,
+        cached_tokens=tokens.cached if tokens else None,
+        input_cost_usd=cost.input if priced else None,
+        output_cost_usd=cost.output if priced else None,
+        cost_usd=cost.total if priced else None,
+        cache=x.cache,
+        session_id=x.session(),
+        batch_id=x.batch_id,
+    )
+    requests_repo.record(gw.writer, row)
+    if key_id is not None:
+        usage_repo.add_to_rollup(
+            gw.writer, usage_repo.day_of(x.arrived_at), key_id, model or "", backend or "", backend_model or "",
+            error=status >= 400 or error_code is not None, prompt=tokens.prompt or 0 if tokens else 0,
+            completion=tokens.completion or 0 if tokens else 0, cached=tokens.cached if tokens else 0,
+            cost=cost.total, cache_hit=x.cache == "HIT")
+    _count_traffic(gw, x, row)
+    observe(gw, x, row)
+
+
+def _count_traffic(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
+    """The per-minute rollup the status page draws: every request, and per backend the ones it was asked."""
+    minute = int(row.created_at // 60)
+    failed = row.status >= 400 or row.error_code is not None
+    used = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
+    stats_repo.add_traffic(gw.writer, minute, "", failed=failed, tokens=used)
+    if row.backend is not None and x.cache != "HIT" and row.status != 429:
+        stats_repo.add_traffic(gw.writer, minute, row.backend, failed=failed, tokens=used)
+
+
+def observe(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
+    """What else a finished request feeds: metrics, the access log, stored bodies (when asked for)."""
+    principal = x.principal
+    if x.in_flight:
+        x.in_flight = False
+        gw.metrics.request_ended()
+    gw.metrics.request_finished(
+        endpoint=metrics_endpoint(row.endpoint), model=gw.metrics.model_label(row.model, x.route_name),
+        backend=row.backend, status=row.status, cache=row.cache,
+        key=(principal.key_id, principal.name) if principal is not None else None,
+        latency_s=row.latency_ms / 1000, overhead_s=row.overhead_ms / 1000 if row.overhead_ms is not None else None,
+        ttft_s=row.ttft_ms / 1000 if row.ttft_ms is not None else None, prompt_tokens=row.prompt_tokens or 0,
+        completion_tokens=row.completion_tokens or 0, cost_usd=row.cost_usd or 0.0, retries=x.retries,
+        fell_back=x.fallback_from is not None)
+    if gw.access_log is not None:
+        gw.access_log.write({**row._asdict(), "time": row.created_at, "path": row.endpoint, "method": x.method,
+                             "client": x.client})
+    settings = gw.settings.log
+    if settings.store_bodies:
+        requests_repo.record_bodies(gw.writer, row.request_id, row.created_at,
+                                    orjson.dumps(x.body) if x.body is not None else None, x.response_body,
+                                    max_bytes=settings.max_body_kb * 1024)

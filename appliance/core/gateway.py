@@ -1,0 +1,198 @@
+"""One worker's gateway: its backends, their catalog, its database buffers, and the refresh loop.
+
+Built in before_server_start, hung on app.ctx, passed explicitly to the pipeline. No globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from appliance.accounts.auth import Authenticator
+from appliance.accounts.limits import Limiter, ModelScopes
+from appliance.accounts.usage import Prices
+from appliance.common.config import BackendSettings, Settings
+from appliance.common.errors import GatewayError
+from appliance.core import discovery
+from appliance.core.cache import ResponseCache
+from appliance.core.catalog import Catalog
+from appliance.core.resilience import Breakers
+from appliance.core.routing import Selector
+from appliance.observe.accesslog import AccessLog
+from appliance.observe.metrics import Recorder
+from appliance.providers import registry
+from appliance.providers.base import ModelInfo, Provider
+from appliance.providers.transport import Limits, Transport
+from appliance.storage import requests_repo, responses_repo, stats_repo
+from appliance.storage.db import BufferedWriter, Database
+
+log = logging.getLogger("appliance.core.gateway")
+
+# How long a request waits for the first discovery when it arrives right after start.
+FIRST_DISCOVERY_WAIT_S = 5.0
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    transport: Transport
+    db: Database
+    writer: BufferedWriter
+    authenticator: Authenticator
+    limiter: Limiter
+    breakers: Breakers
+    cache: ResponseCache
+    catalog: Catalog = field(init=False)
+    prices: Prices = field(init=False)
+    model_scopes: ModelScopes = field(init=False)
+    selector: Selector = field(default_factory=Selector, init=False)
+    rng: random.Random = field(default_factory=random.Random, init=False)  # retry jitter
+    providers: dict[str, Provider] = field(default_factory=dict, init=False)
+    draining: bool = field(default=False, init=False)
+    metrics: Recorder = field(init=False)
+    access_log: AccessLog | None = field(default=None, init=False)
+    _backends: dict[str, BackendSettings] = field(default_factory=dict, init=False)
+    _discovered: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.catalog = Catalog(self.settings.models)
+        self.prices = Prices(self.settings.models)
+        self.model_scopes = ModelScopes(self.settings.models, first_slot=self.settings.limits.key_slots)
+        self.metrics = Recorder(per_key=self.settings.metrics.per_key, known_model=self.catalog.knows)
+        if self.settings.log.access != "off":
+            self.access_log = AccessLog(self.settings.log.access)
+        for backend in self.settings.backends:
+            self._add(backend, kind=backend.type)
+
+    @property
+    def zero_config(self) -> bool:
+        return not self.settings.backends and self.settings.discovery.enabled
+
+    def limits_for(self, backend: str, timeout_s: float | None) -> Limits | None:
+        """The backend's timeouts, the total capped at ``timeout_s`` (None: the backend's own)."""
+        if timeout_s is None:
+            return None
+        settings = self._backends[backend]
+        return Limits(min(settings.timeout_s, timeout_s), settings.connect_timeout_s)
+
+    def _add(self, backend: BackendSettings, kind: str) -> None:
+        self._backends[backend.name] = backend
+        self.providers[backend.name] = registry.build(backend, self.transport, kind)
+        self.catalog.add_backend(backend.name, kind)
+        if not backend.discover and backend.models:
+            self.catalog.update(backend.name, models=[ModelInfo(id=m) for m in backend.models])
+            self.catalog.backends[backend.name].up = None  # listed from config; not probed yet
+
+    # ------------------------------------------------------------------ discovery
+
+    async def refresh(self, *, scan: bool = True) -> None:
+        """Find new local servers (zero-config), then probe every backend and list its models."""
+        if scan and self.zero_config:
+            await self._scan()
+        await asyncio.gather(*(self._probe(name) for name in list(self.providers)))
+        self._discovered.set()
+        if self._wants_load:
+            await asyncio.gather(*(self._sample_load(name) for name in list(self.providers)))
+
+    @property
+    def _wants_load(self) -> bool:
+        return any(m.strategy == "least_busy" for m in self.settings.models)
+
+    async def _sample_load(self, name: str) -> None:
+        try:
+            load = await self.providers[name].load()
+        except GatewayError:
+            return
+        if load is not None:
+            self.breakers.set_load(name, load)
+
+    async def _scan(self) -> None:
+        cfg = self.settings.discovery
+        known_urls = {b.url.removesuffix("/v1") for b in self._backends.values()}
+        for port, kind in (await discovery.scan(self.transport, cfg.host, cfg.ports)).items():
+            backend = discovery.backend_for(kind, cfg.host, port, set(self._backends))
+            if backend.url.removesuffix("/v1") in known_urls:
+                continue
+            self._add(backend, kind)
+            log.info("found %s at %s: registered as backend %r", kind, backend.url, backend.name)
+
+    async def _probe(self, name: str) -> None:
+        provider, backend = self.providers[name], self._backends[name]
+        try:
+            models = await provider.list_models()
+        except GatewayError as exc:
+            if self.catalog.backends[name].up is not False:
+                log.warning("backend %r is not answering: %s", name, exc.message)
+            self.catalog.update(name, models=None, error=exc.message)
+            self.breakers.set_probe(name, up=False)
+            return
+        if not backend.discover:
+            models = [ModelInfo(id=m) for m in backend.models] if backend.models else models
+        state = self.catalog.backends[name]
+        if state.up is not True:
+            log.info("backend %r (%s) is up with %d model(s)", name, provider.kind, len(models))
+        state.kind = provider.kind
+        self.catalog.update(name, models=models)
+        self.breakers.set_probe(name, up=True)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._refresh_loop(), name="backend-refresh")
+
+    async def _refresh_loop(self) -> None:
+        """Probe every backend each routing.probe_interval_s; look for new ones each discovery.interval_s."""
+        interval = min(self.settings.routing.probe_interval_s, self.settings.discovery.interval_s)
+        last_scan = float("-inf")
+        while True:
+            now = asyncio.get_running_loop().time()
+            scan = now - last_scan >= self.settings.discovery.interval_s
+            try:
+                await self.refresh(scan=scan)
+                if scan:
+                    await self.sweep(time.time())
+            except Exception:  # never let one bad probe (or a busy database) end the loop
+                log.exception("backend refresh failed")
+            if scan:
+                last_scan = now
+            await asyncio.sleep(interval)
+
+    async def sweep(self, now: float) -> None:
+        """Drop stored Responses past responses.keep_days and request-log rows past log.keep_days.
+
+        Every worker sweeps on its own loop: deleting what is already gone is harmless.
+        """
+        await responses_repo.sweep(self.db, now)
+        cutoff = now - self.settings.log.keep_days * 86400
+        await requests_repo.sweep(self.db, cutoff)
+        await stats_repo.sweep_traffic(self.db, cutoff)
+
+    async def wait_discovered(self) -> None:
+        """Let a request that arrives in the first moments of a worker's life see the catalog."""
+        if not self._discovered.is_set():
+            try:
+                await asyncio.wait_for(self._discovered.wait(), FIRST_DISCOVERY_WAIT_S)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        await self.cache.stop()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.writer.stop()
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "shutting down"
+        answered = [s.name for s in self.catalog.backends.values() if s.up]
+        if answered:
+            return True, "ok"
+        if not self.catalog.backends:
+            return False, "no backend configured or discovered"
+        return False, "no backend answered its last probe"

@@ -1,0 +1,320 @@
+"""One request's journey: validate -> plan the route -> cache -> admit -> try targets -> relay -> account.
+
+Web-server free: the route hands in an Exchange and a Responder and renders any GatewayError. The
+plan lists every target a request may reach (the alias's, then the request's own ``fallbacks``); the
+selector orders them by the alias's strategy; each is tried with retries while its breaker allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+from appliance.accounts.usage import NO_COST
+from appliance.common.errors import GatewayError, retry_after_headers
+from appliance.core import cache, resilience
+from appliance.core.catalog import Plan, Route
+from appliance.core.exchange import (
+    CLIENT_CLOSED,
+    Exchange,
+    Responder,
+    admit,
+    allowed_routes,
+    begin,
+    ms,
+    record,
+    usage_extras,
+)
+from appliance.core.gateway import Gateway
+from appliance.core.relay import OPENAI, Surface
+from appliance.core.routing import Target
+from appliance.providers.base import CHAT, COMPLETIONS, EMBEDDINGS, Call
+
+# Body fields that steer the gateway and must not reach a backend.
+GATEWAY_FIELDS = ("fallbacks", "fallback", "provider", "timeout", "retries")
+MAX_RETRIES = 5
+TRUE = ("1", "true", "yes")
+
+_REQUIRED = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise GatewayError("invalid_json", "The request body is empty; send a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError("invalid_json", f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise GatewayError("invalid_json", "The request body must be a JSON object.")
+    return body
+
+
+def validate(endpoint: str, body: dict[str, Any]) -> None:
+    """The few checks the gateway needs; everything else is the backend's to judge."""
+    model = body.get("model")
+    if model is None:
+        raise GatewayError("missing_field", "You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model:
+        raise GatewayError("invalid_value", "'model' must be a non-empty string.", param="model")
+    required = _REQUIRED[endpoint]
+    if body.get(required) is None:
+        raise GatewayError("missing_field", f"Missing required parameter: '{required}'.", param=required)
+    if endpoint == CHAT:
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise GatewayError("invalid_value", "'messages' must be a non-empty array.", param="messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise GatewayError("invalid_value", f"messages[{i}] must be an object with a 'role'.",
+                                   param=f"messages.[{i}].role")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise GatewayError("invalid_value", "'stream' must be a boolean.", param="stream")
+    if endpoint == EMBEDDINGS and stream:
+        raise GatewayError("invalid_value", "Embeddings cannot be streamed.", param="stream")
+
+
+def upstream_body(body: dict[str, Any], route: Route) -> dict[str, Any]:
+    out = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
+    out["model"] = route.upstream_model
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+
+def plan_for(gw: Gateway, x: Exchange, body: dict[str, Any]) -> Plan:
+    """Where this request may go: its model's plan, as the request's own overrides reshape it."""
+    forced_route = x.controls.get("x-appliance-route")
+    plan = gw.catalog.plan(forced_route or body["model"])
+    backend = body.get("provider", x.controls.get("x-appliance-backend"))
+    if backend is not None:
+        plan = _on_backend(gw, plan, backend, body["model"])
+    extra = body.get("fallbacks", body.get("fallback"))
+    if extra is not None:
+        plan = _with_fallbacks(gw, plan, extra, "fallbacks" if "fallbacks" in body else "fallback")
+    return plan
+
+
+def _on_backend(gw: Gateway, plan: Plan, backend: Any, model: str) -> Plan:
+    if not isinstance(backend, str) or backend not in gw.providers:
+        known = ", ".join(gw.providers) or "none"
+        raise GatewayError("invalid_value", f"Unknown backend {backend!r} (known: {known}).", param="provider")
+    routes = tuple(r for r in plan.routes if r.backend == backend)
+    return Plan(plan.model, routes or (Route(model, backend, plan.routes[0].upstream_model),), plan.alias)
+
+
+def _with_fallbacks(gw: Gateway, plan: Plan, fallbacks: Any, param: str) -> Plan:
+    """Append the request's fallback models (names, or objects with a "model") to the plan."""
+    if not isinstance(fallbacks, list):
+        raise GatewayError("invalid_value", f"'{param}' must be an array of model names.", param=param)
+    routes = list(plan.routes)
+    for i, item in enumerate(fallbacks):
+        name = item.get("model") if isinstance(item, dict) else item
+        if not isinstance(name, str) or not name:
+            raise GatewayError("invalid_value", f"{param}[{i}] must be a model name.", param=f"{param}[{i}]")
+        try:
+            found = gw.catalog.plan(name).routes
+        except GatewayError:
+            continue  # an unknown or unserved fallback is skipped, not an error: the primary may answer
+        routes += [r for r in found if r not in routes]
+    return Plan(plan.model, tuple(routes), plan.alias)
+
+
+def _retries(gw: Gateway, x: Exchange, body: dict[str, Any], plan: Plan) -> int:
+    if x.controls.get("x-appliance-no-retry", "").lower() in TRUE:
+        return 0
+    asked = body.get("retries")
+    if asked is not None:
+        if not isinstance(asked, int) or isinstance(asked, bool) or not 0 <= asked <= MAX_RETRIES:
+            raise GatewayError("invalid_value", f"'retries' must be an integer from 0 to {MAX_RETRIES}.",
+                               param="retries")
+        return asked
+    if plan.alias is not None and plan.alias.retries is not None:
+        return plan.alias.retries
+    return gw.settings.routing.retries
+
+
+def _timeout_s(gw: Gateway, body: dict[str, Any], plan: Plan) -> float | None:
+    """The attempt timeout the request and its alias ask for (None: the backend's own)."""
+    limit = plan.alias.timeout_s if plan.alias is not None else None
+    asked = body.get("timeout")
+    if asked is not None:
+        if not isinstance(asked, int | float) or isinstance(asked, bool) or asked <= 0:
+            raise GatewayError("invalid_value", "'timeout' must be a positive number of milliseconds.",
+                               param="timeout")
+        asked_s = min(asked / 1000, gw.settings.routing.max_timeout_s)
+        limit = asked_s if limit is None else min(limit, asked_s)
+    return limit
+
+
+# ------------------------------------------------------------------------------------------ serving
+
+
+async def proxy(gw: Gateway, endpoint: str, raw: bytes, x: Exchange, responder: Responder) -> None:
+    """Serve chat/completions, completions or embeddings."""
+    try:
+        x.body = body = parse_body(raw)
+        validate(endpoint, body)
+    except GatewayError as exc:
+        record(gw, x, exc.status, error_code=exc.code)
+        raise
+    await serve(gw, endpoint, body, x, responder)
+
+
+async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, responder: Responder,
+                surface: Surface = OPENAI) -> None:
+    """Serve a valid OpenAI-shaped body; ``surface`` renders the answer (translated for Messages, Responses)."""
+    x.body = x.body or body
+    begin(gw, x)
+    try:
+        await gw.wait_discovered()
+        plan = plan_for(gw, x, body)
+        plan = Plan(plan.model, allowed_routes(x, plan.routes), plan.alias)
+        x.route = plan.routes[0]
+        x.route_name = plan.name if plan.alias is not None else None  # a model named directly is no route
+        decision = cache.decide(endpoint, body, x.controls, gw.settings.cache)
+        key = None
+        if decision.cacheable and surface.cacheable:
+            x.cache = "BYPASS" if decision.bypass else "MISS"
+            if not decision.bypass:
+                key = _cache_key(gw, endpoint, body, plan, x)
+                hit = await gw.cache.get(key)
+                if hit is not None:
+                    await _serve_hit(gw, x, body, hit, responder)
+                    return
+        admit(gw, x, body, x.route)
+        await _dispatch(gw, endpoint, body, plan, x, responder, surface, key, decision.ttl_s)
+    except GatewayError as exc:
+        record(gw, x, exc.status, error_code=exc.code)
+        raise
+    except asyncio.CancelledError:  # the client went away; the upstream call was cancelled with it
+        record(gw, x, CLIENT_CLOSED, error_code="client_closed")
+        raise
+    except Exception:
+        record(gw, x, 500, error_code="internal_error")
+        raise
+
+
+def _cache_key(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan, x: Exchange) -> str:
+    # One target: the backend model that answers; several: any of the route's targets may answer.
+    route = plan.routes[0]
+    served = f"{route.backend}/{route.upstream_model}" if len(plan.routes) == 1 else f"route:{plan.name}"
+    scope = None if gw.settings.cache.shared or x.principal is None else x.principal.key_id
+    return cache.cache_key(endpoint, body, served, scope)
+
+
+async def _serve_hit(gw: Gateway, x: Exchange, body: dict[str, Any], hit: cache.Hit, responder: Responder) -> None:
+    """A stored answer: counts toward the key's rpm, not its tokens or budget, and costs nothing."""
+    x.cache = "HIT"
+    admit(gw, x, body, x.route, counts_tokens=False)  # type: ignore[arg-type]
+    headers = {**x.response_headers(), "X-Appliance-Cache-Age": str(int(hit.age_s)),
+               "X-Appliance-Cost-Usd": f"{0:.9f}"}
+    latency = time.perf_counter() - x.started
+    if body.get("stream"):
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        usage = {**hit.tokens.as_usage(), **usage_extras(NO_COST, x, latency)}
+        await responder.start_stream(headers)
+        await responder.end_stream(cache.synthesized_stream(hit.body, include_usage=include_usage, usage=usage))
+    else:
+        data = orjson.loads(hit.body)
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else hit.tokens.as_usage()
+        data["usage"] = {**usage, **usage_extras(NO_COST, x, latency)}
+        headers["X-Appliance-Latency-Ms"] = ms(latency)
+        answer = orjson.dumps(data)
+        await responder.complete(200, headers, answer)
+        if gw.settings.log.store_bodies:
+            x.response_body = answer
+    record(gw, x, 200, tokens=hit.tokens, cost=NO_COST, ttft_s=latency)
+
+
+async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan, x: Exchange,
+                    responder: Responder, surface: Surface, cache_key: str | None, cache_ttl_s: float) -> None:
+    """Try the plan's targets in the strategy's order, with retries, until one answers."""
+    retries = _retries(gw, x, body, plan)
+    timeout_s = _timeout_s(gw, body, plan)
+    stream = bool(body.get("stream"))
+    first_token_s = plan.alias.first_token_timeout_s if plan.alias is not None else None
+    alias = plan.alias
+    by_target = {Target(r.backend, r.upstream_model): r for r in plan.routes}
+    order = gw.selector.order(plan.name, list(by_target), alias.strategy if alias else "fallback",
+                              alias.weights if alias else None, busy=lambda t: gw.breakers.busy(t.backend, t.model))
+    last_error: GatewayError | None = None
+    first_failed: Route | None = None
+    skipped: list[str] = []
+    for target in order:
+        route = by_target[target]
+        unsupported = _unsupported(gw, endpoint, route)
+        if unsupported is not None:
+            last_error = last_error or unsupported
+            continue
+        if not gw.breakers.allow(route.backend):
+            skipped.append(route.backend)
+            first_failed = first_failed or route  # skipped for failing: the client still learns of it
+            continue
+        for attempt in range(retries + 1):
+            x.route = route
+            x.attempts += 1
+            x.fallback_from = first_failed if first_failed is not None and first_failed != route else None
+            error = await _attempt(gw, endpoint, body, route, target, x, responder, surface, timeout_s,
+                                   first_token_s, stream, cache_key, cache_ttl_s)
+            if error is None:
+                return
+            last_error = error
+            first_failed = first_failed or route
+            if attempt == retries or not gw.breakers.allow(route.backend):
+                break
+            x.retries += 1
+            await asyncio.sleep(resilience.backoff(
+                attempt, base_s=gw.settings.routing.retry_base_s, max_s=gw.settings.routing.retry_max_s,
+                retry_after_s=resilience.retry_after_of(error.headers), rng=gw.rng))
+    if last_error is None:
+        wait = gw.breakers.retry_after(skipped)
+        raise GatewayError("no_healthy_backend", f"Every backend for {plan.name!r} is failing "
+                           f"({', '.join(skipped)}); try again in {wait:.0f} s.", headers=retry_after_headers(wait))
+    raise last_error
+
+
+async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Route, target: Target, x: Exchange,
+                   responder: Responder, surface: Surface, timeout_s: float | None, first_token_s: float | None,
+                   stream: bool, cache_key: str | None, cache_ttl_s: float) -> GatewayError | None:
+    """One try against one target: None when it answered, the error when another try may help."""
+    call = Call(endpoint, upstream_body(body, route), x.upstream_id, x.headers, limits=gw.limits_for(route.backend,
+                                                                                                        timeout_s))
+    started = time.perf_counter()
+    gw.breakers.begin(route.backend, target.model)
+    try:
+        if stream:
+            await surface.stream(gw, call, x, responder, first_token_s)
+        else:
+            original, tokens = await surface.answer(gw, call, x, responder)
+            if cache_key is not None:
+                await gw.cache.put(cache_key, endpoint=endpoint, scope=x.principal.key_id if x.principal else None,
+                                   served=f"{route.backend}/{route.upstream_model}", body=original, tokens=tokens,
+                                   ttl_s=cache_ttl_s)
+    except GatewayError as exc:
+        retry = resilience.retryable(exc)
+        gw.breakers.record(route.backend, ok=not resilience.breaker_failure(exc))
+        gw.selector.observe(target, time.perf_counter() - started, ok=not retry)
+        if not retry or x.streaming:
+            raise
+        return exc
+    finally:
+        gw.breakers.end(route.backend, target.model)
+    gw.breakers.record(route.backend, ok=True)
+    gw.selector.observe(target, time.perf_counter() - started, ok=True)
+    return None
+
+
+def _unsupported(gw: Gateway, endpoint: str, route: Route) -> GatewayError | None:
+    if gw.providers[route.backend].supports(endpoint) and not (
+            endpoint == EMBEDDINGS and gw.catalog.capability(route, "embeddings") is False):
+        return None
+    return GatewayError("unsupported", f"{route.upstream_model!r} on backend {route.backend!r} does not serve "
+                        f"/v1/{endpoint}", param="model")
+

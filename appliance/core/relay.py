@@ -1,0 +1,148 @@
+"""One attempt against one backend: send, then relay the answer (whole or streamed) and account for it.
+
+A failure before the first streamed byte propagates, so the pipeline may retry or fail over; after it,
+the failure travels inside the stream and the attempt counts as answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from appliance.accounts.usage import Cost, StreamMeter, Tokens, from_reply
+from appliance.common.errors import GatewayError
+from appliance.common.sse import DONE
+from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, ms, price_of, record, usage_extras
+from appliance.core.gateway import Gateway
+from appliance.providers.base import Call
+
+# Turns the backend's parsed chat answer into the client's body (given its tokens, cost and latency).
+Render = Callable[[Exchange, dict[str, Any], Tokens, Cost, float], Awaitable[bytes]]
+# The tokens of a backend's parsed answer, given the body sent.
+Count = Callable[[dict[str, Any], dict[str, Any]], Tokens]
+
+
+async def answer_rendered(gw: Gateway, call: Call, x: Exchange, responder: Responder, render: Render | None, *,
+                          upstream_headers: bool = False, count: Count = from_reply) -> tuple[bytes, Tokens]:
+    """Send, answer whole in the client's shape, account; returns the backend's answer and tokens (for the cache).
+
+    ``render`` None: the backend's answer is already in the client's shape and goes out as it came.
+    ``count``: the tokens of the backend's parsed answer (default: chat usage, else an estimate).
+    """
+    reply = await gw.providers[x.route.backend].send(call)  # type: ignore[union-attr]
+    assert reply.data is not None  # providers parse every non-streaming answer
+    latency = time.perf_counter() - x.started
+    tokens = count(reply.data, call.body)
+    cost = price_of(gw, x, tokens)
+    original = reply.body
+    body = original if render is None else await render(x, reply.data, tokens, cost, latency)
+    headers = {**(reply.headers if upstream_headers else {}), **x.response_headers(),
+               "X-Appliance-Cost-Usd": f"{cost.total:.9f}", "X-Appliance-Latency-Ms": ms(latency),
+               "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}
+    await responder.complete(200, headers, body)
+    if gw.settings.log.store_bodies:
+        x.response_body = body
+    record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=latency - reply.upstream_s, ttft_s=latency)
+    return original, tokens
+
+
+async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
+    """OpenAI's own shape: the backend's answer, with cost and timings added to its usage."""
+    return await answer_rendered(gw, call, x, responder, _openai_body, upstream_headers=True)
+
+
+async def _openai_body(x: Exchange, data: dict[str, Any], tokens: Tokens, cost: Cost, latency: float) -> bytes:
+    return _with_usage_extras(data, tokens, usage_extras(cost, x, latency))
+
+
+def _with_usage_extras(data: dict[str, Any], tokens: Tokens, extras: dict[str, Any]) -> bytes:
+    """The answer with cost and timings in its usage (which is added, marked estimated, when missing)."""
+    usage = data.get("usage")
+    if isinstance(usage, dict):
+        usage.update(extras)
+    else:
+        data["usage"] = {**tokens.as_usage(), **extras}
+    return orjson.dumps(data)
+
+
+async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
+                       first_token_s: float | None = None) -> None:
+    """Relay a stream. Until its first event the attempt may still fail (and be retried elsewhere)."""
+    stream_options = call.body.get("stream_options")
+    client_wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    if not client_wants_usage:  # ask anyway, to account the tokens; the meter drops it again
+        call.body["stream_options"] = {**(stream_options if isinstance(stream_options, dict) else {}),
+                                       "include_usage": True}
+    meter = StreamMeter(client_wants_usage=client_wants_usage,
+                        extras=lambda tokens: usage_extras(price_of(gw, x, tokens), x, _ttft(meter, x)))
+    route = x.route
+    assert route is not None
+    async with gw.providers[route.backend].stream(call) as upstream:
+        overhead = time.perf_counter() - x.started - upstream.headers_after_s
+        events = upstream.__aiter__()
+        first = await first_events(events, first_token_s, route.backend)
+        first_byte = time.perf_counter() - x.started
+        await responder.start_stream({**upstream.headers, **x.response_headers(),
+                                      "X-Appliance-Latency-Ms": ms(first_byte),
+                                      "X-Appliance-Overhead-Ms": ms(overhead)})
+        x.streaming = True
+        try:
+            data = meter.feed(first) if first else b""
+            if data:
+                await responder.send(data)
+            async for chunk in events:
+                data = meter.feed(chunk)
+                if data:
+                    await responder.send(data)
+        except asyncio.CancelledError:
+            record(gw, x, CLIENT_CLOSED, tokens=meter.final_tokens(call.body), error_code="client_closed",
+                   overhead_s=overhead, ttft_s=_ttft(meter, x))
+            raise
+        except GatewayError as exc:
+            # The status line is gone: the failure travels as an SSE error event, then [DONE].
+            await responder.end_stream(exc.sse_event(x.request_id) + DONE)
+            record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=exc.code,
+                   overhead_s=overhead, ttft_s=_ttft(meter, x))
+            return
+        await responder.end_stream(meter.finish(call.body))
+    error_code = None
+    if meter.error is not None:
+        error_code = str(meter.error.get("code") or meter.error.get("type") or "backend_error")
+    record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=error_code, overhead_s=overhead,
+           ttft_s=_ttft(meter, x))
+
+
+async def first_events(events: AsyncIterator[list[bytes]], timeout_s: float | None, backend: str) -> list[bytes]:
+    """The stream's first events, within the first-token timeout; [] for a stream that ended at once."""
+    try:
+        if timeout_s is None:
+            return await anext(events)
+        return await asyncio.wait_for(anext(events), timeout_s)
+    except StopAsyncIteration:
+        return []
+    except TimeoutError:
+        raise GatewayError("backend_timeout", f"backend {backend!r} sent nothing within the first-token "
+                           f"timeout ({timeout_s:g} s)") from None
+
+
+def _ttft(meter: StreamMeter, x: Exchange) -> float | None:
+    return meter.first_event_at - x.started if meter.first_event_at else None
+
+
+
+
+@dataclass(frozen=True, slots=True)
+class Surface:
+    """How an answer reaches the client: OpenAI's own shape, or translated (Messages, Responses)."""
+
+    answer: Callable[[Gateway, Call, Exchange, Responder], Awaitable[tuple[bytes, Tokens]]]
+    stream: Callable[[Gateway, Call, Exchange, Responder, float | None], Awaitable[None]]
+    cacheable: bool = True
+
+
+OPENAI = Surface(answer, relay_stream)

@@ -1,1 +1,0 @@
-"""Wire models, only where validation earns its cost."""
