@@ -147,8 +147,7 @@ async def _register(request: Request, upload: _Upload) -> HTTPResponse:
     if purpose == "batch" and upload.writer.size > settings.batch_max_bytes:
         raise files.too_large(settings.batch_max_bytes)
     created_at = int(time.time())
-    expires_at = files.expires_at(purpose, created_at, upload.fields.get("expires_after[anchor]"),
-                                  upload.fields.get("expires_after[seconds]"))
+    expires_at = files.expires_at(purpose, created_at, *files.expiry_fields(upload.fields))
     if settings.quota_bytes is not None and (
             await files_repo.stored_bytes(gateway.db) + upload.writer.size > settings.quota_bytes):
         raise GatewayError("storage_quota_exceeded", "The appliance's file storage quota "
