@@ -10,7 +10,8 @@ the one-file build instead. ``--check`` only compares: exit code 1 when the comm
 
 Trimmed on the way: ``x-*`` extensions (OpenAI's doc-site metadata) and operation descriptions. Converted:
 OpenAPI 3.0's ``nullable: true``, which the spec still mixes into its 3.1 schemas, becomes JSON Schema's
-``null`` type, so validators read what the spec means.
+``null`` type, so validators read what the spec means; 2019-09's ``$recursiveRef`` a plain ``$ref``.
+Corrected (``CORRECTIONS``): the few schemas that OpenAI's own answers contradict.
 """
 
 from __future__ import annotations
@@ -50,6 +51,42 @@ OPERATIONS = (
 _KEPT_OPERATION_FIELDS = ("operationId", "tags", "parameters", "requestBody", "responses")
 
 
+def _null_for_optional(schema: dict[str, Any]) -> None:
+    required = set(schema.get("required", ()))
+    for name, prop in schema["properties"].items():
+        if name not in required and not _allows_null(prop):
+            schema["properties"][name] = {"anyOf": [prop, {"type": "null"}]}
+
+
+def _refusal_optional(schema: dict[str, Any]) -> None:
+    schema["required"] = [name for name in schema["required"] if name != "refusal"]
+
+
+def _nullable_page_ids(schema: dict[str, Any]) -> None:
+    for name in ("first_id", "last_id"):
+        schema["properties"][name] = {"anyOf": [schema["properties"][name], {"type": "null"}]}
+
+
+def _purpose_evals(schema: dict[str, Any]) -> None:
+    schema["properties"]["purpose"]["enum"].append("evals")
+
+
+# Where OpenAI's own answers, and its SDKs' types, contradict its spec, or local servers rightly differ. Each
+# is listed in the vendored file ("corrections"), and the document's description names them.
+CORRECTIONS = {
+    "Batch": (_null_for_optional, "optional properties may be null (OpenAI sends null for the times and file "
+              "ids that do not exist yet; its SDKs type them Optional)"),
+    "OpenAIFile": (_null_for_optional, "optional properties may be null (`expires_at` and `status_details` "
+                   "are null when unset, as OpenAI sends them)"),
+    "OpenAIFile.purpose": (_purpose_evals, "`evals` is a purpose too (the upload accepts it, so the File "
+                           "object carries it)"),
+    **{name: (_nullable_page_ids, "`first_id` and `last_id` are null on an empty page, as OpenAI answers")
+       for name in ("ListFilesResponse", "ListBatchesResponse", "ResponseItemList")},
+    "ChatCompletionResponseMessage": (_refusal_optional, "`refusal` is optional (local servers such as "
+                                      "llama.cpp omit it; OpenAI's SDKs type it Optional)"),
+}
+
+
 def load_spec(path: Path) -> dict[str, Any]:
     import yaml  # a test/build dependency only: the appliance reads the JSON this script writes
 
@@ -68,10 +105,13 @@ def vendored(spec: dict[str, Any]) -> dict[str, Any]:
     for kind, name in sorted(_closure(spec, operations)):
         component = _plain_recursion(spec["components"][kind][name], f"#/components/{kind}/{name}")
         components.setdefault(kind, {})[name] = _clean(component)
+    for name, (correct, _) in CORRECTIONS.items():
+        correct(components["schemas"][name.split(".")[0]])
     return {
         "source": {"title": spec["info"]["title"], "version": spec["info"]["version"],
                    "license": spec["info"]["license"].get("identifier", spec["info"]["license"]["name"]),
-                   "license_file": "openai-openapi.LICENSE"},
+                   "license_file": "openai-openapi.LICENSE",
+                   "corrections": {name: reason for name, (_, reason) in CORRECTIONS.items()}},
         "operations": operations,
         "components": {kind: dict(sorted(entries.items())) for kind, entries in sorted(components.items())},
     }

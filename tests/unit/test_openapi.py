@@ -114,8 +114,15 @@ def test_errors_are_the_envelope(built):
 
 
 def _schema_refs(node: Any) -> dict[str, str]:
-    """media type -> schema $ref of a requestBody or response."""
-    return {media: body["schema"].get("$ref", "") for media, body in (node or {}).get("content", {}).items()}
+    """media type -> schema $ref of a requestBody or response; for a stream, the $ref of its events' data."""
+    refs = {}
+    for media, body in (node or {}).get("content", {}).items():
+        schema = body["schema"]
+        if media == "text/event-stream" and "contentSchema" in schema.get("properties", {}).get("data", {}):
+            schema = schema["properties"]["data"]["contentSchema"]
+            schema = schema["anyOf"][0] if "anyOf" in schema else schema  # [payload, the error envelope]
+        refs[media] = schema.get("$ref", "")
+    return refs
 
 
 # Where our operation differs from OpenAI's on purpose (each difference documented in its description or

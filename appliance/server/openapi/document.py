@@ -105,7 +105,8 @@ def _info(openai: OpenAISpec) -> dict[str, Any]:
             "Every error is OpenAI's envelope `{\"error\": {\"message\", \"type\", \"code\", \"param\", "
             "\"request_id\"}}` with the true status (Anthropic's shape on /v1/messages). The OpenAI paths reuse "
             f"the schemas of {source['title']} {source['version']} ({source['license']} licence; "
-            f"appliance/server/openapi/{source['license_file']})."),
+            f"appliance/server/openapi/{source['license_file']}), corrected where OpenAI's own answers differ: "
+            + "; ".join(f"{name}: {reason}" for name, reason in source.get("corrections", {}).items()) + "."),
         "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
     }
 

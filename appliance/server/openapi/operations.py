@@ -87,6 +87,14 @@ def ok(description: str, schema: Schema | None = None, media: str = JSON, **more
     return {"description": description, "content": content}
 
 
+def sse(payload: Schema) -> Schema:
+    """One server-sent event, the unit a text/event-stream schema describes (as OpenAPI 3.2 spells it out):
+    ``data`` holds JSON of ``payload`` (its contentSchema), or OpenAI's end marker ``[DONE]``."""
+    return {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string"}, "id": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": JSON, "contentSchema": payload}}}
+
+
 def json_body(schema: Schema, required: bool = True) -> Schema:
     return {"required": required, "content": {JSON: {"schema": schema}}}
 
@@ -146,14 +154,24 @@ def _op(summary: str, tag: str, responses: dict[str, Schema], *, security: list[
 
 def _from_openai(openai: OpenAISpec, method: str, path: str, summary: str, statuses: tuple[int | str, ...], *,
                  unsupported: tuple[str, ...] = (), ok_response: Schema | None = None,
-                 more_parameters: list[Schema] | None = None, description: str | None = None) -> Operation:
-    """OpenAI's operation: its request body and parameters (less ``unsupported``), its 200, our errors."""
+                 more_parameters: list[Schema] | None = None, description: str | None = None,
+                 stream_error: bool = True) -> Operation:
+    """OpenAI's operation: its request body and parameters (less ``unsupported``), its 200, our errors.
+
+    OpenAI writes a stream's event payload as the text/event-stream schema; here it is the event's data
+    (see sse()), which may also be the error envelope (``stream_error``) when a stream fails after it began.
+    """
     source = openai.operation(method, path)
+    success = ok_response or source["responses"]["200"]
+    stream = success.get("content", {}).get(SSE)
+    if stream is not None:
+        payload = stream["schema"]
+        stream["schema"] = sse({"anyOf": [payload, ref("ApplianceErrorResponse")]} if stream_error else payload)
     parameters = [p for p in source.get("parameters", ()) if p["name"] not in unsupported]
     if unsupported:
         note = "Not supported here (ignored): " + ", ".join(f"`{name}`" for name in unsupported) + "."
         description = f"{description} {note}" if description else note
-    op = _op(summary, source["tags"][0], {"200": ok_response or source["responses"]["200"], **errors(*statuses)},
+    op = _op(summary, source["tags"][0], {"200": success, **errors(*statuses)},
              description=description, parameters=parameters + (more_parameters or []),
              body=source.get("requestBody"), operation_id=source["operationId"])
     return op
@@ -183,8 +201,9 @@ def _openai_operations(openai: OpenAISpec) -> dict[OperationKey, Operation]:
             description="`model` may hold a slash (`backend/model`, `Qwen/Qwen2.5-7B`), sent as is or as %2F."),
         ("POST", "/v1/responses"): _from_openai(
             openai, "post", "/v1/responses", "Create a response (over a chat backend)", _PROXIED,
-            more_parameters=control_headers(), description="Translated to a chat completion; see README "
-            "\"Responses\" for the fields that are honoured."),
+            more_parameters=control_headers(), stream_error=False, description="Translated to a chat "
+            "completion; see README \"Responses\" for the fields that are honoured. A stream that fails ends "
+            "with an `error` event."),
         ("GET", "/v1/responses/{response_id}"): _from_openai(
             openai, "get", "/v1/responses/{response_id}", "Retrieve a stored response", (401, 403, 404),
             unsupported=("include", "stream", "starting_after", "include_obfuscation")),
@@ -232,7 +251,7 @@ def _anthropic_operations() -> dict[OperationKey, Operation]:
         ("POST", "/v1/messages"): _op(
             "Create a message (Anthropic Messages API)", "Anthropic",
             {"200": ok("The message, or its events with `stream: true`.", ref("AnthropicMessage"),
-                       **{SSE: ref("AnthropicStreamEvent")}), **anthropic_errors()},
+                       **{SSE: sse(ref("AnthropicStreamEvent"))}), **anthropic_errors()},
             security=ANTHROPIC_KEY, body=json_body(ref("AnthropicMessagesRequest")),
             parameters=control_headers(), operation_id="createMessage",
             description="Over chat backends (translated) or Anthropic backends (passed through). Errors come "

@@ -63,9 +63,14 @@ def error_schemas() -> dict[str, Schema]:
 
 
 def ops_schemas() -> dict[str, Schema]:
+    breaker = obj({
+        "state": {"enum": ["closed", "open", "half_open"]}, "consecutive_failures": INTEGER,
+        "opened_at": nullable(NUMBER), "retry_after_s": NUMBER, "window_ok": INTEGER, "window_fail": INTEGER,
+        "in_flight": INTEGER, "load": nullable({"type": "object"}), "up": nullable(BOOLEAN),
+        "probed_at": nullable(NUMBER),
+    }, description="The backend's circuit breaker and latest probe, as all workers see them.")
     backend = obj({
-        "state": STRING, "kind": nullable(STRING), "models": INTEGER, "error": nullable(STRING),
-        "breaker": STRING,
+        "state": STRING, "kind": nullable(STRING), "models": INTEGER, "error": nullable(STRING), "breaker": breaker,
     })
     return {
         "Health": obj({"status": {"const": "ok"}, "version": STRING, "pid": INTEGER}),
