@@ -17,6 +17,7 @@ Corrected (``CORRECTIONS``): the few schemas that OpenAI's own answers contradic
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -107,14 +108,69 @@ def vendored(spec: dict[str, Any]) -> dict[str, Any]:
         components.setdefault(kind, {})[name] = _clean(component)
     for name, (correct, _) in CORRECTIONS.items():
         correct(components["schemas"][name.split(".")[0]])
+    for name, (derive, _) in DERIVED.items():
+        components["schemas"][name] = derive(components["schemas"])
+    components = _explicit_discriminators(components)
     return {
         "source": {"title": spec["info"]["title"], "version": spec["info"]["version"],
                    "license": spec["info"]["license"].get("identifier", spec["info"]["license"]["name"]),
                    "license_file": "openai-openapi.LICENSE",
-                   "corrections": {name: reason for name, (_, reason) in CORRECTIONS.items()}},
+                   "corrections": {name: reason for name, (_, reason) in CORRECTIONS.items()},
+                   "derived": {name: reason for name, (_, reason) in DERIVED.items()}},
         "operations": operations,
         "components": {kind: dict(sorted(entries.items())) for kind, entries in sorted(components.items())},
     }
+
+
+def _completion_chunk(schemas: dict[str, Any]) -> dict[str, Any]:
+    chunk = copy.deepcopy(schemas["CreateCompletionResponse"])
+    reason = chunk["properties"]["choices"]["items"]["properties"]["finish_reason"]
+    reason["type"], reason["enum"] = ["string", "null"], [*reason["enum"], None]
+    chunk["description"] = "One streamed chunk of a completion: a completion object whose finish_reason is null " \
+                           "until its last chunk."
+    return chunk
+
+
+# Schemas the spec lacks: the appliance streams completions as OpenAI does, which the spec does not describe.
+DERIVED = {
+    "CreateCompletionStreamResponse": (_completion_chunk, "one streamed chunk of /v1/completions: "
+                                       "CreateCompletionResponse with a null finish_reason until the last"),
+}
+
+
+def _explicit_discriminators(components: dict[str, Any]) -> dict[str, Any]:
+    """Give each discriminator the mapping its branches imply.
+
+    Without a mapping, OpenAPI maps a discriminator's values to schema *names* ("ChatCompletionMessageToolCall"),
+    while the spec means each branch's ``type`` value ("function"): validators then refuse OpenAI's own
+    answers. A discriminator whose branches do not each name one value is dropped (it is only a hint).
+    """
+    schemas = components["schemas"]
+
+    def value_of(branch: Any, prop: str) -> str | None:
+        target = schemas.get(branch.get("$ref", "").rsplit("/", 1)[-1]) if isinstance(branch, dict) else None
+        field = (target or {}).get("properties", {}).get(prop, {})
+        values = [field["const"]] if "const" in field else field.get("enum", [])
+        return values[0] if len(values) == 1 and isinstance(values[0], str) else None
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, list):
+            return [fix(value) for value in node]
+        if not isinstance(node, dict):
+            return node
+        node = {key: fix(value) for key, value in node.items()}
+        discriminator = node.get("discriminator")
+        if isinstance(discriminator, dict) and "mapping" not in discriminator:
+            branches = node.get("oneOf") or node.get("anyOf") or []
+            values = [value_of(branch, discriminator["propertyName"]) for branch in branches]
+            if branches and None not in values and len(set(values)) == len(values):
+                node["discriminator"] = {**discriminator, "mapping": {
+                    value: branch["$ref"] for value, branch in zip(values, branches, strict=True)}}
+            else:
+                del node["discriminator"]
+        return node
+
+    return fix(components)
 
 
 def _refs(node: Any) -> set[str]:

@@ -118,8 +118,9 @@ def _schema_refs(node: Any) -> dict[str, str]:
     refs = {}
     for media, body in (node or {}).get("content", {}).items():
         schema = body["schema"]
-        if media == "text/event-stream" and "contentSchema" in schema.get("properties", {}).get("data", {}):
-            schema = schema["properties"]["data"]["contentSchema"]
+        data = schema.get("properties", {}).get("data", {})
+        if media == "text/event-stream" and "anyOf" in data:  # [the [DONE] marker, JSON of a contentSchema]
+            schema = next(branch["contentSchema"] for branch in data["anyOf"] if "contentSchema" in branch)
             schema = schema["anyOf"][0] if "anyOf" in schema else schema  # [payload, the error envelope]
         refs[media] = schema.get("$ref", "")
     return refs

@@ -106,7 +106,9 @@ def _info(openai: OpenAISpec) -> dict[str, Any]:
             "\"request_id\"}}` with the true status (Anthropic's shape on /v1/messages). The OpenAI paths reuse "
             f"the schemas of {source['title']} {source['version']} ({source['license']} licence; "
             f"appliance/server/openapi/{source['license_file']}), corrected where OpenAI's own answers differ: "
-            + "; ".join(f"{name}: {reason}" for name, reason in source.get("corrections", {}).items()) + "."),
+            + "; ".join(f"{name}: {reason}" for name, reason in source.get("corrections", {}).items())
+            + ". Added: " + "; ".join(f"{name}, {reason}" for name, reason in source.get("derived", {}).items())
+            + ". Discriminators carry the mapping their branches imply."),
         "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
     }
 

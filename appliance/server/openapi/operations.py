@@ -92,7 +92,8 @@ def sse(payload: Schema) -> Schema:
     ``data`` holds JSON of ``payload`` (its contentSchema), or OpenAI's end marker ``[DONE]``."""
     return {"type": "object", "required": ["data"], "properties": {
         "event": {"type": "string"}, "id": {"type": "string"},
-        "data": {"type": "string", "contentMediaType": JSON, "contentSchema": payload}}}
+        "data": {"anyOf": [{"const": "[DONE]"},
+                           {"type": "string", "contentMediaType": JSON, "contentSchema": payload}]}}}
 
 
 def json_body(schema: Schema, required: bool = True) -> Schema:
@@ -183,7 +184,7 @@ _PROXIED = (400, 401, 403, 404, 413, 429, "4XX", "5XX")
 def _openai_operations(openai: OpenAISpec) -> dict[OperationKey, Operation]:
     proxied = "Proxied to a backend that serves the model; fields the appliance does not read pass through."
     completions = openai.operation("post", "/v1/completions")["responses"]["200"]
-    completions["content"][SSE] = {"schema": ref("CreateCompletionResponse")}  # stream: true, as OpenAI does
+    completions["content"][SSE] = {"schema": ref("CreateCompletionStreamResponse")}  # stream: true, as OpenAI
     return {
         ("POST", "/v1/chat/completions"): _from_openai(
             openai, "post", "/v1/chat/completions", "Create a chat completion", _PROXIED,
