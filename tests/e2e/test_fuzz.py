@@ -234,9 +234,12 @@ def test_long_run_left_no_traceback(target: Appliance, tally: Counter[str]) -> N
     _ran_and_left_no_traceback(target, tally, least=LONG_EXAMPLES)
 
 
+@pytest.mark.frozen  # the one-file build must carry openai.json (build/appliance.spec)
 def test_document_is_public(target: Appliance) -> None:
     response = httpx.get(target.url + "/openapi.json", timeout=10)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
     document = response.json()
     assert document["openapi"].startswith("3.1") and "/v1/chat/completions" in document["paths"]
+    assert "CreateChatCompletionRequest" in document["components"]["schemas"]  # the vendored OpenAI part
+    assert httpx.get(target.url + "/v1/models", timeout=10).status_code == 401  # keys are on: public by design
