@@ -112,12 +112,14 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
             record(gw, x, CLIENT_CLOSED, tokens=translator.tokens, error_code="client_closed", overhead_s=overhead)
             raise
         except GatewayError as exc:
-            await responder.end_stream(await translator.error(exc))
+            last = await translator.error(exc)
             record(gw, x, 200, tokens=translator.tokens, error_code=exc.code, overhead_s=overhead)
+            await responder.end_stream(last)
             return
         ttft = first_at - x.started if first_at else None
-        await responder.end_stream(await translator.finish(usage))
-    record(gw, x, 200, tokens=translator.tokens, overhead_s=overhead, ttft_s=ttft)
+        last = await translator.finish(usage)
+        record(gw, x, 200, tokens=translator.tokens, overhead_s=overhead, ttft_s=ttft)  # before the last bytes leave
+        await responder.end_stream(last)
 
 
 # ------------------------------------------------------------------------------------------ Messages

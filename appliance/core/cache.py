@@ -27,7 +27,8 @@ from appliance.common.config import CacheSettings
 from appliance.common.errors import GatewayError
 from appliance.common.sse import DONE
 from appliance.storage import cache_repo
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage.db import Database
+from appliance.storage.writer import BufferedWriter
 
 log = logging.getLogger("appliance.core.cache")
 

@@ -19,7 +19,7 @@ from appliance.common.errors import GatewayError
 from appliance.core.catalog import Route
 from appliance.core.gateway import Gateway
 from appliance.observe.metrics import endpoint_label as metrics_endpoint
-from appliance.storage import requests_repo, stats_repo, usage_repo
+from appliance.storage import ledger, requests_repo
 
 # Client request headers that never travel upstream: the hop, our auth, our own controls.
 _PRIVATE_HEADERS = frozenset(
@@ -200,7 +200,8 @@ def record(
     overhead_s: float | None = None,
     ttft_s: float | None = None,
 ) -> None:
-    """Once per request: release its limits with what it really used, queue its ledger row and rollup."""
+    """Once per request: release its limits with what it really used, journal its ledger entry (written to the
+    database at the next flush)."""
     if x.recorded:
         return
     x.recorded = True
@@ -214,7 +215,7 @@ def record(
     key_id = x.principal.key_id if x.principal else None
     backend = x.route.backend if x.route else None
     backend_model = x.route.upstream_model if x.route else None
-    priced = tokens is not None and tokens.prompt is not None
+    priced = tokens is not None and (tokens.prompt is not None or tokens.completion is not None)
     row = requests_repo.RequestRecord(
         request_id=x.request_id,
         created_at=x.arrived_at,
@@ -240,29 +241,16 @@ def record(
         session_id=x.session(),
         batch_id=x.batch_id,
     )
-    requests_repo.record(gw.writer, row)
-    if key_id is not None:
-        usage_repo.add_to_rollup(
-            gw.writer, usage_repo.day_of(x.arrived_at), key_id, model or "", backend or "", backend_model or "",
-            error=status >= 400 or error_code is not None, prompt=tokens.prompt or 0 if tokens else 0,
-            completion=tokens.completion or 0 if tokens else 0, cached=tokens.cached if tokens else 0,
-            cost=cost.total, cache_hit=x.cache == "HIT")
-    _count_traffic(gw, x, row)
+    bodies = None
+    if gw.settings.log.store_bodies:
+        bodies = ledger.bodies_of(orjson.dumps(x.body) if x.body is not None else None, x.response_body,
+                                  gw.settings.log.max_body_kb * 1024)
+    gw.writer.add_entry(ledger.Entry(row, bodies))
     observe(gw, x, row)
 
 
-def _count_traffic(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
-    """The per-minute rollup the status page draws: every request, and per backend the ones it was asked."""
-    minute = int(row.created_at // 60)
-    failed = row.status >= 400 or row.error_code is not None
-    used = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
-    stats_repo.add_traffic(gw.writer, minute, "", failed=failed, tokens=used)
-    if row.backend is not None and x.cache != "HIT" and row.status != 429:
-        stats_repo.add_traffic(gw.writer, minute, row.backend, failed=failed, tokens=used)
-
-
 def observe(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
-    """What else a finished request feeds: metrics, the access log, stored bodies (when asked for)."""
+    """What else a finished request feeds: metrics and the access log."""
     principal = x.principal
     if x.in_flight:
         x.in_flight = False
@@ -278,8 +266,3 @@ def observe(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
     if gw.access_log is not None:
         gw.access_log.write({**row._asdict(), "time": row.created_at, "path": row.endpoint, "method": x.method,
                              "client": x.client})
-    settings = gw.settings.log
-    if settings.store_bodies:
-        requests_repo.record_bodies(gw.writer, row.request_id, row.created_at,
-                                    orjson.dumps(x.body) if x.body is not None else None, x.response_body,
-                                    max_bytes=settings.max_body_kb * 1024)

@@ -27,7 +27,8 @@ from appliance.providers import registry
 from appliance.providers.base import ModelInfo, Provider
 from appliance.providers.transport import Limits, Transport
 from appliance.storage import requests_repo, responses_repo, stats_repo
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage.db import Database
+from appliance.storage.writer import BufferedWriter
 
 log = logging.getLogger("appliance.core.gateway")
 
@@ -186,6 +187,10 @@ class Gateway:
             except asyncio.CancelledError:
                 pass
         await self.writer.stop()
+
+    def degraded(self) -> list[str]:
+        """What works less well than it should while answers still flow."""
+        return ["database writes failing"] if self.writer.failing_since is not None else []
 
     def readiness(self) -> tuple[bool, str]:
         if self.draining:

@@ -220,6 +220,7 @@ async def _serve_hit(gw: Gateway, x: Exchange, body: dict[str, Any], hit: cache.
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         usage = {**hit.tokens.as_usage(), **usage_extras(NO_COST, x, latency)}
         await responder.start_stream(headers)
+        record(gw, x, 200, tokens=hit.tokens, cost=NO_COST, ttft_s=latency)  # in the ledger before the answer
         await responder.end_stream(cache.synthesized_stream(hit.body, include_usage=include_usage, usage=usage))
     else:
         data = orjson.loads(hit.body)
@@ -227,10 +228,10 @@ async def _serve_hit(gw: Gateway, x: Exchange, body: dict[str, Any], hit: cache.
         data["usage"] = {**usage, **usage_extras(NO_COST, x, latency)}
         headers["X-Appliance-Latency-Ms"] = ms(latency)
         answer = orjson.dumps(data)
-        await responder.complete(200, headers, answer)
         if gw.settings.log.store_bodies:
             x.response_body = answer
-    record(gw, x, 200, tokens=hit.tokens, cost=NO_COST, ttft_s=latency)
+        record(gw, x, 200, tokens=hit.tokens, cost=NO_COST, ttft_s=latency)
+        await responder.complete(200, headers, answer)
 
 
 async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan, x: Exchange,

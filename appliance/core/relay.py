@@ -44,10 +44,12 @@ async def answer_rendered(gw: Gateway, call: Call, x: Exchange, responder: Respo
     headers = {**(reply.headers if upstream_headers else {}), **x.response_headers(),
                "X-Appliance-Cost-Usd": f"{cost.total:.9f}", "X-Appliance-Latency-Ms": ms(latency),
                "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}
-    await responder.complete(200, headers, body)
     if gw.settings.log.store_bodies:
         x.response_body = body
+    # In the ledger (and the worker's journal) before the answer leaves: a worker killed in between
+    # bills an answer its client may not get, never the other way round.
     record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=latency - reply.upstream_s, ttft_s=latency)
+    await responder.complete(200, headers, body)
     return original, tokens
 
 
@@ -105,16 +107,17 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
             raise
         except GatewayError as exc:
             # The status line is gone: the failure travels as an SSE error event, then [DONE].
-            await responder.end_stream(exc.sse_event(x.request_id) + DONE)
             record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=exc.code,
                    overhead_s=overhead, ttft_s=_ttft(meter, x))
+            await responder.end_stream(exc.sse_event(x.request_id) + DONE)
             return
-        await responder.end_stream(meter.finish(call.body))
-    error_code = None
-    if meter.error is not None:
-        error_code = str(meter.error.get("code") or meter.error.get("type") or "backend_error")
-    record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=error_code, overhead_s=overhead,
-           ttft_s=_ttft(meter, x))
+        last = meter.finish(call.body)
+        error_code = None
+        if meter.error is not None:
+            error_code = str(meter.error.get("code") or meter.error.get("type") or "backend_error")
+        record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=error_code, overhead_s=overhead,
+               ttft_s=_ttft(meter, x))  # before the last bytes leave, as for whole answers
+        await responder.end_stream(last)
 
 
 async def first_events(events: AsyncIterator[list[bytes]], timeout_s: float | None, backend: str) -> list[bytes]:

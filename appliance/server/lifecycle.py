@@ -23,8 +23,10 @@ from appliance.observe import metrics
 from appliance.providers.transport import Transport
 from appliance.server.statsz import StatszCache
 from appliance.storage import keys_repo
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage.db import Database
+from appliance.storage.journal import Journal, journal_dir
 from appliance.storage.migrate import database_path
+from appliance.storage.writer import BufferedWriter
 
 log = logging.getLogger("appliance.server")
 
@@ -92,7 +94,9 @@ async def open_gateway(app: Sanic) -> None:
     if not settings.server.single_process:
         stop_with_parent()
     db = await Database.open(database_path(settings.data_dir))
-    writer = BufferedWriter(db, settings.server.flush_interval_ms / 1000, on_flush=metrics.Recorder.write_queue)
+    journal = Journal(journal_dir(settings.data_dir))
+    writer = BufferedWriter(db, settings.server.flush_interval_ms / 1000, journal,
+                            on_flush=metrics.Recorder.write_queue, on_error=metrics.Recorder.write_failed)
     writer.start()
     transport = await Transport.open()
     authenticator = Authenticator(db, await keys_repo.install_secret(db), settings.auth.cache_ttl_s,

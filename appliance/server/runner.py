@@ -121,6 +121,8 @@ def serve(settings: Settings) -> None:
             app.main_process_ready(_start_watchdog)
             startup.Manager = _manager_that_stops_with_us
             Sanic.serve(primary=app, app_loader=loader)
+        if metricsdir.ENV in os.environ:  # every worker has stopped: this run's samples (in memory) can go
+            metricsdir.discard(Path(os.environ[metricsdir.ENV]))
 
 
 def _manager_that_stops_with_us() -> SyncManager:

@@ -200,6 +200,9 @@ async def relay(gw: Gateway, call: Call, x: Exchange, responder: Responder, firs
             while True:
                 if batch:
                     watch.see(batch)
+                    if watch.stopped:  # message_stop is in this batch: in the ledger before it leaves
+                        record(gw, x, 200, tokens=watch.tokens(), error_code=watch.error.code if watch.error else None,
+                               overhead_s=overhead, ttft_s=_ttft(watch, x))
                     await responder.send(b"".join(batch))
                 batch = await anext(events, None)
                 if batch is None:
@@ -211,8 +214,8 @@ async def relay(gw: Gateway, call: Call, x: Exchange, responder: Responder, firs
                    ttft_s=_ttft(watch, x))
             raise
         except GatewayError as exc:
-            await responder.end_stream(error_event(exc))
             record(gw, x, 200, tokens=watch.tokens(), error_code=exc.code, overhead_s=overhead, ttft_s=_ttft(watch, x))
+            await responder.end_stream(error_event(exc))
             return
         await responder.end_stream(b"")
     record(gw, x, 200, tokens=watch.tokens(), error_code=watch.error.code if watch.error else None,

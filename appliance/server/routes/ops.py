@@ -30,7 +30,11 @@ async def ready(request: Request) -> HTTPResponse:
                "breaker": gateway.breakers.state(name)}
         for name, state in gateway.catalog.backends.items()
     }
-    body = {"status": "ready" if ok else "not_ready", "reason": reason, "backends": backends}
+    # Degraded is still ready: answers flow, only their accounting waits (in memory and the journal).
+    degraded = gateway.degraded()
+    status = ("degraded" if degraded else "ready") if ok else "not_ready"
+    body = {"status": status, "reason": "degraded: " + ", ".join(degraded) if ok and degraded else reason,
+            "degraded": degraded, "backends": backends}
     return json_response(orjson.dumps(body), request, status=200 if ok else 503)
 
 
