@@ -70,7 +70,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.blueprint(observability.bp)
     app.blueprint(files_routes.bp)
     app.blueprint(batches_routes.bp)
-    app.static("/static", static_dir(), name="static")
+    app.static("/static", static_dir(), name="static", use_content_range=True)  # HEAD gets Content-Length
     if settings.server.cors_origins:
         _add_cors(app, settings.server.cors_origins)  # first: a preflight carries no key
     if settings.log.access != "off":

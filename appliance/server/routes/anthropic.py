@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import orjson
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import HTTPResponse
 
 from appliance.api import surfaces
@@ -14,8 +14,9 @@ from appliance.core import pipeline
 from appliance.core.exchange import DROPPED_TOOLS_HEADER, allowed_routes
 from appliance.providers.base import CHAT
 from appliance.server.responses import SanicResponder, exchange, json_response
+from appliance.server.routes import Routes
 
-bp = Blueprint("anthropic")
+bp = Routes("anthropic")
 
 
 @bp.post("/v1/messages")

@@ -5,14 +5,15 @@ from __future__ import annotations
 from urllib.parse import unquote
 
 import orjson
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import HTTPResponse
 
 from appliance.core import pipeline
 from appliance.providers.base import CHAT, COMPLETIONS, EMBEDDINGS
 from appliance.server.responses import SanicResponder, exchange, json_response
+from appliance.server.routes import Routes
 
-bp = Blueprint("openai")
+bp = Routes("openai")
 
 
 async def _proxy(request: Request, endpoint: str) -> HTTPResponse | None:
