@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,14 +90,21 @@ class Principal:
         if not allowed:
             raise GatewayError("endpoint_not_allowed", f"This key may not call {method} {path}.")
 
-    def check_model(self, model: str, *other_names: str) -> None:
-        """Raise 403 model_not_allowed unless a name of the model matches one of the key's patterns."""
-        if self.models == ("*",) or any(self.allows_model(name) for name in (model, *other_names)):
-            return
-        raise GatewayError("model_not_allowed", f"This key may not use the model '{model}'.", param="model")
+    @property
+    def may_use(self) -> Callable[[str], bool] | None:
+        """The key's model patterns as a test of one name; None when it may use any model.
+
+        Which names of a request's model are tested is the catalog's rule (core/catalog.py, Catalog.allowed).
+        """
+        return None if self.models == ("*",) else self.allows_model
 
     def allows_model(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.models)
+
+
+def model_not_allowed(model: str) -> GatewayError:
+    """403 for a model the key's patterns leave out, named as the client wrote it."""
+    return GatewayError("model_not_allowed", f"This key may not use the model '{model}'.", param="model")
 
 
 ANONYMOUS = Principal(key_id=ANONYMOUS_ID, name=ANONYMOUS_ID, role="admin")

@@ -19,7 +19,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 # Every GET route; HEAD must answer each like GET, without the body.
 GET_PATHS = ("/health", "/healthz", "/ready", "/", "/status", "/static/app.js", "/metrics", "/statsz",
-             "/v1/models", "/v1/models/fake-chat", "/v1/key", "/v1/files",
+             "/v1/models", "/v1/models/fake-chat", "/v1/models/fake/fake-chat", "/v1/key", "/v1/files",
              "/v1/batches", "/admin/keys", "/admin/usage", "/admin/requests")
 
 

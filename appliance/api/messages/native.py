@@ -54,7 +54,7 @@ async def only_native(gw: Gateway, x: Exchange, body: dict[str, Any]) -> bool:
         return False
     await gw.wait_discovered()
     try:
-        routes = allowed_routes(x, plan_for(gw, x, body).routes)
+        routes = allowed_routes(gw, x, plan_for(gw, x, body).routes)
     except GatewayError:
         return False  # the request fails on its own account; the translation's error is the one to report
     return all(native(gw, route) for route in routes)
