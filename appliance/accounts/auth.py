@@ -14,7 +14,8 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from cachetools import TTLCache
@@ -90,16 +91,20 @@ class Principal:
         if not allowed:
             raise GatewayError("endpoint_not_allowed", f"This key may not call {method} {path}.")
 
-    @property
-    def may_use(self) -> Callable[[str], bool] | None:
-        """The key's model patterns as a test of one name; None when it may use any model.
+    # The key's model patterns as a test of one name; None when it may use any model. Which names of a
+    # request's model are tested is the catalog's rule (core/catalog.py, Catalog.allowed). Made once per
+    # key: the request path only reads it.
+    may_use: Callable[[str], bool] | None = field(init=False, repr=False, compare=False)
 
-        Which names of a request's model are tested is the catalog's rule (core/catalog.py, Catalog.allowed).
-        """
-        return None if self.models == ("*",) else self.allows_model
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "may_use", None if self.models == ("*",) else partial(_matches, self.models))
 
     def allows_model(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.models)
+        return _matches(self.models, name)
+
+
+def _matches(patterns: tuple[str, ...], name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def model_not_allowed(model: str) -> GatewayError:
