@@ -289,9 +289,10 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
                                                                                                         timeout_s))
     started = time.perf_counter()
     gw.breakers.begin(route.backend, target.model)
+    failure = None
     try:
         if stream:
-            await surface.stream(gw, call, x, responder, first_token_s)
+            failure = await surface.stream(gw, call, x, responder, first_token_s)
         else:
             original, tokens = await surface.answer(gw, call, x, responder)
             if cache_key is not None:
@@ -307,8 +308,10 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
         return exc
     finally:
         gw.breakers.end(route.backend, target.model)
-    gw.breakers.record(route.backend, ok=True)
-    gw.selector.observe(target, time.perf_counter() - started, ok=True)
+    # A stream that failed after its first byte is answered (the client got an error event, no retry can
+    # follow), but the backend failed all the same.
+    gw.breakers.record(route.backend, ok=failure is None or not resilience.breaker_failure(failure))
+    gw.selector.observe(target, time.perf_counter() - started, ok=failure is None or not resilience.retryable(failure))
     return None
 
 

@@ -182,8 +182,11 @@ def error_event(err: GatewayError) -> bytes:
 
 
 async def relay(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None,
-                prompt_estimate: int) -> None:
-    """Forward a Messages stream. Until its first event the attempt may still fail and be retried elsewhere."""
+                prompt_estimate: int) -> GatewayError | None:
+    """Forward a Messages stream. Until its first event the attempt may still fail and be retried elsewhere.
+
+    Returns the failure that ended the stream after its first byte, or None (as relay_stream does).
+    """
     route = x.route
     assert route is not None
     watch = StreamWatch(prompt_estimate)
@@ -213,10 +216,11 @@ async def relay(gw: Gateway, call: Call, x: Exchange, responder: Responder, firs
         except GatewayError as exc:
             await responder.end_stream(error_event(exc))
             record(gw, x, 200, tokens=watch.tokens(), error_code=exc.code, overhead_s=overhead, ttft_s=_ttft(watch, x))
-            return
+            return exc
         await responder.end_stream(b"")
     record(gw, x, 200, tokens=watch.tokens(), error_code=watch.error.code if watch.error else None,
            overhead_s=overhead, ttft_s=_ttft(watch, x))
+    return None  # the backend's own error event passed through: its answer, not a failure to count
 
 
 def _ttft(watch: StreamWatch, x: Exchange) -> float | None:
