@@ -50,7 +50,7 @@ def readable(event: bytes) -> bool:
     path, a cut or binary one fails the shape or the encoding, and Python servers write NaN and Infinity,
     which the SDKs read but a strict parser would refuse.
     """
-    if event.startswith(b"data: {") and event.endswith(b"}\n\n") and event.count(b"\n") == 2:
+    if event.startswith(b"data: {") and event.endswith(b"}\n\n") and event.find(b"\n") == len(event) - 2:
         return event.isascii() or _utf8(event)  # the usual one-line chunk
     if not (event.isascii() or _utf8(event)):
         return False
