@@ -67,8 +67,9 @@ def _chunks(events: list[bytes]) -> Iterator[dict[str, Any]]:
 
 
 async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None,
-                           translator: StreamTranslator) -> None:
-    """Stream a chat answer to the client through ``translator``."""
+                           translator: StreamTranslator) -> GatewayError | None:
+    """Stream a chat answer to the client through ``translator``; returns the failure that ended it after
+    its first byte, or None (as relay_stream does)."""
     call.body["stream_options"] = {"include_usage": True}
     route = x.route
     assert route is not None
@@ -115,11 +116,12 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
             last = await translator.error(exc)
             record(gw, x, 200, tokens=translator.tokens, error_code=exc.code, overhead_s=overhead)
             await responder.end_stream(last)
-            return
+            return exc
         ttft = first_at - x.started if first_at else None
         last = await translator.finish(usage)
         record(gw, x, 200, tokens=translator.tokens, overhead_s=overhead, ttft_s=ttft)  # before the last bytes leave
         await responder.end_stream(last)
+    return None
 
 
 # ------------------------------------------------------------------------------------------ Messages
@@ -165,15 +167,15 @@ def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = N
 
         return await answer_rendered(gw, call, x, responder, render)
 
-    async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None) -> None:
+    async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
+                     first_token_s: float | None) -> GatewayError | None:
         assert x.route is not None
         if body is not None and messages_native.native(gw, x.route):
             x.notes = None
-            await messages_native.relay(gw, messages_native.native_call(body, call, x.route), x, responder,
-                                        first_token_s, estimate_prompt(call.body))
-            return
-        await relay_translated(gw, call, x, responder, first_token_s,
-                               _MessagesTranslator(model, call.body, thinking))
+            return await messages_native.relay(gw, messages_native.native_call(body, call, x.route), x, responder,
+                                               first_token_s, estimate_prompt(call.body))
+        return await relay_translated(gw, call, x, responder, first_token_s,
+                                      _MessagesTranslator(model, call.body, thinking))
 
     return Surface(answer, stream, cacheable=False)
 
@@ -297,7 +299,8 @@ def responses_surface(turn: ResponsesTurn) -> Surface:
 
         return await answer_rendered(gw, call, x, responder, render)
 
-    async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None) -> None:
-        await relay_translated(gw, call, x, responder, first_token_s, _ResponsesTranslator(gw, turn))
+    async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
+                     first_token_s: float | None) -> GatewayError | None:
+        return await relay_translated(gw, call, x, responder, first_token_s, _ResponsesTranslator(gw, turn))
 
     return Surface(answer, stream, cacheable=False)

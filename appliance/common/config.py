@@ -39,6 +39,7 @@ class ServerSettings(_Model):
     single_process: bool = Field(False, description="Serve from one process, no workers (tiny hosts).")
     data_dir: Path = Field(Path(DEFAULT_DATA_DIR), description="Folder for the SQLite database and files.")
     max_body_mb: float = Field(32, gt=0, description="Largest accepted request body, in MB.")
+    max_header_kb: int = Field(32, ge=1, le=1024, description="Largest request line plus headers, in KB (431 above).")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS ('*' for any).")
     tls_cert: Path | None = Field(None, description="PEM certificate for HTTPS.")
     tls_key: Path | None = Field(None, description="PEM private key for HTTPS.")

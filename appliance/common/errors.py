@@ -25,6 +25,7 @@ CODES: dict[str, tuple[int, str]] = {
     "not_found": (404, "invalid_request_error"),
     "method_not_allowed": (405, "invalid_request_error"),
     "body_too_large": (413, "invalid_request_error"),
+    "request_header_fields_too_large": (431, "invalid_request_error"),
     "rate_limit_exceeded": (429, "rate_limit_error"),
     "budget_exceeded": (429, "rate_limit_error"),
     "unsupported": (501, "invalid_request_error"),

@@ -12,11 +12,11 @@ from typing import Any, Protocol
 
 import orjson
 
-from appliance.accounts.auth import Principal
+from appliance.accounts.auth import Principal, model_not_allowed
 from appliance.accounts.limits import Admission, key_scope
 from appliance.accounts.usage import NO_COST, Cost, Tokens, cost_of, estimate_prompt
 from appliance.common.errors import GatewayError
-from appliance.core.catalog import Route
+from appliance.core.catalog import MayUse, Route
 from appliance.core.gateway import Gateway
 from appliance.observe.metrics import endpoint_label as metrics_endpoint
 from appliance.storage import ledger, requests_repo
@@ -128,18 +128,24 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
-def allowed_routes(x: Exchange, routes: tuple[Route, ...]) -> tuple[Route, ...]:
-    """The routes the key may use, by the name the client sent or by the backend model that serves it."""
+def allowed_routes(gw: Gateway, x: Exchange, routes: tuple[Route, ...]) -> tuple[Route, ...]:
+    """The routes the key may use (the catalog's one rule), or 403 model_not_allowed."""
     principal = x.principal
     if principal is None:  # fail closed: only the web layer's auth step sets a principal
         raise GatewayError("invalid_api_key", "This request was not authenticated.")
-    if principal.models == ("*",):
-        return routes
-    allowed = tuple(r for r in routes if any(principal.allows_model(name) for name in (
-        r.model, f"{r.backend}/{r.upstream_model}", r.upstream_model)))
+    allowed = gw.catalog.allowed(routes, principal.may_use)
     if not allowed:
-        principal.check_model(routes[0].model)  # raises model_not_allowed, naming the model as sent
+        raise model_not_allowed(routes[0].model)  # named as the client sent it
     return allowed
+
+
+def may_use(x: Exchange) -> MayUse:
+    """The request's key's model patterns, for error messages that list models; no key: none may be named."""
+    return x.principal.may_use if x.principal is not None else _no_model
+
+
+def _no_model(_name: str) -> bool:
+    return False
 
 
 def begin(gw: Gateway, x: Exchange) -> None:

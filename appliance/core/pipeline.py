@@ -24,6 +24,7 @@ from appliance.core.exchange import (
     admit,
     allowed_routes,
     begin,
+    may_use,
     ms,
     record,
     usage_extras,
@@ -90,7 +91,7 @@ def upstream_body(body: dict[str, Any], route: Route) -> dict[str, Any]:
 def plan_for(gw: Gateway, x: Exchange, body: dict[str, Any]) -> Plan:
     """Where this request may go: its model's plan, as the request's own overrides reshape it."""
     forced_route = x.controls.get("x-appliance-route")
-    plan = gw.catalog.plan(forced_route or body["model"])
+    plan = gw.catalog.plan(forced_route or body["model"], may_use(x))
     backend = body.get("provider", x.controls.get("x-appliance-backend"))
     if backend is not None:
         plan = _on_backend(gw, plan, backend, body["model"])
@@ -174,7 +175,7 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
     try:
         await gw.wait_discovered()
         plan = plan_for(gw, x, body)
-        plan = Plan(plan.model, allowed_routes(x, plan.routes), plan.alias)
+        plan = Plan(plan.model, allowed_routes(gw, x, plan.routes), plan.alias)
         x.route = plan.routes[0]
         x.route_name = plan.name if plan.alias is not None else None  # a model named directly is no route
         decision = cache.decide(endpoint, body, x.controls, gw.settings.cache)
@@ -289,9 +290,10 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
                                                                                                         timeout_s))
     started = time.perf_counter()
     gw.breakers.begin(route.backend, target.model)
+    failure = None
     try:
         if stream:
-            await surface.stream(gw, call, x, responder, first_token_s)
+            failure = await surface.stream(gw, call, x, responder, first_token_s)
         else:
             original, tokens = await surface.answer(gw, call, x, responder)
             if cache_key is not None:
@@ -307,8 +309,10 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
         return exc
     finally:
         gw.breakers.end(route.backend, target.model)
-    gw.breakers.record(route.backend, ok=True)
-    gw.selector.observe(target, time.perf_counter() - started, ok=True)
+    # A stream that failed after its first byte is answered (the client got an error event, no retry can
+    # follow), but the backend failed all the same.
+    gw.breakers.record(route.backend, ok=failure is None or not resilience.breaker_failure(failure))
+    gw.selector.observe(target, time.perf_counter() - started, ok=failure is None or not resilience.retryable(failure))
     return None
 
 

@@ -73,8 +73,12 @@ def _with_usage_extras(data: dict[str, Any], tokens: Tokens, extras: dict[str, A
 
 
 async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
-                       first_token_s: float | None = None) -> None:
-    """Relay a stream. Until its first event the attempt may still fail (and be retried elsewhere)."""
+                       first_token_s: float | None = None) -> GatewayError | None:
+    """Relay a stream. Until its first event the attempt may still fail (and be retried elsewhere).
+
+    Returns the failure that ended the stream after its first byte (the client got it as an error event;
+    the caller counts it against the backend), or None.
+    """
     stream_options = call.body.get("stream_options")
     client_wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
     if not client_wants_usage:  # ask anyway, to account the tokens; the meter drops it again
@@ -110,7 +114,7 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
             record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=exc.code,
                    overhead_s=overhead, ttft_s=_ttft(meter, x))
             await responder.end_stream(exc.sse_event(x.request_id) + DONE)
-            return
+            return exc
         last = meter.finish(call.body)
         error_code = None
         if meter.error is not None:
@@ -118,6 +122,7 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
         record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=error_code, overhead_s=overhead,
                ttft_s=_ttft(meter, x))  # before the last bytes leave, as for whole answers
         await responder.end_stream(last)
+    return None  # an error event of the backend's own passed through: its answer, not a failure to count
 
 
 async def first_events(events: AsyncIterator[list[bytes]], timeout_s: float | None, backend: str) -> list[bytes]:
@@ -144,7 +149,8 @@ class Surface:
     """How an answer reaches the client: OpenAI's own shape, or translated (Messages, Responses)."""
 
     answer: Callable[[Gateway, Call, Exchange, Responder], Awaitable[tuple[bytes, Tokens]]]
-    stream: Callable[[Gateway, Call, Exchange, Responder, float | None], Awaitable[None]]
+    # Returns the failure that ended the stream after its first byte, or None (see relay_stream).
+    stream: Callable[[Gateway, Call, Exchange, Responder, float | None], Awaitable[GatewayError | None]]
     cacheable: bool = True
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 from sanic import Request, Sanic
+from sanic.http import Http
 from sanic.response import HTTPResponse
 
 from appliance.accounts.limits import SharedTable, table_size
@@ -26,6 +27,7 @@ from appliance.server.routes import responses as responses_routes
 APP_NAME = "appliance"
 # Sanic's own response timeout must never cut a backend call the settings still allow.
 _RESPONSE_TIMEOUT_MARGIN_S = 30
+_READ_BUFFER = 65536  # Sanic's default REQUEST_BUFFER_SIZE: reading pauses when this much is waiting
 
 
 def configure_logging() -> None:
@@ -47,6 +49,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app = Sanic(APP_NAME, error_handler=GatewayErrorHandler())
     app.config.update(
         REQUEST_MAX_SIZE=int(settings.server.max_body_mb * 1024 * 1024),
+        **_header_limit(settings.server.max_header_kb),
         RESPONSE_TIMEOUT=settings.longest_timeout_s + _RESPONSE_TIMEOUT_MARGIN_S,
         REQUEST_TIMEOUT=60,
         KEEP_ALIVE_TIMEOUT=75,
@@ -70,7 +73,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.blueprint(observability.bp)
     app.blueprint(files_routes.bp)
     app.blueprint(batches_routes.bp)
-    app.static("/static", static_dir(), name="static")
+    app.static("/static", static_dir(), name="static", use_content_range=True)  # HEAD gets Content-Length
     if settings.server.cors_origins:
         _add_cors(app, settings.server.cors_origins)  # first: a preflight carries no key
     if settings.log.access != "off":
@@ -79,6 +82,19 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.on_request(access.authenticate)
     lifecycle.register(app)
     return app
+
+
+def _header_limit(max_kb: int) -> dict[str, int]:
+    """Sanic's settings for a request head (request line and headers) under ``max_kb`` KB.
+
+    Sanic refuses a head of REQUEST_MAX_HEADER_SIZE bytes or more, but caps that setting at
+    Http.HEADER_CEILING (16 KB) and at its read buffer less 4 KB, so both are raised to fit. The ceiling
+    is a class constant that Sanic leaves to be raised this way (sanic-org/sanic#2155); like Sanic's own
+    limit it holds for the whole process, and only ever grows here.
+    """
+    size = max_kb * 1024
+    Http.HEADER_CEILING = max(Http.HEADER_CEILING, size)
+    return {"REQUEST_MAX_HEADER_SIZE": size, "REQUEST_BUFFER_SIZE": max(_READ_BUFFER, size + 4096)}
 
 
 def _add_cors(app: Sanic, origins: list[str]) -> None:

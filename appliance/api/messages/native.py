@@ -54,7 +54,7 @@ async def only_native(gw: Gateway, x: Exchange, body: dict[str, Any]) -> bool:
         return False
     await gw.wait_discovered()
     try:
-        routes = allowed_routes(x, plan_for(gw, x, body).routes)
+        routes = allowed_routes(gw, x, plan_for(gw, x, body).routes)
     except GatewayError:
         return False  # the request fails on its own account; the translation's error is the one to report
     return all(native(gw, route) for route in routes)
@@ -182,8 +182,11 @@ def error_event(err: GatewayError) -> bytes:
 
 
 async def relay(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None,
-                prompt_estimate: int) -> None:
-    """Forward a Messages stream. Until its first event the attempt may still fail and be retried elsewhere."""
+                prompt_estimate: int) -> GatewayError | None:
+    """Forward a Messages stream. Until its first event the attempt may still fail and be retried elsewhere.
+
+    Returns the failure that ended the stream after its first byte, or None (as relay_stream does).
+    """
     route = x.route
     assert route is not None
     watch = StreamWatch(prompt_estimate)
@@ -216,10 +219,11 @@ async def relay(gw: Gateway, call: Call, x: Exchange, responder: Responder, firs
         except GatewayError as exc:
             record(gw, x, 200, tokens=watch.tokens(), error_code=exc.code, overhead_s=overhead, ttft_s=_ttft(watch, x))
             await responder.end_stream(error_event(exc))
-            return
+            return exc
         await responder.end_stream(b"")
     record(gw, x, 200, tokens=watch.tokens(), error_code=watch.error.code if watch.error else None,
            overhead_s=overhead, ttft_s=_ttft(watch, x))
+    return None  # the backend's own error event passed through: its answer, not a failure to count
 
 
 def _ttft(watch: StreamWatch, x: Exchange) -> float | None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 
 import orjson
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import HTTPResponse, file
 
 from appliance import __version__
 from appliance.common.resources import static_dir
 from appliance.server.responses import json_response
+from appliance.server.routes import Routes
 
-bp = Blueprint("ops")
+bp = Routes("ops")
 
 
 @bp.get("/health", name="health")
