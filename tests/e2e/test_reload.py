@@ -174,8 +174,9 @@ def test_a_request_in_flight_finishes_on_the_backend_a_reload_removes(app: Appli
     rewrite(app, with_spare)
     assert reload_via_api(app)[0] == 200
     with ThreadPoolExecutor(1) as pool:
+        seen = len(fake_openai.chats())
         slow = pool.submit(fresh, app, "slowpoke", 1)
-        time.sleep(0.5)  # the request is waiting on the backend
+        eventually(lambda: any(chat.body.get("model") == "fake-slow-1500" for chat in fake_openai.chats()[seen:]))
         without = config(fake_openai, BASE)
         without["backends"] = without["backends"][:1]
         rewrite(app, without)
