@@ -26,7 +26,7 @@ from appliance.api.responses import stream as responses_stream
 from appliance.api.responses import translate as responses
 from appliance.common.errors import GatewayError
 from appliance.common.sse import event_data
-from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, ms, record
+from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, ms, record, upstreams
 from appliance.core.gateway import Gateway
 from appliance.core.relay import Surface, answer_rendered, first_events
 from appliance.providers.base import Call
@@ -91,7 +91,7 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
             return b"".join(out), exc
         return b"".join(out), None
 
-    async with gw.providers[route.backend].stream(call) as upstream:
+    async with upstreams(gw, x).providers[route.backend].stream(call) as upstream:
         overhead = time.perf_counter() - x.started - upstream.headers_after_s
         events = upstream.__aiter__()
         first = await first_events(events, first_token_s, route.backend)
@@ -157,7 +157,7 @@ def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = N
 
     async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
         assert x.route is not None
-        if body is not None and messages_native.native(gw, x.route):
+        if body is not None and messages_native.native(gw, x, x.route):
             x.notes = None  # nothing is dropped on the way to a backend that speaks Messages
             return await messages_native.answer(gw, messages_native.native_call(body, call, x.route), x, responder,
                                                 estimate_prompt(call.body))
@@ -170,7 +170,7 @@ def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = N
     async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
                      first_token_s: float | None) -> GatewayError | None:
         assert x.route is not None
-        if body is not None and messages_native.native(gw, x.route):
+        if body is not None and messages_native.native(gw, x, x.route):
             x.notes = None
             return await messages_native.relay(gw, messages_native.native_call(body, call, x.route), x, responder,
                                                first_token_s, estimate_prompt(call.body))

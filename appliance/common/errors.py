@@ -17,6 +17,7 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_json": (400, "invalid_request_error"),
     "missing_field": (400, "invalid_request_error"),
     "invalid_value": (400, "invalid_request_error"),
+    "invalid_config": (400, "invalid_request_error"),  # POST /admin/reload of a file that does not validate
     "context_length_exceeded": (400, "invalid_request_error"),
     "invalid_api_key": (401, "invalid_request_error"),
     "model_not_allowed": (403, "permission_error"),

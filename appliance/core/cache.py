@@ -134,6 +134,10 @@ class ResponseCache:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
+    def reconfigure(self, settings: CacheSettings) -> None:
+        """A reload's cache settings (the memory LRU keeps its size: cache.memory_entries needs a restart)."""
+        self._settings = settings
+
     async def get(self, key: str) -> Hit | None:
         now = self._clock()
         memory = self._memory

@@ -78,6 +78,11 @@ class Catalog:
             state = self.backends[name] = BackendState(name, kind)
         return state
 
+    def adopt(self, state: BackendState) -> None:
+        """A backend as another catalog knows it (a reload kept it): its health and models come along."""
+        self.backends[state.name] = state
+        self._reindex()
+
     def update(self, name: str, *, models: list[ModelInfo] | None, error: str | None = None,
                now: float | None = None) -> None:
         """Record a probe: its model list, or the error that kept it from answering."""

@@ -17,7 +17,7 @@ from appliance.accounts.limits import Admission, key_scope
 from appliance.accounts.usage import NO_COST, Cost, Tokens, cost_of, estimate_prompt
 from appliance.common.errors import GatewayError
 from appliance.core.catalog import MayUse, Route
-from appliance.core.gateway import Gateway
+from appliance.core.gateway import Gateway, Upstreams
 from appliance.observe.metrics import endpoint_label as metrics_endpoint
 from appliance.storage import ledger, requests_repo
 
@@ -81,6 +81,7 @@ class Exchange:
     in_flight: bool = False  # counted in appliance_inflight_requests until recorded
     response_body: bytes | None = None  # the whole answer sent, kept only for [log] store_bodies
     batch_id: str | None = None  # set for a batch line: its ledger row names the batch
+    upstreams: Upstreams | None = None  # the backends of the config generation the request started in
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -146,6 +147,13 @@ def may_use(x: Exchange) -> MayUse:
 
 def _no_model(_name: str) -> bool:
     return False
+
+
+def upstreams(gw: Gateway, x: Exchange) -> Upstreams:
+    """The backends ``x`` started with: a reload while it runs does not change them under it."""
+    if x.upstreams is None:
+        x.upstreams = gw.upstreams
+    return x.upstreams
 
 
 def begin(gw: Gateway, x: Exchange) -> None:

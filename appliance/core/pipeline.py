@@ -27,6 +27,7 @@ from appliance.core.exchange import (
     may_use,
     ms,
     record,
+    upstreams,
     usage_extras,
 )
 from appliance.core.gateway import Gateway
@@ -174,6 +175,7 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
     begin(gw, x)
     try:
         await gw.wait_discovered()
+        x.upstreams = gw.upstreams  # the plan's generation: no await between the two
         plan = plan_for(gw, x, body)
         plan = Plan(plan.model, allowed_routes(gw, x, plan.routes), plan.alias)
         x.route = plan.routes[0]
@@ -251,7 +253,7 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
     skipped: list[str] = []
     for target in order:
         route = by_target[target]
-        unsupported = _unsupported(gw, endpoint, route)
+        unsupported = _unsupported(gw, x, endpoint, route)
         if unsupported is not None:
             last_error = last_error or unsupported
             continue
@@ -286,8 +288,8 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
                    responder: Responder, surface: Surface, timeout_s: float | None, first_token_s: float | None,
                    stream: bool, cache_key: str | None, cache_ttl_s: float) -> GatewayError | None:
     """One try against one target: None when it answered, the error when another try may help."""
-    call = Call(endpoint, upstream_body(body, route), x.upstream_id, x.headers, limits=gw.limits_for(route.backend,
-                                                                                                        timeout_s))
+    call = Call(endpoint, upstream_body(body, route), x.upstream_id, x.headers,
+                limits=upstreams(gw, x).limits_for(route.backend, timeout_s))
     started = time.perf_counter()
     gw.breakers.begin(route.backend, target.model)
     failure = None
@@ -316,8 +318,8 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
     return None
 
 
-def _unsupported(gw: Gateway, endpoint: str, route: Route) -> GatewayError | None:
-    if gw.providers[route.backend].supports(endpoint) and not (
+def _unsupported(gw: Gateway, x: Exchange, endpoint: str, route: Route) -> GatewayError | None:
+    if upstreams(gw, x).providers[route.backend].supports(endpoint) and not (
             endpoint == EMBEDDINGS and gw.catalog.capability(route, "embeddings") is False):
         return None
     return GatewayError("unsupported", f"{route.upstream_model!r} on backend {route.backend!r} does not serve "

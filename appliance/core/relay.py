@@ -17,7 +17,16 @@ import orjson
 from appliance.accounts.usage import Cost, StreamMeter, Tokens, from_reply
 from appliance.common.errors import GatewayError
 from appliance.common.sse import DONE
-from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, ms, price_of, record, usage_extras
+from appliance.core.exchange import (
+    CLIENT_CLOSED,
+    Exchange,
+    Responder,
+    ms,
+    price_of,
+    record,
+    upstreams,
+    usage_extras,
+)
 from appliance.core.gateway import Gateway
 from appliance.providers.base import Call
 
@@ -34,7 +43,7 @@ async def answer_rendered(gw: Gateway, call: Call, x: Exchange, responder: Respo
     ``render`` None: the backend's answer is already in the client's shape and goes out as it came.
     ``count``: the tokens of the backend's parsed answer (default: chat usage, else an estimate).
     """
-    reply = await gw.providers[x.route.backend].send(call)  # type: ignore[union-attr]
+    reply = await upstreams(gw, x).providers[x.route.backend].send(call)  # type: ignore[union-attr]
     assert reply.data is not None  # providers parse every non-streaming answer
     latency = time.perf_counter() - x.started
     tokens = count(reply.data, call.body)
@@ -88,7 +97,7 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
                         extras=lambda tokens: usage_extras(price_of(gw, x, tokens), x, _ttft(meter, x)))
     route = x.route
     assert route is not None
-    async with gw.providers[route.backend].stream(call) as upstream:
+    async with upstreams(gw, x).providers[route.backend].stream(call) as upstream:
         overhead = time.perf_counter() - x.started - upstream.headers_after_s
         events = upstream.__aiter__()
         first = await first_events(events, first_token_s, route.backend)

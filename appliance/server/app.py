@@ -13,6 +13,7 @@ from sanic.response import HTTPResponse
 from appliance.accounts.limits import SharedTable, table_size
 from appliance.common.config import Settings
 from appliance.common.resources import static_dir
+from appliance.core import reload
 from appliance.core.resilience import BackendTable
 from appliance.server import access, lifecycle
 from appliance.server.responses import GatewayErrorHandler, RequestIds
@@ -41,10 +42,11 @@ def configure_logging() -> None:
 
 
 def create_app(settings: Settings, limit_table: SharedTable | None = None,
-               backend_table: BackendTable | None = None, started_at: float | None = None) -> Sanic:
+               backend_table: BackendTable | None = None, started_at: float | None = None,
+               reload_board: reload.Board | None = None) -> Sanic:
     """The tables hold what all workers share live (limit counters; breakers and in-flight counts per
-    backend); the main process makes them before the workers start. Without them: this process only.
-    ``started_at``: when the appliance started (its uptime survives a worker's restart)."""
+    backend; config reloads); the main process makes them before the workers start. Without them: this
+    process only. ``started_at``: when the appliance started (its uptime survives a worker's restart)."""
     configure_logging()
     app = Sanic(APP_NAME, error_handler=GatewayErrorHandler())
     app.config.update(
@@ -63,6 +65,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.ctx.request_ids = RequestIds()
     app.ctx.limit_table = limit_table or SharedTable(table_size(settings), shared=False)
     app.ctx.backend_table = backend_table or BackendTable(shared=False)
+    app.ctx.reload_board = reload_board or reload.Board(1, shared=False)
     app.ctx.started_at = started_at or time.time()
     app.blueprint(openai_routes.bp)
     app.blueprint(anthropic_routes.bp)
