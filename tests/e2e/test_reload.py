@@ -105,10 +105,11 @@ def reload_via_api(app: Appliance) -> tuple[int, Any]:
     return status, body
 
 
-def eventually(check: Any, timeout: float = 10) -> None:
+def eventually(check: Any, timeout: float = 20, app: Appliance | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, "not within the deadline"
+        said = f"; the appliance said:\n{app.log()}" if app else ""
+        assert time.monotonic() < deadline, "not within the deadline" + said
         time.sleep(0.1)
 
 
@@ -116,7 +117,7 @@ def test_sighup_swaps_the_config_into_every_worker(app: Appliance, load: Load, f
     rewrite(app, config(fake_openai, [*BASE, {"name": "chat2", "target": "fake/fake-slow-5"}]))
     assert {r.status_code for r in fresh(app, "chat2")} == {404}
     os.kill(app.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
-    eventually(lambda: {r.status_code for r in fresh(app, "chat2")} == {200})
+    eventually(lambda: {r.status_code for r in fresh(app, "chat2")} == {200}, app=app)
     assert {r.headers["x-appliance-model"] for r in fresh(app, "chat2")} == {"fake-slow-5"}
 
 
@@ -203,5 +204,5 @@ def test_sighup_reloads_a_single_process_appliance(start_appliance: Any, fake_op
     app = start_appliance(config(fake_openai, BASE), workers=1, extra_args=["--single-process"])
     rewrite(app, config(fake_openai, [*BASE, {"name": "solo", "target": "fake/fake-chat"}]))
     os.kill(app.proc.pid, signal.SIGHUP)
-    eventually(lambda: {r.status_code for r in fresh(app, "solo", 2)} == {200})
+    eventually(lambda: {r.status_code for r in fresh(app, "solo", 2)} == {200}, app=app)
     assert app.stop() == 0
