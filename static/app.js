@@ -189,8 +189,10 @@
     const backends = d.backends ?? [];
     const up = backends.filter((b) => b.up).length;
     const status = $("status");
-    status.textContent = backends.length ? `${up}/${backends.length} backends up` : "no backends";
-    status.className = `pill ${up === backends.length && up > 0 ? "good" : up > 0 ? "warn" : "bad"}`;
+    const degraded = d.degraded ?? [];
+    status.textContent = (backends.length ? `${up}/${backends.length} backends up` : "no backends")
+      + (degraded.length ? " · degraded" : "");
+    status.className = `pill ${up === backends.length && up > 0 && !degraded.length ? "good" : up > 0 ? "warn" : "bad"}`;
     const workers = d.workers?.configured;
     const alive = d.workers?.alive;
     const workersText = missing(workers) ? null
@@ -204,7 +206,8 @@
     renderBatches(d.batches, now);
     renderErrors(d.recent_errors ?? []);
     $("footer").textContent = `Last updated ${new Date().toLocaleTimeString()} · refreshes every ${POLL_MS / 1000} s`;
-    $("banner").hidden = true;
+    $("banner").textContent = degraded.length ? `Degraded: ${degraded.join(", ")}.` : "";
+    $("banner").hidden = !degraded.length;
     $("content").hidden = false;
     document.body.dataset.state = "loaded";
   }

@@ -80,7 +80,7 @@ def llamacpp_port() -> int:
 
 
 def base_config(fake_openai: FakeOpenAI, fake_ollama: FakeOllama, llamacpp_port: int) -> dict[str, Any]:
-    """The backends most tests share: the fakes, the real server, one down and one impatient backend."""
+    """The backends most tests share: the fakes, the real server, one down, one impatient, one to fail."""
     return {
         "discovery": {"enabled": False, "interval_s": 2},
         "backends": [
@@ -91,6 +91,8 @@ def base_config(fake_openai: FakeOpenAI, fake_ollama: FakeOllama, llamacpp_port:
              "models": ["down-model"]},
             {"name": "impatient", "url": fake_openai.url + "/v1", "timeout_s": 1, "discover": False,
              "models": ["fake-hang"]},
+            # The fake again, for tests that make it fail (faulty/fake-500...): the breaker they open is not fake's.
+            {"name": "faulty", "url": fake_openai.url + "/v1", "discover": False},
         ],
         "models": [
             {"name": "chat", "target": "fake/fake-chat"},

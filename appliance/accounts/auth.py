@@ -13,7 +13,9 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from cachetools import TTLCache
@@ -89,14 +91,25 @@ class Principal:
         if not allowed:
             raise GatewayError("endpoint_not_allowed", f"This key may not call {method} {path}.")
 
-    def check_model(self, model: str, *other_names: str) -> None:
-        """Raise 403 model_not_allowed unless a name of the model matches one of the key's patterns."""
-        if self.models == ("*",) or any(self.allows_model(name) for name in (model, *other_names)):
-            return
-        raise GatewayError("model_not_allowed", f"This key may not use the model '{model}'.", param="model")
+    # The key's model patterns as a test of one name; None when it may use any model. Which names of a
+    # request's model are tested is the catalog's rule (core/catalog.py, Catalog.allowed). Made once per
+    # key: the request path only reads it.
+    may_use: Callable[[str], bool] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "may_use", None if self.models == ("*",) else partial(_matches, self.models))
 
     def allows_model(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.models)
+        return _matches(self.models, name)
+
+
+def _matches(patterns: tuple[str, ...], name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def model_not_allowed(model: str) -> GatewayError:
+    """403 for a model the key's patterns leave out, named as the client wrote it."""
+    return GatewayError("model_not_allowed", f"This key may not use the model '{model}'.", param="model")
 
 
 ANONYMOUS = Principal(key_id=ANONYMOUS_ID, name=ANONYMOUS_ID, role="admin")

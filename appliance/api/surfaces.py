@@ -26,7 +26,7 @@ from appliance.api.responses import stream as responses_stream
 from appliance.api.responses import translate as responses
 from appliance.common.errors import GatewayError
 from appliance.common.sse import event_data
-from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, ms, record
+from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, ms, record, upstreams
 from appliance.core.gateway import Gateway
 from appliance.core.relay import Surface, answer_rendered, first_events
 from appliance.providers.base import Call
@@ -67,8 +67,9 @@ def _chunks(events: list[bytes]) -> Iterator[dict[str, Any]]:
 
 
 async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None,
-                           translator: StreamTranslator) -> None:
-    """Stream a chat answer to the client through ``translator``."""
+                           translator: StreamTranslator) -> GatewayError | None:
+    """Stream a chat answer to the client through ``translator``; returns the failure that ended it after
+    its first byte, or None (as relay_stream does)."""
     call.body["stream_options"] = {"include_usage": True}
     route = x.route
     assert route is not None
@@ -90,7 +91,7 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
             return b"".join(out), exc
         return b"".join(out), None
 
-    async with gw.providers[route.backend].stream(call) as upstream:
+    async with upstreams(gw, x).providers[route.backend].stream(call) as upstream:
         overhead = time.perf_counter() - x.started - upstream.headers_after_s
         events = upstream.__aiter__()
         first = await first_events(events, first_token_s, route.backend)
@@ -112,12 +113,15 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
             record(gw, x, CLIENT_CLOSED, tokens=translator.tokens, error_code="client_closed", overhead_s=overhead)
             raise
         except GatewayError as exc:
-            await responder.end_stream(await translator.error(exc))
+            last = await translator.error(exc)
             record(gw, x, 200, tokens=translator.tokens, error_code=exc.code, overhead_s=overhead)
-            return
+            await responder.end_stream(last)
+            return exc
         ttft = first_at - x.started if first_at else None
-        await responder.end_stream(await translator.finish(usage))
-    record(gw, x, 200, tokens=translator.tokens, overhead_s=overhead, ttft_s=ttft)
+        last = await translator.finish(usage)
+        record(gw, x, 200, tokens=translator.tokens, overhead_s=overhead, ttft_s=ttft)  # before the last bytes leave
+        await responder.end_stream(last)
+    return None
 
 
 # ------------------------------------------------------------------------------------------ Messages
@@ -153,7 +157,7 @@ def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = N
 
     async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
         assert x.route is not None
-        if body is not None and messages_native.native(gw, x.route):
+        if body is not None and messages_native.native(gw, x, x.route):
             x.notes = None  # nothing is dropped on the way to a backend that speaks Messages
             return await messages_native.answer(gw, messages_native.native_call(body, call, x.route), x, responder,
                                                 estimate_prompt(call.body))
@@ -163,15 +167,15 @@ def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = N
 
         return await answer_rendered(gw, call, x, responder, render)
 
-    async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None) -> None:
+    async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
+                     first_token_s: float | None) -> GatewayError | None:
         assert x.route is not None
-        if body is not None and messages_native.native(gw, x.route):
+        if body is not None and messages_native.native(gw, x, x.route):
             x.notes = None
-            await messages_native.relay(gw, messages_native.native_call(body, call, x.route), x, responder,
-                                        first_token_s, estimate_prompt(call.body))
-            return
-        await relay_translated(gw, call, x, responder, first_token_s,
-                               _MessagesTranslator(model, call.body, thinking))
+            return await messages_native.relay(gw, messages_native.native_call(body, call, x.route), x, responder,
+                                               first_token_s, estimate_prompt(call.body))
+        return await relay_translated(gw, call, x, responder, first_token_s,
+                                      _MessagesTranslator(model, call.body, thinking))
 
     return Surface(answer, stream, cacheable=False)
 
@@ -295,7 +299,8 @@ def responses_surface(turn: ResponsesTurn) -> Surface:
 
         return await answer_rendered(gw, call, x, responder, render)
 
-    async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None) -> None:
-        await relay_translated(gw, call, x, responder, first_token_s, _ResponsesTranslator(gw, turn))
+    async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
+                     first_token_s: float | None) -> GatewayError | None:
+        return await relay_translated(gw, call, x, responder, first_token_s, _ResponsesTranslator(gw, turn))
 
     return Surface(answer, stream, cacheable=False)

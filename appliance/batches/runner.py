@@ -228,7 +228,7 @@ class BatchRunner:
             try:
                 plan = gw.catalog.plan(model)
                 x = Exchange(path="", request_id="", upstream_id="", headers={}, principal=principal)
-                allowed_routes(x, plan.routes)
+                allowed_routes(gw, x, plan.routes)
             except GatewayError:
                 return False
             return True

@@ -1,4 +1,4 @@
-"""The command line: serve, check-config, keys, usage, batches, backup, version.
+"""The command line: serve, check-config, reload, keys, usage, batches, backup, version.
 
 Thin on purpose: parse arguments, build Settings, call into the layers below. Heavy imports (the web
 server) happen only once a command needs them, so `appliance --help` stays fast, frozen too.
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     backup = commands.add_parser("backup", help="copy the database to FILE, safely, also while serving")
     backup.add_argument("target", metavar="FILE")
     _common(backup)
+
+    reload = commands.add_parser("reload", help="have the running appliance re-read its config file")
+    _common(reload)
 
     commands.add_parser("version", help="print the version")
     return parser
@@ -155,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return _serve(settings)
+    if args.command == "reload":
+        from appliance.cli import reload
+
+        return reload.run(settings)
     from appliance.cli import admin as admin_cli
 
     return admin_cli.run(args, settings)

@@ -17,6 +17,7 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_json": (400, "invalid_request_error"),
     "missing_field": (400, "invalid_request_error"),
     "invalid_value": (400, "invalid_request_error"),
+    "invalid_config": (400, "invalid_request_error"),  # POST /admin/reload of a file that does not validate
     "context_length_exceeded": (400, "invalid_request_error"),
     "invalid_api_key": (401, "invalid_request_error"),
     "model_not_allowed": (403, "permission_error"),
@@ -25,6 +26,7 @@ CODES: dict[str, tuple[int, str]] = {
     "not_found": (404, "invalid_request_error"),
     "method_not_allowed": (405, "invalid_request_error"),
     "body_too_large": (413, "invalid_request_error"),
+    "request_header_fields_too_large": (431, "invalid_request_error"),
     "rate_limit_exceeded": (429, "rate_limit_error"),
     "budget_exceeded": (429, "rate_limit_error"),
     # The model or its backend cannot serve this endpoint: the client picked the wrong model, so 400 (a 5xx

@@ -39,5 +39,43 @@ def event_data(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
+_FIELDS = frozenset((b"data", b"event", b"id", b"retry"))
+
+
+def readable(event: bytes) -> bool:
+    """Can a client read this event (a whole one, as EventSplitter cuts them)?
+
+    It must be UTF-8, made of SSE fields (data, event, id, retry) and comments, and its data a JSON object
+    or ``[DONE]``. The JSON is checked by its shape, not parsed: most events are never parsed on the hot
+    path, a cut or binary one fails the shape or the encoding, and Python servers write NaN and Infinity,
+    which the SDKs read but a strict parser would refuse.
+    """
+    if event.startswith(b"data: {") and event.endswith(b"}\n\n") and event.find(b"\n") == len(event) - 2:
+        return event.isascii() or _utf8(event)  # the usual one-line chunk
+    if not (event.isascii() or _utf8(event)):
+        return False
+    for line in event[:-2].split(b"\n"):
+        if not line.startswith(b":") and line.partition(b":")[0] not in _FIELDS:
+            return False
+    data = event_data(event)
+    return data is None or data == b"[DONE]" or (data.startswith(b"{") and data.endswith(b"}"))
+
+
+def first_unreadable(events: list[bytes]) -> int | None:
+    """The index of the first event a client could not read, or None."""
+    for i, event in enumerate(events):
+        if not readable(event):
+            return i
+    return None
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def encode(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"

@@ -27,7 +27,8 @@ from appliance.common.config import CacheSettings
 from appliance.common.errors import GatewayError
 from appliance.common.sse import DONE
 from appliance.storage import cache_repo
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage.db import Database
+from appliance.storage.writer import BufferedWriter
 
 log = logging.getLogger("appliance.core.cache")
 
@@ -132,6 +133,10 @@ class ResponseCache:
             LRUCache(settings.memory_entries) if settings.memory_entries else None)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+
+    def reconfigure(self, settings: CacheSettings) -> None:
+        """A reload's cache settings (the memory LRU keeps its size: cache.memory_entries needs a restart)."""
+        self._settings = settings
 
     async def get(self, key: str) -> Hit | None:
         now = self._clock()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,9 @@ from appliance.providers.base import ModelInfo
 
 CAPABILITIES = ("chat", "completions", "embeddings", "tools", "vision", "reasoning")
 _LISTED_IN_ERRORS = 10
+
+# A key's model patterns as a test of one name (Principal.allows_model); None: the key may use any model.
+MayUse = Callable[[str], bool] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,7 @@ class Catalog:
         self._patterns = [m for m in routed if _is_pattern(m.name)]  # config order: the first match wins
         self._overrides = {m.name: m for m in models}
         self._index: dict[str, tuple[str, str]] = {}  # model name -> (backend, upstream model)
+        self._names: dict[tuple[str, str], tuple[str, ...]] = {}  # (backend, any name of a model) -> all its names
         self._first_seen: dict[str, int] = {}
 
     # ------------------------------------------------------------------ updates (from discovery)
@@ -72,6 +77,11 @@ class Catalog:
         if state is None:
             state = self.backends[name] = BackendState(name, kind)
         return state
+
+    def adopt(self, state: BackendState) -> None:
+        """A backend as another catalog knows it (a reload kept it): its health and models come along."""
+        self.backends[state.name] = state
+        self._reindex()
 
     def update(self, name: str, *, models: list[ModelInfo] | None, error: str | None = None,
                now: float | None = None) -> None:
@@ -86,13 +96,16 @@ class Catalog:
 
     def _reindex(self) -> None:
         index: dict[str, tuple[str, str]] = {}
+        names: dict[tuple[str, str], tuple[str, ...]] = {}
         now = int(time.time())
         for state in self.backends.values():
             for info in state.models:
                 for name in (info.id, *info.aliases):
                     index.setdefault(name, (state.name, info.id))
+                    names[state.name, name] = (info.id, *info.aliases)
                 self._first_seen.setdefault(info.id, now)
         self._index = index
+        self._names = names
 
     # ------------------------------------------------------------------ resolution (request path)
 
@@ -100,8 +113,11 @@ class Catalog:
         """The first place ``model`` goes (config order)."""
         return self.plan(model).routes[0]
 
-    def plan(self, model: str) -> Plan:
-        """Where ``model`` can go: ``backend/model``, an exact alias, a listed model, then alias patterns."""
+    def plan(self, model: str, may_use: MayUse = None) -> Plan:
+        """Where ``model`` can go: ``backend/model``, an exact alias, a listed model, then alias patterns.
+
+        ``may_use``: the asking key's patterns; an unknown model's error lists only models it may use.
+        """
         prefix, slash, rest = model.partition("/")
         if slash and rest and prefix in self.backends:
             return Plan(model, (Route(model, prefix, rest),))
@@ -112,7 +128,7 @@ class Catalog:
                 return Plan(model, (Route(model, *found),))
             alias = next((m for m in self._patterns if fnmatch.fnmatchcase(model, m.name)), None)
         if alias is None:
-            raise self.not_found(model)
+            raise self.not_found(model, may_use)
         routes = tuple(Route(model, r.backend, r.upstream_model)
                        for r in (self._lookup(t) for t in alias.route_targets) if r is not None)
         if not routes:
@@ -128,11 +144,46 @@ class Catalog:
         found = self._index.get(name)
         return Route(name, *found) if found else None
 
-    def not_found(self, model: str) -> GatewayError:
-        known = self.model_ids()
+    def not_found(self, model: str, may_use: MayUse = None) -> GatewayError:
+        """404 for ``model``, naming up to ten models the asking key may use (never the others)."""
+        known = [name for name in self.model_ids() if self.usable(name, may_use)]
         listed = ", ".join(known[:_LISTED_IN_ERRORS]) + (", ..." if len(known) > _LISTED_IN_ERRORS else "")
-        hint = f" Known models: {listed}." if known else " No backend has reported any model yet."
+        if known:
+            hint = f" Known models: {listed}."
+        elif may_use is None:
+            hint = " No backend has reported any model yet."
+        else:
+            hint = " This key may use none of the models known right now."
         return GatewayError("model_not_found", f"The model '{model}' does not exist.{hint}", param="model")
+
+    # ------------------------------------------------------------------ which models a key may use
+
+    def allowed(self, routes: tuple[Route, ...], may_use: MayUse) -> tuple[Route, ...]:
+        """The routes a key may take: the one rule behind every endpoint, the model list and batches.
+
+        A route is the key's when one of its patterns matches the name the client wrote, or any name of
+        the backend model that serves it (its id or an alias such as Ollama's untagged name), bare or as
+        ``backend/name``. So a key allowed ``vllm/qwen`` may also say ``qwen`` or an alias leading there.
+        """
+        if may_use is None:
+            return routes
+        return tuple(route for route in routes if self._may_take(route, may_use))
+
+    def _may_take(self, route: Route, may_use: Callable[[str], bool]) -> bool:
+        if may_use(route.model):
+            return True
+        names = self._names.get((route.backend, route.upstream_model), (route.upstream_model,))
+        return any(may_use(name) or may_use(f"{route.backend}/{name}") for name in names)
+
+    def usable(self, model: str, may_use: MayUse) -> bool:
+        """Would a request for ``model`` pass the key's patterns? (What /v1/models lists and answers.)"""
+        if may_use is None or may_use(model):
+            return True
+        try:
+            routes = self.plan(model).routes
+        except GatewayError:
+            return False
+        return bool(self.allowed(routes, may_use))
 
     def knows(self, name: str) -> bool:
         """Is ``name`` a configured alias, a listed model, or ``backend/model`` of a listed one? (Metrics
@@ -163,14 +214,23 @@ class Catalog:
         return entries
 
     def describe(self, model: str) -> dict[str, Any] | None:
-        """The /v1/models entry for a listed id or alias, else None."""
+        """The /v1/models entry for a listed id, an alias or ``backend/model`` of a listed model, else None."""
         by_model = self._by_model()
+        prefix, slash, rest = model.partition("/")
+        if slash and rest and prefix in self.backends:  # as plan() reads it: this backend's own entry
+            return self._on_backend(model, self.backends[prefix], rest)
         if model in self._aliases:
             return self._alias_entry(model, by_model)
         if model in by_model:
             return self._entry(model, by_model[model])
         found = self._index.get(model)  # an Ollama name without its :latest tag
         return self._entry(found[1], by_model[found[1]]) if found else None
+
+    def _on_backend(self, model: str, state: BackendState, name: str) -> dict[str, Any] | None:
+        info = next((i for i in state.models if name == i.id or name in i.aliases), None)
+        if info is None:
+            return None
+        return {**self._entry(info.id, [(state, info)]), "id": model}
 
     def _entry(self, model_id: str, served: list[tuple[BackendState, ModelInfo]]) -> dict[str, Any]:
         owner, first = served[0]

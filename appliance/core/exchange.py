@@ -12,14 +12,14 @@ from typing import Any, Protocol
 
 import orjson
 
-from appliance.accounts.auth import Principal
+from appliance.accounts.auth import Principal, model_not_allowed
 from appliance.accounts.limits import Admission, key_scope
 from appliance.accounts.usage import NO_COST, Cost, Tokens, cost_of, estimate_prompt
 from appliance.common.errors import GatewayError
-from appliance.core.catalog import Route
-from appliance.core.gateway import Gateway
+from appliance.core.catalog import MayUse, Route
+from appliance.core.gateway import Gateway, Upstreams
 from appliance.observe.metrics import endpoint_label as metrics_endpoint
-from appliance.storage import requests_repo, stats_repo, usage_repo
+from appliance.storage import ledger, requests_repo
 
 # Client request headers that never travel upstream: the hop, our auth, our own controls.
 _PRIVATE_HEADERS = frozenset(
@@ -81,6 +81,7 @@ class Exchange:
     in_flight: bool = False  # counted in appliance_inflight_requests until recorded
     response_body: bytes | None = None  # the whole answer sent, kept only for [log] store_bodies
     batch_id: str | None = None  # set for a batch line: its ledger row names the batch
+    upstreams: Upstreams | None = None  # the backends of the config generation the request started in
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -128,18 +129,31 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
-def allowed_routes(x: Exchange, routes: tuple[Route, ...]) -> tuple[Route, ...]:
-    """The routes the key may use, by the name the client sent or by the backend model that serves it."""
+def allowed_routes(gw: Gateway, x: Exchange, routes: tuple[Route, ...]) -> tuple[Route, ...]:
+    """The routes the key may use (the catalog's one rule), or 403 model_not_allowed."""
     principal = x.principal
     if principal is None:  # fail closed: only the web layer's auth step sets a principal
         raise GatewayError("invalid_api_key", "This request was not authenticated.")
-    if principal.models == ("*",):
-        return routes
-    allowed = tuple(r for r in routes if any(principal.allows_model(name) for name in (
-        r.model, f"{r.backend}/{r.upstream_model}", r.upstream_model)))
+    allowed = gw.catalog.allowed(routes, principal.may_use)
     if not allowed:
-        principal.check_model(routes[0].model)  # raises model_not_allowed, naming the model as sent
+        raise model_not_allowed(routes[0].model)  # named as the client sent it
     return allowed
+
+
+def may_use(x: Exchange) -> MayUse:
+    """The request's key's model patterns, for error messages that list models; no key: none may be named."""
+    return x.principal.may_use if x.principal is not None else _no_model
+
+
+def _no_model(_name: str) -> bool:
+    return False
+
+
+def upstreams(gw: Gateway, x: Exchange) -> Upstreams:
+    """The backends ``x`` started with: a reload while it runs does not change them under it."""
+    if x.upstreams is None:
+        x.upstreams = gw.upstreams
+    return x.upstreams
 
 
 def begin(gw: Gateway, x: Exchange) -> None:
@@ -200,7 +214,8 @@ def record(
     overhead_s: float | None = None,
     ttft_s: float | None = None,
 ) -> None:
-    """Once per request: release its limits with what it really used, queue its ledger row and rollup."""
+    """Once per request: release its limits with what it really used, journal its ledger entry (written to the
+    database at the next flush)."""
     if x.recorded:
         return
     x.recorded = True
@@ -214,7 +229,7 @@ def record(
     key_id = x.principal.key_id if x.principal else None
     backend = x.route.backend if x.route else None
     backend_model = x.route.upstream_model if x.route else None
-    priced = tokens is not None and tokens.prompt is not None
+    priced = tokens is not None and (tokens.prompt is not None or tokens.completion is not None)
     row = requests_repo.RequestRecord(
         request_id=x.request_id,
         created_at=x.arrived_at,
@@ -240,29 +255,16 @@ def record(
         session_id=x.session(),
         batch_id=x.batch_id,
     )
-    requests_repo.record(gw.writer, row)
-    if key_id is not None:
-        usage_repo.add_to_rollup(
-            gw.writer, usage_repo.day_of(x.arrived_at), key_id, model or "", backend or "", backend_model or "",
-            error=status >= 400 or error_code is not None, prompt=tokens.prompt or 0 if tokens else 0,
-            completion=tokens.completion or 0 if tokens else 0, cached=tokens.cached if tokens else 0,
-            cost=cost.total, cache_hit=x.cache == "HIT")
-    _count_traffic(gw, x, row)
+    bodies = None
+    if gw.settings.log.store_bodies:
+        bodies = ledger.bodies_of(orjson.dumps(x.body) if x.body is not None else None, x.response_body,
+                                  gw.settings.log.max_body_kb * 1024)
+    gw.writer.add_entry(ledger.Entry(row, bodies))
     observe(gw, x, row)
 
 
-def _count_traffic(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
-    """The per-minute rollup the status page draws: every request, and per backend the ones it was asked."""
-    minute = int(row.created_at // 60)
-    failed = row.status >= 400 or row.error_code is not None
-    used = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
-    stats_repo.add_traffic(gw.writer, minute, "", failed=failed, tokens=used)
-    if row.backend is not None and x.cache != "HIT" and row.status != 429:
-        stats_repo.add_traffic(gw.writer, minute, row.backend, failed=failed, tokens=used)
-
-
 def observe(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
-    """What else a finished request feeds: metrics, the access log, stored bodies (when asked for)."""
+    """What else a finished request feeds: metrics and the access log."""
     principal = x.principal
     if x.in_flight:
         x.in_flight = False
@@ -278,8 +280,3 @@ def observe(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
     if gw.access_log is not None:
         gw.access_log.write({**row._asdict(), "time": row.created_at, "path": row.endpoint, "method": x.method,
                              "client": x.client})
-    settings = gw.settings.log
-    if settings.store_bodies:
-        requests_repo.record_bodies(gw.writer, row.request_id, row.created_at,
-                                    orjson.dumps(x.body) if x.body is not None else None, x.response_body,
-                                    max_bytes=settings.max_body_kb * 1024)

@@ -27,12 +27,29 @@ from appliance.providers import registry
 from appliance.providers.base import ModelInfo, Provider
 from appliance.providers.transport import Limits, Transport
 from appliance.storage import requests_repo, responses_repo, stats_repo
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage.db import Database
+from appliance.storage.writer import BufferedWriter
 
 log = logging.getLogger("appliance.core.gateway")
 
 # How long a request waits for the first discovery when it arrives right after start.
 FIRST_DISCOVERY_WAIT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Upstreams:
+    """The backends of one config generation: their providers and settings, replaced whole by a reload, so
+    a request that started before it keeps the ones it started with (see exchange.upstreams)."""
+
+    providers: dict[str, Provider] = field(default_factory=dict)
+    backends: dict[str, BackendSettings] = field(default_factory=dict)
+
+    def limits_for(self, backend: str, timeout_s: float | None) -> Limits | None:
+        """The backend's timeouts, the total capped at ``timeout_s`` (None: the backend's own)."""
+        if timeout_s is None:
+            return None
+        settings = self.backends[backend]
+        return Limits(min(settings.timeout_s, timeout_s), settings.connect_timeout_s)
 
 
 @dataclass
@@ -50,42 +67,84 @@ class Gateway:
     model_scopes: ModelScopes = field(init=False)
     selector: Selector = field(default_factory=Selector, init=False)
     rng: random.Random = field(default_factory=random.Random, init=False)  # retry jitter
-    providers: dict[str, Provider] = field(default_factory=dict, init=False)
+    upstreams: Upstreams = field(default_factory=Upstreams, init=False)
     draining: bool = field(default=False, init=False)
     metrics: Recorder = field(init=False)
     access_log: AccessLog | None = field(default=None, init=False)
-    _backends: dict[str, BackendSettings] = field(default_factory=dict, init=False)
     _discovered: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.settings.models)
-        self.prices = Prices(self.settings.models)
-        self.model_scopes = ModelScopes(self.settings.models, first_slot=self.settings.limits.key_slots)
-        self.metrics = Recorder(per_key=self.settings.metrics.per_key, known_model=self.catalog.knows)
-        if self.settings.log.access != "off":
-            self.access_log = AccessLog(self.settings.log.access)
+        self._derive()
         for backend in self.settings.backends:
             self._add(backend, kind=backend.type)
+
+    def _derive(self) -> None:
+        """What follows from the settings alone (at start and on each reload)."""
+        self.prices = Prices(self.settings.models)
+        self.model_scopes = ModelScopes(self.settings.models, first_slot=self.settings.limits.key_slots)
+        self.metrics = Recorder(per_key=self.settings.metrics.per_key, known_model=self._knows)
+        self.access_log = AccessLog(self.settings.log.access) if self.settings.log.access != "off" else None
+
+    def _knows(self, model: str) -> bool:
+        return self.catalog.knows(model)  # whichever catalog is current
+
+    @property
+    def providers(self) -> dict[str, Provider]:
+        return self.upstreams.providers
 
     @property
     def zero_config(self) -> bool:
         return not self.settings.backends and self.settings.discovery.enabled
 
-    def limits_for(self, backend: str, timeout_s: float | None) -> Limits | None:
-        """The backend's timeouts, the total capped at ``timeout_s`` (None: the backend's own)."""
-        if timeout_s is None:
-            return None
-        settings = self._backends[backend]
-        return Limits(min(settings.timeout_s, timeout_s), settings.connect_timeout_s)
-
     def _add(self, backend: BackendSettings, kind: str) -> None:
-        self._backends[backend.name] = backend
-        self.providers[backend.name] = registry.build(backend, self.transport, kind)
-        self.catalog.add_backend(backend.name, kind)
+        self.upstreams.backends[backend.name] = backend
+        self.upstreams.providers[backend.name] = registry.build(backend, self.transport, kind)
+        self._list(self.catalog, backend, kind)
+
+    @staticmethod
+    def _list(catalog: Catalog, backend: BackendSettings, kind: str) -> None:
+        catalog.add_backend(backend.name, kind)
         if not backend.discover and backend.models:
-            self.catalog.update(backend.name, models=[ModelInfo(id=m) for m in backend.models])
-            self.catalog.backends[backend.name].up = None  # listed from config; not probed yet
+            catalog.update(backend.name, models=[ModelInfo(id=m) for m in backend.models])
+            catalog.backends[backend.name].up = None  # listed from config; not probed yet
+
+    # ------------------------------------------------------------------ reload
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Take a reloaded config (its restart-only values as they run: see core/reload.py).
+
+        Everything derived is built aside, then swapped in with no await in between: a request sees the old
+        generation or the new one, never half of each, and one in flight keeps its Upstreams. A backend whose
+        settings did not change keeps its provider and its catalog entry (health, models) as they are.
+        """
+        old = self.upstreams
+        catalog = Catalog(settings.models)
+        upstreams = Upstreams()
+        configured = list(settings.backends)
+        if not configured and settings.discovery.enabled:  # zero-config: what discovery found stays
+            configured = [b for name, b in old.backends.items() if name not in {c.name for c in self.settings.backends}]
+        for backend in configured:
+            kept = old.backends.get(backend.name) == backend and backend.name in self.catalog.backends
+            kind = old.providers[backend.name].kind if kept else backend.type
+            upstreams.backends[backend.name] = backend
+            upstreams.providers[backend.name] = (old.providers[backend.name] if kept
+                                                 else registry.build(backend, self.transport, kind))
+            if kept:
+                catalog.adopt(self.catalog.backends[backend.name])
+            else:
+                self._list(catalog, backend, kind)
+        self.settings, self.upstreams, self.catalog = settings, upstreams, catalog
+        self._derive()
+        self.cache.reconfigure(settings.cache)
+        self.breakers.reconfigure(settings.routing)
+        added = [name for name in upstreams.providers if upstreams.providers[name] is not old.providers.get(name)]
+        if added:  # new or changed backends: probe them now rather than at the next interval
+            asyncio.get_running_loop().create_task(self._probe_all(added), name="probe-reloaded")
+
+    async def _probe_all(self, names: list[str]) -> None:
+        await asyncio.gather(*(self._probe(name) for name in names))
 
     # ------------------------------------------------------------------ discovery
 
@@ -112,24 +171,29 @@ class Gateway:
 
     async def _scan(self) -> None:
         cfg = self.settings.discovery
-        known_urls = {b.url.removesuffix("/v1") for b in self._backends.values()}
+        known_urls = {b.url.removesuffix("/v1") for b in self.upstreams.backends.values()}
         for port, kind in (await discovery.scan(self.transport, cfg.host, cfg.ports)).items():
-            backend = discovery.backend_for(kind, cfg.host, port, set(self._backends))
+            backend = discovery.backend_for(kind, cfg.host, port, set(self.upstreams.backends))
             if backend.url.removesuffix("/v1") in known_urls:
                 continue
             self._add(backend, kind)
             log.info("found %s at %s: registered as backend %r", kind, backend.url, backend.name)
 
     async def _probe(self, name: str) -> None:
-        provider, backend = self.providers[name], self._backends[name]
+        upstreams = self.upstreams
+        provider, backend = upstreams.providers[name], upstreams.backends[name]
         try:
             models = await provider.list_models()
         except GatewayError as exc:
+            if self.upstreams.providers.get(name) is not provider:
+                return  # reloaded meanwhile, and this backend with it
             if self.catalog.backends[name].up is not False:
                 log.warning("backend %r is not answering: %s", name, exc.message)
             self.catalog.update(name, models=None, error=exc.message)
             self.breakers.set_probe(name, up=False)
             return
+        if self.upstreams.providers.get(name) is not provider:
+            return  # reloaded meanwhile, and this backend with it
         if not backend.discover:
             models = [ModelInfo(id=m) for m in backend.models] if backend.models else models
         state = self.catalog.backends[name]
@@ -186,6 +250,10 @@ class Gateway:
             except asyncio.CancelledError:
                 pass
         await self.writer.stop()
+
+    def degraded(self) -> list[str]:
+        """What works less well than it should while answers still flow."""
+        return ["database writes failing"] if self.writer.failing_since is not None else []
 
     def readiness(self) -> tuple[bool, str]:
         if self.draining:

@@ -24,8 +24,10 @@ from appliance.core.exchange import (
     admit,
     allowed_routes,
     begin,
+    may_use,
     ms,
     record,
+    upstreams,
     usage_extras,
 )
 from appliance.core.gateway import Gateway
@@ -90,7 +92,7 @@ def upstream_body(body: dict[str, Any], route: Route) -> dict[str, Any]:
 def plan_for(gw: Gateway, x: Exchange, body: dict[str, Any]) -> Plan:
     """Where this request may go: its model's plan, as the request's own overrides reshape it."""
     forced_route = x.controls.get("x-appliance-route")
-    plan = gw.catalog.plan(forced_route or body["model"])
+    plan = gw.catalog.plan(forced_route or body["model"], may_use(x))
     backend = body.get("provider", x.controls.get("x-appliance-backend"))
     if backend is not None:
         plan = _on_backend(gw, plan, backend, body["model"])
@@ -173,8 +175,9 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
     begin(gw, x)
     try:
         await gw.wait_discovered()
+        x.upstreams = gw.upstreams  # the plan's generation: no await between the two
         plan = plan_for(gw, x, body)
-        plan = Plan(plan.model, allowed_routes(x, plan.routes), plan.alias)
+        plan = Plan(plan.model, allowed_routes(gw, x, plan.routes), plan.alias)
         x.route = plan.routes[0]
         x.route_name = plan.name if plan.alias is not None else None  # a model named directly is no route
         decision = cache.decide(endpoint, body, x.controls, gw.settings.cache)
@@ -220,6 +223,7 @@ async def _serve_hit(gw: Gateway, x: Exchange, body: dict[str, Any], hit: cache.
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         usage = {**hit.tokens.as_usage(), **usage_extras(NO_COST, x, latency)}
         await responder.start_stream(headers)
+        record(gw, x, 200, tokens=hit.tokens, cost=NO_COST, ttft_s=latency)  # in the ledger before the answer
         await responder.end_stream(cache.synthesized_stream(hit.body, include_usage=include_usage, usage=usage))
     else:
         data = orjson.loads(hit.body)
@@ -227,10 +231,10 @@ async def _serve_hit(gw: Gateway, x: Exchange, body: dict[str, Any], hit: cache.
         data["usage"] = {**usage, **usage_extras(NO_COST, x, latency)}
         headers["X-Appliance-Latency-Ms"] = ms(latency)
         answer = orjson.dumps(data)
-        await responder.complete(200, headers, answer)
         if gw.settings.log.store_bodies:
             x.response_body = answer
-    record(gw, x, 200, tokens=hit.tokens, cost=NO_COST, ttft_s=latency)
+        record(gw, x, 200, tokens=hit.tokens, cost=NO_COST, ttft_s=latency)
+        await responder.complete(200, headers, answer)
 
 
 async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan, x: Exchange,
@@ -249,7 +253,7 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
     skipped: list[str] = []
     for target in order:
         route = by_target[target]
-        unsupported = _unsupported(gw, endpoint, route)
+        unsupported = _unsupported(gw, x, endpoint, route)
         if unsupported is not None:
             last_error = last_error or unsupported
             continue
@@ -284,13 +288,14 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
                    responder: Responder, surface: Surface, timeout_s: float | None, first_token_s: float | None,
                    stream: bool, cache_key: str | None, cache_ttl_s: float) -> GatewayError | None:
     """One try against one target: None when it answered, the error when another try may help."""
-    call = Call(endpoint, upstream_body(body, route), x.upstream_id, x.headers, limits=gw.limits_for(route.backend,
-                                                                                                        timeout_s))
+    call = Call(endpoint, upstream_body(body, route), x.upstream_id, x.headers,
+                limits=upstreams(gw, x).limits_for(route.backend, timeout_s))
     started = time.perf_counter()
     gw.breakers.begin(route.backend, target.model)
+    failure = None
     try:
         if stream:
-            await surface.stream(gw, call, x, responder, first_token_s)
+            failure = await surface.stream(gw, call, x, responder, first_token_s)
         else:
             original, tokens = await surface.answer(gw, call, x, responder)
             if cache_key is not None:
@@ -306,13 +311,15 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
         return exc
     finally:
         gw.breakers.end(route.backend, target.model)
-    gw.breakers.record(route.backend, ok=True)
-    gw.selector.observe(target, time.perf_counter() - started, ok=True)
+    # A stream that failed after its first byte is answered (the client got an error event, no retry can
+    # follow), but the backend failed all the same.
+    gw.breakers.record(route.backend, ok=failure is None or not resilience.breaker_failure(failure))
+    gw.selector.observe(target, time.perf_counter() - started, ok=failure is None or not resilience.retryable(failure))
     return None
 
 
-def _unsupported(gw: Gateway, endpoint: str, route: Route) -> GatewayError | None:
-    if gw.providers[route.backend].supports(endpoint) and not (
+def _unsupported(gw: Gateway, x: Exchange, endpoint: str, route: Route) -> GatewayError | None:
+    if upstreams(gw, x).providers[route.backend].supports(endpoint) and not (
             endpoint == EMBEDDINGS and gw.catalog.capability(route, "embeddings") is False):
         return None
     return GatewayError("unsupported", f"{route.upstream_model!r} on backend {route.backend!r} does not serve "

@@ -17,7 +17,16 @@ import orjson
 from appliance.accounts.usage import Cost, StreamMeter, Tokens, from_reply
 from appliance.common.errors import GatewayError
 from appliance.common.sse import DONE
-from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, ms, price_of, record, usage_extras
+from appliance.core.exchange import (
+    CLIENT_CLOSED,
+    Exchange,
+    Responder,
+    ms,
+    price_of,
+    record,
+    upstreams,
+    usage_extras,
+)
 from appliance.core.gateway import Gateway
 from appliance.providers.base import Call
 
@@ -34,7 +43,7 @@ async def answer_rendered(gw: Gateway, call: Call, x: Exchange, responder: Respo
     ``render`` None: the backend's answer is already in the client's shape and goes out as it came.
     ``count``: the tokens of the backend's parsed answer (default: chat usage, else an estimate).
     """
-    reply = await gw.providers[x.route.backend].send(call)  # type: ignore[union-attr]
+    reply = await upstreams(gw, x).providers[x.route.backend].send(call)  # type: ignore[union-attr]
     assert reply.data is not None  # providers parse every non-streaming answer
     latency = time.perf_counter() - x.started
     tokens = count(reply.data, call.body)
@@ -44,10 +53,12 @@ async def answer_rendered(gw: Gateway, call: Call, x: Exchange, responder: Respo
     headers = {**(reply.headers if upstream_headers else {}), **x.response_headers(),
                "X-Appliance-Cost-Usd": f"{cost.total:.9f}", "X-Appliance-Latency-Ms": ms(latency),
                "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}
-    await responder.complete(200, headers, body)
     if gw.settings.log.store_bodies:
         x.response_body = body
+    # In the ledger (and the worker's journal) before the answer leaves: a worker killed in between
+    # bills an answer its client may not get, never the other way round.
     record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=latency - reply.upstream_s, ttft_s=latency)
+    await responder.complete(200, headers, body)
     return original, tokens
 
 
@@ -71,8 +82,12 @@ def _with_usage_extras(data: dict[str, Any], tokens: Tokens, extras: dict[str, A
 
 
 async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
-                       first_token_s: float | None = None) -> None:
-    """Relay a stream. Until its first event the attempt may still fail (and be retried elsewhere)."""
+                       first_token_s: float | None = None) -> GatewayError | None:
+    """Relay a stream. Until its first event the attempt may still fail (and be retried elsewhere).
+
+    Returns the failure that ended the stream after its first byte (the client got it as an error event;
+    the caller counts it against the backend), or None.
+    """
     stream_options = call.body.get("stream_options")
     client_wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
     if not client_wants_usage:  # ask anyway, to account the tokens; the meter drops it again
@@ -82,7 +97,7 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
                         extras=lambda tokens: usage_extras(price_of(gw, x, tokens), x, _ttft(meter, x)))
     route = x.route
     assert route is not None
-    async with gw.providers[route.backend].stream(call) as upstream:
+    async with upstreams(gw, x).providers[route.backend].stream(call) as upstream:
         overhead = time.perf_counter() - x.started - upstream.headers_after_s
         events = upstream.__aiter__()
         first = await first_events(events, first_token_s, route.backend)
@@ -105,16 +120,18 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
             raise
         except GatewayError as exc:
             # The status line is gone: the failure travels as an SSE error event, then [DONE].
-            await responder.end_stream(exc.sse_event(x.request_id) + DONE)
             record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=exc.code,
                    overhead_s=overhead, ttft_s=_ttft(meter, x))
-            return
-        await responder.end_stream(meter.finish(call.body))
-    error_code = None
-    if meter.error is not None:
-        error_code = str(meter.error.get("code") or meter.error.get("type") or "backend_error")
-    record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=error_code, overhead_s=overhead,
-           ttft_s=_ttft(meter, x))
+            await responder.end_stream(exc.sse_event(x.request_id) + DONE)
+            return exc
+        last = meter.finish(call.body)
+        error_code = None
+        if meter.error is not None:
+            error_code = str(meter.error.get("code") or meter.error.get("type") or "backend_error")
+        record(gw, x, 200, tokens=meter.final_tokens(call.body), error_code=error_code, overhead_s=overhead,
+               ttft_s=_ttft(meter, x))  # before the last bytes leave, as for whole answers
+        await responder.end_stream(last)
+    return None  # an error event of the backend's own passed through: its answer, not a failure to count
 
 
 async def first_events(events: AsyncIterator[list[bytes]], timeout_s: float | None, backend: str) -> list[bytes]:
@@ -141,7 +158,8 @@ class Surface:
     """How an answer reaches the client: OpenAI's own shape, or translated (Messages, Responses)."""
 
     answer: Callable[[Gateway, Call, Exchange, Responder], Awaitable[tuple[bytes, Tokens]]]
-    stream: Callable[[Gateway, Call, Exchange, Responder, float | None], Awaitable[None]]
+    # Returns the failure that ended the stream after its first byte, or None (see relay_stream).
+    stream: Callable[[Gateway, Call, Exchange, Responder, float | None], Awaitable[GatewayError | None]]
     cacheable: bool = True
 
 

@@ -209,6 +209,10 @@ class Breakers:
         self._stale_s = load_stale_s if load_stale_s is not None else 3 * settings.probe_interval_s
         self._rows: dict[str, Any] = {}  # name -> its row (rows are never freed, so this never goes stale)
 
+    def reconfigure(self, settings: RoutingSettings) -> None:
+        """A reload's routing settings (the bucket width stays: routing.breaker_window_s needs a restart)."""
+        self._settings = settings
+
     def _row(self, name: str) -> Any:
         """Under the lock."""
         slot = self._rows.get(name)

@@ -74,12 +74,14 @@ RATELIMIT_REJECTIONS = Counter("appliance_ratelimit_rejections", "Requests refus
                                ("limit",), registry=None)
 WRITE_QUEUE = Gauge("appliance_db_write_queue_depth", "Rows buffered for the database, all workers (sampled at "
                     "each flush).", multiprocess_mode="livesum", registry=None)
+DB_WRITE_FAILURES = Counter("appliance_db_write_failures", "Database writes that failed (full disk, read-only "
+                            "folder); the rows wait in memory and the journal.", registry=None)
 WORKERS = Gauge("appliance_workers", "Worker processes serving.", multiprocess_mode="livesum", registry=None)
 BUILD_INFO = Gauge("appliance_build_info", "The running version (value 1).", ("version",),
                    multiprocess_mode="livemax", registry=None)
 
-_COMMON = (INFLIGHT, RETRIES, FALLBACKS, RATELIMIT_REJECTIONS, WRITE_QUEUE, WORKERS, BUILD_INFO, REQUEST_SECONDS,
-           UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS)
+_COMMON = (INFLIGHT, RETRIES, FALLBACKS, RATELIMIT_REJECTIONS, WRITE_QUEUE, DB_WRITE_FAILURES, WORKERS, BUILD_INFO,
+           REQUEST_SECONDS, UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS)
 
 
 # ------------------------------------------------------------------------------------------ the folder
@@ -217,6 +219,10 @@ class Recorder:
     @staticmethod
     def write_queue(depth: int) -> None:
         WRITE_QUEUE.set(depth)
+
+    @staticmethod
+    def write_failed() -> None:
+        DB_WRITE_FAILURES.inc()
 
 
 def shared_values(names: Iterable[str]) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

@@ -5,6 +5,7 @@ The body goes upstream as the client sent it (model renamed); answers come back 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,7 +14,7 @@ import orjson
 
 from appliance.common.config import BackendSettings
 from appliance.common.errors import GatewayError, upstream_error
-from appliance.common.sse import EventSplitter
+from appliance.common.sse import EventSplitter, first_unreadable, readable
 from appliance.providers.base import (
     EMBEDDINGS,
     LISTING_TIMEOUT_S,
@@ -25,6 +26,10 @@ from appliance.providers.base import (
 )
 from appliance.providers.load import Load, parse_llamacpp_slots, parse_vllm_metrics
 from appliance.providers.transport import Limits, StreamResponse, Transport, TransportError
+
+log = logging.getLogger("appliance.providers.openai")
+
+_SHOWN_BYTES = 80  # of an unreadable event, in the log
 
 
 def api_base(url: str) -> str:
@@ -42,17 +47,35 @@ class OpenAIStream:
         self.headers = answer_headers(response.headers)
 
     async def __aiter__(self) -> AsyncIterator[list[bytes]]:
+        """Whole events as they arrive; a backend_error at the first event a client could not read.
+
+        The events before it still go out; it and everything after are dropped, since they are not for a
+        client to see (a binary body, an HTML page, a JSON answer where a stream was asked for, a cut event).
+        """
         splitter = EventSplitter()
         try:
             async for chunk in self._response.chunks():
                 events = splitter.feed(chunk)
                 if events:
+                    bad = first_unreadable(events)
+                    if bad is not None:
+                        if bad:
+                            yield events[:bad]
+                        raise self._unreadable(events[bad])
                     yield events
         except TransportError as exc:
             raise transport_failure(exc, self._backend, self._limits) from exc
         tail = splitter.close()
         if tail:
+            if not readable(tail):
+                raise self._unreadable(tail)
             yield [tail]
+
+    def _unreadable(self, event: bytes) -> GatewayError:
+        log.warning("backend %r sent a stream event no client could read, dropped with the rest of the stream: "
+                    "%r", self._backend, event[:_SHOWN_BYTES])
+        return GatewayError("backend_error", f"backend {self._backend!r} sent a stream that is not server-sent "
+                            "events of JSON")
 
 
 class OpenAICompatProvider:

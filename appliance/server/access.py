@@ -37,9 +37,19 @@ def from_loopback(request: Request) -> bool:
         return False
 
 
+def stands_in(request: Request) -> bool:
+    """Is this the request Sanic makes up to answer an error found before a request could be read?
+
+    A header block over the limit or a malformed request line leaves Sanic nothing to route: it answers
+    through a stand-in (method ``NONE``, path ``*``, no head, no headers) and runs the request middleware
+    on it. There is no key to check on it, and checking anyway would turn the real error into a 401.
+    """
+    return not request.head and request.method == "NONE"
+
+
 async def authenticate(request: Request) -> None:
     """Sanic request middleware: set request.ctx.principal or raise 401/403 (rendered per surface)."""
-    if is_public(request):
+    if is_public(request) or stands_in(request):
         return
     gateway = request.app.ctx.gateway
     headers = request.headers

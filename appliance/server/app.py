@@ -7,11 +7,13 @@ import sys
 import time
 
 from sanic import Request, Sanic
+from sanic.http import Http
 from sanic.response import HTTPResponse
 
 from appliance.accounts.limits import SharedTable, table_size
 from appliance.common.config import Settings
 from appliance.common.resources import static_dir
+from appliance.core import reload
 from appliance.core.resilience import BackendTable
 from appliance.server import access, lifecycle
 from appliance.server.responses import GatewayErrorHandler, RequestIds
@@ -27,6 +29,7 @@ from appliance.server.routes import responses as responses_routes
 APP_NAME = "appliance"
 # Sanic's own response timeout must never cut a backend call the settings still allow.
 _RESPONSE_TIMEOUT_MARGIN_S = 30
+_READ_BUFFER = 65536  # Sanic's default REQUEST_BUFFER_SIZE: reading pauses when this much is waiting
 
 
 def configure_logging() -> None:
@@ -40,14 +43,16 @@ def configure_logging() -> None:
 
 
 def create_app(settings: Settings, limit_table: SharedTable | None = None,
-               backend_table: BackendTable | None = None, started_at: float | None = None) -> Sanic:
+               backend_table: BackendTable | None = None, started_at: float | None = None,
+               reload_board: reload.Board | None = None) -> Sanic:
     """The tables hold what all workers share live (limit counters; breakers and in-flight counts per
-    backend); the main process makes them before the workers start. Without them: this process only.
-    ``started_at``: when the appliance started (its uptime survives a worker's restart)."""
+    backend; config reloads); the main process makes them before the workers start. Without them: this
+    process only. ``started_at``: when the appliance started (its uptime survives a worker's restart)."""
     configure_logging()
     app = Sanic(APP_NAME, error_handler=GatewayErrorHandler())
     app.config.update(
         REQUEST_MAX_SIZE=int(settings.server.max_body_mb * 1024 * 1024),
+        **_header_limit(settings.server.max_header_kb),
         RESPONSE_TIMEOUT=settings.longest_timeout_s + _RESPONSE_TIMEOUT_MARGIN_S,
         REQUEST_TIMEOUT=60,
         KEEP_ALIVE_TIMEOUT=75,
@@ -61,6 +66,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.ctx.request_ids = RequestIds()
     app.ctx.limit_table = limit_table or SharedTable(table_size(settings), shared=False)
     app.ctx.backend_table = backend_table or BackendTable(shared=False)
+    app.ctx.reload_board = reload_board or reload.Board(1, shared=False)
     app.ctx.started_at = started_at or time.time()
     app.blueprint(openai_routes.bp)
     app.blueprint(anthropic_routes.bp)
@@ -72,7 +78,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.blueprint(files_routes.bp)
     app.blueprint(batches_routes.bp)
     app.blueprint(openapi_routes.bp)
-    app.static("/static", static_dir(), name="static")
+    app.static("/static", static_dir(), name="static", use_content_range=True)  # HEAD gets Content-Length
     if settings.server.cors_origins:
         _add_cors(app, settings.server.cors_origins)  # first: a preflight carries no key
     if settings.log.access != "off":
@@ -81,6 +87,19 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.on_request(access.authenticate)
     lifecycle.register(app)
     return app
+
+
+def _header_limit(max_kb: int) -> dict[str, int]:
+    """Sanic's settings for a request head (request line and headers) under ``max_kb`` KB.
+
+    Sanic refuses a head of REQUEST_MAX_HEADER_SIZE bytes or more, but caps that setting at
+    Http.HEADER_CEILING (16 KB) and at its read buffer less 4 KB, so both are raised to fit. The ceiling
+    is a class constant that Sanic leaves to be raised this way (sanic-org/sanic#2155); like Sanic's own
+    limit it holds for the whole process, and only ever grows here.
+    """
+    size = max_kb * 1024
+    Http.HEADER_CEILING = max(Http.HEADER_CEILING, size)
+    return {"REQUEST_MAX_HEADER_SIZE": size, "REQUEST_BUFFER_SIZE": max(_READ_BUFFER, size + 4096)}
 
 
 def _add_cors(app: Sanic, origins: list[str]) -> None:

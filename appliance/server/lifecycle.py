@@ -16,6 +16,8 @@ from appliance.accounts.auth import Authenticator
 from appliance.accounts.limits import Limiter, worker_index
 from appliance.batches.files import FileStore
 from appliance.batches.runner import BatchRunner
+from appliance.common.config import ConfigError, Settings
+from appliance.core import reload
 from appliance.core.cache import ResponseCache
 from appliance.core.gateway import Gateway
 from appliance.core.resilience import Breakers
@@ -23,8 +25,10 @@ from appliance.observe import metrics
 from appliance.providers.transport import Transport
 from appliance.server.statsz import StatszCache
 from appliance.storage import keys_repo
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage.db import Database
+from appliance.storage.journal import Journal, journal_dir
 from appliance.storage.migrate import database_path
+from appliance.storage.writer import BufferedWriter
 
 log = logging.getLogger("appliance.server")
 
@@ -88,11 +92,16 @@ def stop_with_parent() -> None:
 
 async def open_gateway(app: Sanic) -> None:
     _watch_stop_signals(app)
-    settings = app.ctx.settings
-    if not settings.server.single_process:
+    board: reload.Board = app.ctx.reload_board
+    settings = app.ctx.settings = reload.latest(app.ctx.settings, board)  # a replaced worker: the last reload's
+    if settings.server.single_process:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload_here, app)
+    else:
         stop_with_parent()
     db = await Database.open(database_path(settings.data_dir))
-    writer = BufferedWriter(db, settings.server.flush_interval_ms / 1000, on_flush=metrics.Recorder.write_queue)
+    journal = Journal(journal_dir(settings.data_dir))
+    writer = BufferedWriter(db, settings.server.flush_interval_ms / 1000, journal,
+                            on_flush=metrics.Recorder.write_queue, on_error=metrics.Recorder.write_failed)
     writer.start()
     transport = await Transport.open()
     authenticator = Authenticator(db, await keys_repo.install_secret(db), settings.auth.cache_ttl_s,
@@ -112,12 +121,29 @@ async def open_gateway(app: Sanic) -> None:
     runner = BatchRunner(gateway, FileStore(settings.data_dir))  # acts only while it holds the lease
     runner.start()
     app.ctx.batch_runner = runner
+    app.ctx.reload_task = asyncio.get_running_loop().create_task(
+        reload.watch(board, worker % board.workers, settings,
+                     lambda new: _apply(app, new)), name="config-reload")
+
+
+def _apply(app: Sanic, settings: Settings) -> None:
+    app.ctx.gateway.reconfigure(settings)
+    app.ctx.settings = settings
+
+
+def _reload_here(app: Sanic) -> None:
+    """SIGHUP in single-process mode: this process is the one that reloads."""
+    try:
+        reload.request(app.ctx.settings, app.ctx.reload_board)
+    except ConfigError as exc:
+        log.error("config not reloaded, the running one stays: %s", exc)
 
 
 async def start_draining(app: Sanic) -> None:
     """/ready turns 503 now; the listener closes after the configured delay, then requests drain."""
     app.ctx.serving = False
     app.ctx.stop_task.cancel()
+    app.ctx.reload_task.cancel()
     gateway: Gateway = app.ctx.gateway
     gateway.draining = True
     await app.ctx.batch_runner.stop()  # its lines in flight go back to pending, for the next start

@@ -28,6 +28,7 @@ from appliance.api.messages import translate as messages
 from appliance.api.responses import translate as responses
 from appliance.common.errors import GatewayError
 from appliance.core import exchange as accounting
+from appliance.server.access import stands_in
 
 log = logging.getLogger("appliance.server")
 
@@ -137,12 +138,15 @@ def json_response(data: bytes, request: Request, status: int = 200) -> HTTPRespo
     return Response(data, status=status, headers={"X-Request-ID": request_id(request)}, content_type=JSON)
 
 
-def as_gateway_error(exception: BaseException) -> GatewayError:
+def as_gateway_error(exception: BaseException, request: Request) -> GatewayError:
     if isinstance(exception, GatewayError):
         return exception
     if isinstance(exception, RequestCancelled):  # the client left; nobody reads this answer
         return GatewayError("client_closed", "The client closed the connection.", status=accounting.CLIENT_CLOSED)
     if isinstance(exception, PayloadTooLarge):
+        if stands_in(request):  # the head was too large: Sanic could not read a request at all
+            return GatewayError("request_header_fields_too_large", "The request line and headers are larger "
+                                "than this gateway accepts (server.max_header_kb).")
         return GatewayError("body_too_large", "The request body is larger than this gateway accepts "
                             "(server.max_body_mb).")
     if isinstance(exception, NotFound):
@@ -164,7 +168,7 @@ class GatewayErrorHandler(ErrorHandler):
     """Every error, ours or Sanic's, leaves in the OpenAI envelope with the true status."""
 
     def default(self, request: Request, exception: Exception) -> HTTPResponse:
-        error = as_gateway_error(exception)
+        error = as_gateway_error(exception, request)
         if error.code == "internal_error":
             log.error("unhandled error on %s %s", request.method, request.path, exc_info=exception)
         x = getattr(request.ctx, "exchange", None)

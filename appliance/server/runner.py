@@ -26,8 +26,9 @@ from sanic.worker.loader import AppLoader
 from appliance.accounts import auth
 from appliance.accounts.limits import Limiter, SharedTable, key_scope, period_start_day, table_size
 from appliance.batches.runner import prepare_data_dir
-from appliance.common.config import Settings
+from appliance.common.config import ConfigError, Settings
 from appliance.common.resources import migrations_dir
+from appliance.core import reload
 from appliance.core.resilience import BackendTable
 from appliance.observe import metrics, metricsdir
 from appliance.server import lifecycle
@@ -83,6 +84,18 @@ def _launcher_pid() -> int:
     return os.getpid()
 
 
+def running_pid(data_dir: Path) -> int | None:
+    """The pid of the appliance serving ``data_dir`` (None when none is: its lock is free)."""
+    try:
+        with open(data_dir / LOCK_FILE, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken: nobody holds it exclusively
+            return None
+    except BlockingIOError:
+        return _read_pid(data_dir / PID_FILE)
+    except OSError:
+        return None
+
+
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -95,6 +108,7 @@ def serve(settings: Settings) -> None:
     if metricsdir.ENV not in os.environ:  # the CLI sets it before prometheus_client loads; see metricsdir
         log.warning("%s is not set: /metrics shows only the worker that answers", metricsdir.ENV)
     server = settings.server
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the reload handler is in place (children inherit it)
     with data_dir_lock(settings.data_dir):
         metricsdir.remove_stale()
         applied = migrate(database_path(settings.data_dir), migrations_dir())
@@ -104,7 +118,10 @@ def serve(settings: Settings) -> None:
         shared = not server.single_process  # one process needs no shared memory (nor its tracker process)
         table = SharedTable(table_size(settings), shared=shared)
         asyncio.run(prepare_keys(settings, table))
-        loader = AppLoader(factory=partial(create_app, settings, table, BackendTable(shared=shared), time.time()))
+        board = reload.Board(1 if server.single_process else server.workers, shared=shared)
+        reload.clear(settings.data_dir)  # a new run starts from its own config
+        loader = AppLoader(factory=partial(create_app, settings, table, BackendTable(shared=shared), time.time(),
+                                           board))
         app = loader.load()
         ssl = {"cert": str(server.tls_cert), "key": str(server.tls_key)} if server.tls_cert else None
         app.prepare(host=server.host, port=server.port, workers=1 if server.single_process else server.workers,
@@ -119,8 +136,11 @@ def serve(settings: Settings) -> None:
         else:
             app.main_process_ready(_relay_signals)
             app.main_process_ready(_start_watchdog)
+            app.main_process_ready(partial(_reload_on_hangup, settings=settings, board=board))
             startup.Manager = _manager_that_stops_with_us
             Sanic.serve(primary=app, app_loader=loader)
+        if metricsdir.ENV in os.environ:  # every worker has stopped: this run's samples (in memory) can go
+            metricsdir.discard(Path(os.environ[metricsdir.ENV]))
 
 
 def _manager_that_stops_with_us() -> SyncManager:
@@ -210,6 +230,25 @@ def _relay_signals(app: Sanic) -> None:
     threading.Thread(target=relay, daemon=True, name="signal-relay").start()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, _frame: received.put(signum))
+
+
+def _reload_on_hangup(app: Sanic, *, settings: Settings, board: reload.Board) -> None:
+    """SIGHUP (and `appliance reload`): validate the config file and publish it to the workers, from a
+    thread (a signal handler's frame is no place for file I/O and locks)."""
+    asked: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def loop() -> None:
+        while True:
+            asked.get()
+            try:
+                reload.request(settings, board)
+            except ConfigError as exc:
+                log.error("config not reloaded, the running one stays: %s", exc)
+            except Exception:
+                log.exception("config reload failed")
+
+    threading.Thread(target=loop, daemon=True, name="config-reload").start()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: asked.put(1))
 
 
 WATCHDOG_INTERVAL_S = 1.0

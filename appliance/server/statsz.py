@@ -53,6 +53,7 @@ async def about(ctx: StatsContext) -> dict[str, Any]:
     return {"version": __version__, "now": ctx.now, "uptime_s": round(ctx.now - ctx.started_at, 3),
             "workers": {"configured": 1 if server.single_process else server.workers,
                         "alive": int(_total(live, "appliance_workers"))},
+            "degraded": ctx.gateway.degraded(),
             "inflight": int(_total(live, "appliance_inflight_requests"))}
 
 

@@ -7,7 +7,8 @@ from typing import NamedTuple
 
 import aiosqlite
 
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage.db import Database
+from appliance.storage.writer import BufferedWriter
 
 # Bytes a row costs beyond its body (key twice with the primary-key index, the other columns, page slack):
 # counted in ``size`` so that many tiny answers still respect the size cap.

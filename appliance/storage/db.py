@@ -1,8 +1,7 @@
-"""SQLite connections for one worker: a reader, a writer, and the buffered writer in front of it.
+"""SQLite connections for one worker: a reader and a writer (the buffered writer in front of it: writer.py).
 
-The request path never waits on the disk: rows go into an in-memory buffer that one task per
-worker flushes every ``flush_interval`` in a single ``BEGIN IMMEDIATE`` transaction, and a final time
-when the worker stops. Reads use ``execute_fetchall`` (one round trip, no cursor held across an await).
+Reads use ``execute_fetchall`` (one round trip, no cursor held across an await); writes are
+``BEGIN IMMEDIATE`` transactions, one at a time per worker.
 """
 
 from __future__ import annotations
@@ -64,91 +63,6 @@ class Database:
                 raise
             await self._writer.execute("COMMIT")
             return result
-
-
-class BufferedWriter:
-    """Collects rows on the hot path (no await, no I/O) and writes them in batches."""
-
-    def __init__(self, db: Database, interval_s: float, on_flush: Callable[[int], None] | None = None) -> None:
-        self._db = db
-        self._interval_s = interval_s
-        self._on_flush = on_flush  # told the rows waiting at each periodic flush (the queue depth metric)
-        self._pending: dict[str, list[tuple[Any, ...]]] = {}
-        self._sums: dict[str, dict[tuple[Any, ...], list[float]]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
-
-    @property
-    def depth(self) -> int:
-        return sum(len(rows) for rows in self._pending.values()) + sum(len(s) for s in self._sums.values())
-
-    def add(self, sql: str, row: tuple[Any, ...]) -> None:
-        rows = self._pending.get(sql)
-        if rows is None:
-            self._pending[sql] = [row]
-        else:
-            rows.append(row)
-
-    def add_sum(self, sql: str, key: tuple[Any, ...], values: tuple[float, ...]) -> None:
-        """Add ``values`` to the totals under ``key``; flushed as one (*key, *totals) row per key.
-
-        For rollups: a thousand requests to one model in a flush interval become one upsert.
-        """
-        sums = self._sums.setdefault(sql, {})
-        totals = sums.get(key)
-        if totals is None:
-            sums[key] = list(values)
-        else:
-            for i, value in enumerate(values):
-                totals[i] += value
-
-    async def flush(self) -> int:
-        for sql, sums in self._sums.items():
-            self._pending.setdefault(sql, []).extend((*key, *totals) for key, totals in sums.items())
-        self._sums = {}
-        if not self._pending:
-            return 0
-        batch, self._pending = self._pending, {}  # swap before the first await
-
-        async def work(conn: aiosqlite.Connection) -> None:
-            for sql, rows in batch.items():
-                await conn.executemany(sql, rows)
-
-        try:
-            await self._db.write(work)
-        except (sqlite3.Error, ValueError) as exc:
-            log.error("database flush failed, will retry: %s", exc)
-            for sql, rows in batch.items():  # keep them for the next attempt, oldest first
-                self._pending[sql] = rows + self._pending.get(sql, [])
-            return 0
-        return sum(len(rows) for rows in batch.values())
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="buffered-writer")
-
-    async def _run(self) -> None:
-        # Never cancelled mid-flush (that would roll back a swapped-out batch): stop() sets an event.
-        while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self._interval_s)
-            except TimeoutError:
-                pass
-            if self._on_flush is not None:
-                self._on_flush(self.depth)
-            await self.flush()
-
-    async def stop(self) -> None:
-        """Stop the periodic task and write what is left."""
-        self._stopping.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-        for _ in range(3):
-            await self.flush()
-            if not self._pending:
-                return
-            await asyncio.sleep(0.2)
-        log.error("dropping %d unwritten rows at shutdown", self.depth)
 
 
 def backup(source: Path, target: str | Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage.db import Database
 
 
 class RequestRecord(NamedTuple):
@@ -33,17 +33,13 @@ class RequestRecord(NamedTuple):
     batch_id: str | None = None
 
 
-_INSERT = (
+INSERT = (
     "INSERT INTO requests (request_id, created_at, endpoint, model, backend, backend_model, status, "
     "error_code, stream, latency_ms, overhead_ms, ttft_ms, prompt_tokens, completion_tokens, estimated, "
     "key_id, cached_tokens, input_cost_usd, output_cost_usd, cost_usd, cache, session_id, batch_id) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
-
-def record(writer: BufferedWriter, row: RequestRecord) -> None:
-    """Queue one row; written at the next flush."""
-    writer.add(_INSERT, row)
 
 
 async def recent(db: Database, limit: int = 100) -> list[dict[str, Any]]:
@@ -69,16 +65,9 @@ async def recent_for_key(db: Database, key_id: str, limit: int = 20) -> list[dic
     return [dict(row) for row in rows]
 
 
-_INSERT_BODIES = ("INSERT INTO request_bodies (request_id, created_at, request, response, truncated) "
-                  "VALUES (?, ?, ?, ?, ?)")
+INSERT_BODIES = ("INSERT INTO request_bodies (request_id, created_at, request, response, truncated) "
+                 "VALUES (?, ?, ?, ?, ?)")
 
-
-def record_bodies(writer: BufferedWriter, request_id: str, created_at: float, request: bytes | None,
-                  response: bytes | None, *, max_bytes: int) -> None:
-    """Queue a request's bodies (only with [log] store_bodies), each cut to ``max_bytes``."""
-    cut = any(b is not None and len(b) > max_bytes for b in (request, response))
-    writer.add(_INSERT_BODIES, (request_id, created_at, request[:max_bytes] if request is not None else None,
-                                response[:max_bytes] if response is not None else None, int(cut)))
 
 
 _COLUMNS = ("id, request_id, created_at, endpoint, model, backend, backend_model, status, error_code, stream, "

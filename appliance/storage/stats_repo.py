@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage.db import Database
 
 # A request that failed: an error status, or a stream that ended in an error event after its 200.
 _FAILED = "(status >= 400 OR error_code IS NOT NULL)"
@@ -22,14 +22,10 @@ async def models_on(db: Database, day: str, limit: int | None = None) -> list[di
     return [dict(row) for row in rows]
 
 
-_TRAFFIC = ("INSERT INTO traffic_minute (minute, backend, requests, errors, tokens) VALUES (?, ?, ?, ?, ?) "
+TRAFFIC = ("INSERT INTO traffic_minute (minute, backend, requests, errors, tokens) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (minute, backend) DO UPDATE SET requests = requests + excluded.requests, "
             "errors = errors + excluded.errors, tokens = tokens + excluded.tokens")
 
-
-def add_traffic(writer: BufferedWriter, minute: int, backend: str, *, failed: bool, tokens: int) -> None:
-    """Count one request in its minute (``backend`` '' for the total); written at the next flush."""
-    writer.add_sum(_TRAFFIC, (minute, backend), (1, int(failed), tokens))
 
 
 async def traffic(db: Database, first_minute: int) -> list[dict[str, Any]]:

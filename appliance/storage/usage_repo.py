@@ -6,9 +6,9 @@ import functools
 import time
 from typing import Any
 
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage.db import Database
 
-_ROLLUP = (
+ROLLUP = (
     "INSERT INTO usage_daily (day, key_id, model, backend, backend_model, requests, errors, prompt_tokens, "
     "completion_tokens, cached_tokens, cost_usd, cache_hits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (day, key_id, model, backend, backend_model) DO UPDATE SET "
@@ -29,12 +29,6 @@ def day_of(timestamp: float) -> str:
 def _day(days: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(days * 86400))
 
-
-def add_to_rollup(writer: BufferedWriter, day: str, key_id: str, model: str, backend: str, backend_model: str,
-                  *, error: bool, prompt: int, completion: int, cached: int, cost: float,
-                  cache_hit: bool = False) -> None:
-    writer.add_sum(_ROLLUP, (day, key_id, model, backend, backend_model),
-                   (1, int(error), prompt, completion, cached, cost, int(cache_hit)))
 
 
 _GROUPS = {"day": "day", "model": "model", "key": "key_id"}

@@ -84,30 +84,30 @@ def test_backend_timeout_is_504(client):
 
 
 def test_upstream_envelope_passes_through_with_its_status(client):
-    exc = error_of(lambda: client.chat.completions.create(model="fake-500", messages=HELLO))
+    exc = error_of(lambda: client.chat.completions.create(model="faulty/fake-500", messages=HELLO))
     assert exc.status_code == 500
     assert exc.body["message"] == "the fake broke" and exc.body["code"] == "fake_failure"
-    exc = error_of(lambda: client.chat.completions.create(model="fake-400", messages=HELLO))
+    exc = error_of(lambda: client.chat.completions.create(model="faulty/fake-400", messages=HELLO))
     assert isinstance(exc, openai.BadRequestError)
     assert exc.body["param"] == "temperature"
 
 
 def test_upstream_non_envelopes_are_wrapped(client):
-    exc = error_of(lambda: client.chat.completions.create(model="fake-500-text", messages=HELLO))
+    exc = error_of(lambda: client.chat.completions.create(model="faulty/fake-500-text", messages=HELLO))
     assert exc.status_code == 500
     assert exc.body["message"] == "upstream exploded" and exc.body["type"] == "server_error"
-    exc = error_of(lambda: client.chat.completions.create(model="fake-vllm-error", messages=HELLO))
+    exc = error_of(lambda: client.chat.completions.create(model="faulty/fake-vllm-error", messages=HELLO))
     assert exc.status_code == 400 and exc.body["code"] == "backend_error" and exc.body["message"] == "bad things"
 
 
 def test_errors_before_the_first_byte_of_a_stream_keep_their_status(client):
-    exc = error_of(lambda: list(client.chat.completions.create(model="fake-500", messages=HELLO, stream=True)))
+    exc = error_of(lambda: list(client.chat.completions.create(model="faulty/fake-500", messages=HELLO, stream=True)))
     assert exc.status_code == 500
 
 
 def test_mid_stream_reset_ends_with_an_error_event_then_done(gateway):
     with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers=AUTH, timeout=10,
-                      json={"model": "fake-reset", "stream": True, "messages": HELLO}) as response:
+                      json={"model": "faulty/fake-reset", "stream": True, "messages": HELLO}) as response:
         assert response.status_code == 200
         text = response.read().decode()
     events = [e for e in text.split("\n\n") if e]
@@ -119,7 +119,7 @@ def test_mid_stream_reset_ends_with_an_error_event_then_done(gateway):
 
 def test_mid_stream_reset_through_the_sdk_raises(client):
     with pytest.raises(openai.APIError):
-        list(client.chat.completions.create(model="fake-reset", messages=HELLO, stream=True))
+        list(client.chat.completions.create(model="faulty/fake-reset", messages=HELLO, stream=True))
 
 
 def test_client_disconnect_cancels_the_upstream_request(gateway, fake_openai):

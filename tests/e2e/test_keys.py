@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import base_config
 from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.batches import line, poll, upload
 
 pytestmark = pytest.mark.frozen
 
@@ -93,7 +94,8 @@ def test_roles_endpoints_and_models(app: Appliance) -> None:
         "request_id": refused.headers["x-request-id"]}
     assert "fake/fake-tools" in refused.json()["error"]["message"]
     listed = httpx.get(app.url + "/v1/models", headers=bearer(user)).json()["data"]
-    assert {m["id"] for m in listed} <= {"fake-chat", "fake/fake-chat", "fake/fake-embed", "fake-embed"}
+    # the aliases "chat" and "priced" lead to fake/fake-chat, so the key may use them (and sees them)
+    assert {m["id"] for m in listed} == {"fake-chat", "fake-embed", "chat", "priced"}
     assert httpx.get(app.url + "/admin/keys", headers=bearer(user)).json()["error"]["code"] == \
         "endpoint_not_allowed"
 
@@ -111,6 +113,79 @@ def test_roles_endpoints_and_models(app: Appliance) -> None:
 
     # admin: everything
     assert httpx.get(app.url + "/admin/keys", headers=bearer(ADMIN_KEY)).status_code == 200
+
+
+# A key's model patterns against the names a client may write: which ones it may use (one rule everywhere).
+MODEL_NAMES = ("fake-embed", "fake/fake-embed", "fake-chat", "fake/fake-chat", "chat", "priced", "fake-tools")
+MAY_USE = {
+    ("fake/fake-embed",): {"fake-embed", "fake/fake-embed"},  # backend/model: the model under any name
+    ("fake-chat",): {"fake-chat", "fake/fake-chat", "chat", "priced"},  # the served model: its aliases too
+    ("chat",): {"chat"},  # an alias: that alias only
+    ("fake-e*",): {"fake-embed", "fake/fake-embed"},
+}
+
+
+def _allowed(response: httpx.Response) -> bool:
+    assert response.status_code in (200, 403), response.text
+    if response.status_code == 403:  # Messages answers in Anthropic's shape: no code there
+        error = response.json()["error"]
+        assert error.get("code", "model_not_allowed") == "model_not_allowed", response.text
+        assert "may not use the model" in error["message"], response.text
+    return response.status_code == 200
+
+
+def _surfaces(app: Appliance, key: str, model: str) -> dict[str, bool]:
+    """May ``key`` use ``model``, as each endpoint answers it."""
+    hi = [{"role": "user", "content": "hi"}]
+    calls = {
+        "chat": ("POST", "/v1/chat/completions", {"model": model, "messages": hi}),
+        "chat stream": ("POST", "/v1/chat/completions", {"model": model, "messages": hi, "stream": True}),
+        "embeddings": ("POST", "/v1/embeddings", {"model": model, "input": "hi"}),
+        "messages": ("POST", "/v1/messages", {"model": model, "max_tokens": 16, "messages": hi}),
+        "responses": ("POST", "/v1/responses", {"model": model, "input": "hi", "store": False}),
+        "retrieve": ("GET", f"/v1/models/{model}", None),
+    }
+    return {name: _allowed(httpx.request(method, app.url + path, json=body, headers=bearer(key), timeout=30))
+            for name, (method, path, body) in calls.items()}
+
+
+@pytest.mark.parametrize("patterns", list(MAY_USE), ids=lambda p: ",".join(p))
+def test_one_model_rule_for_every_endpoint_and_the_list(app: Appliance, patterns: tuple[str, ...]) -> None:
+    _, key = new_key(app, models=list(patterns))
+    expected = MAY_USE[patterns]
+    for model in MODEL_NAMES:
+        answers = _surfaces(app, key, model)
+        assert answers == dict.fromkeys(answers, model in expected), model
+    listed = {m["id"] for m in httpx.get(app.url + "/v1/models", headers=bearer(key)).json()["data"]}
+    assert listed == {name for name in expected if "/" not in name}  # backend/model is accepted, not listed
+
+
+def test_a_batch_follows_the_same_model_rule(app: Appliance) -> None:
+    _, key = new_key(app, models=["fake/fake-embed"])
+    sdk = openai.OpenAI(base_url=app.url + "/v1", api_key=key, max_retries=0)
+    outcome = {}
+    for url, model, body in (("/v1/embeddings", "fake-embed", {"input": "hi"}),
+                             ("/v1/chat/completions", "fake-chat", {"messages": [{"role": "user", "content": "x"}]})):
+        file_id = upload(sdk, [line("1", {"model": model, **body}, url)])
+        batch = sdk.batches.create(input_file_id=file_id, endpoint=url, completion_window="24h")
+        outcome[model] = poll(sdk, batch.id)
+    assert outcome["fake-embed"].status == "completed" and outcome["fake-embed"].request_counts.completed == 1
+    assert outcome["fake-chat"].status == "failed"
+    assert outcome["fake-chat"].errors.data[0].code == "model_not_found"
+
+
+def test_an_unknown_model_lists_only_what_the_key_may_use(app: Appliance) -> None:
+    _, key = new_key(app, models=["fake-e*"])
+    for response in (chat(app, key, {**REQUEST, "model": "gpt-99"}),
+                     httpx.get(app.url + "/v1/models/gpt-99", headers=bearer(key))):
+        assert response.status_code == 404
+        message = response.json()["error"]["message"]
+        assert message.endswith("Known models: fake-embed."), message
+    _, nothing = new_key(app, models=["no-such-*"])
+    message = chat(app, nothing, {**REQUEST, "model": "gpt-99"}).json()["error"]["message"]
+    assert "Known models" not in message and "fake" not in message, message
+    everything = chat(app, ADMIN_KEY, {**REQUEST, "model": "gpt-99"}).json()["error"]["message"]
+    assert "chat" in everything and "fake-chat" in everything
 
 
 def test_expired_key_is_refused_like_an_unknown_one(app: Appliance) -> None:

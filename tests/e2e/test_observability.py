@@ -28,6 +28,7 @@ import httpx
 import openai
 import pytest
 
+from appliance.observe import metricsdir
 from tests.support import browser
 from tests.support.appliance import ADMIN_KEY, Appliance
 from tests.support.threaded import free_port
@@ -360,7 +361,7 @@ def test_a_second_appliance_on_the_data_dir_leaves_the_metrics_alone(app: Applia
     before = eventually(lambda: _requests_counted(app, burst["sent"]))
     refused = app.cli("serve")
     assert refused.returncode == 1 and "already running" in refused.stderr
-    assert len(list((app.data_dir / "metrics").iterdir())) == 1  # the running one's folder, nothing else
+    assert len(list(metricsdir.base(app.data_dir).iterdir())) == 1  # the running one's folder, nothing else
     assert total(scrape(app), "appliance_requests_total") == before
 
 

@@ -16,6 +16,8 @@ The model name picks the behaviour:
                     when given), later ones a normal answer: a backend that recovers
   fake-hang         never answers
   fake-reset        streams two chunks, then drops the connection
+  fake-garbage      streams bytes that are no SSE (not even UTF-8), then [DONE]
+  fake-garbage-late streams its content chunks, then such bytes, then its finish chunk and [DONE]
   fake-long         streams a chunk every 50 ms for 30 s; notes when the client went away
   fake-embed        embeddings (8 dims)
   org/fake-slash    a normal answer (a model id that contains a slash)
@@ -46,6 +48,7 @@ from tests.support.threaded import ThreadedServer
 
 MODELS = ["fake-chat", "fake-tools", "fake-nousage", "fake-500", "fake-500-text", "fake-400", "fake-vllm-error",
           "fake-404-bare", "fake-hang", "fake-reset", "fake-long", "fake-embed", "fake-slow-300", "org/fake-slash"]
+GARBAGE = b"\x00\xff\xfe\x81 not an event \xc3\x28\n\n"  # what a broken upstream might send mid-stream
 REPLY_TEXT = "Hello from the fake."
 STREAM_PIECES = ["Hello", " from", " the fake."]
 USAGE = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
@@ -218,6 +221,10 @@ class FakeOpenAI:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:
+            if model == "fake-garbage":
+                await response.write(GARBAGE)
+                await response.write(b"data: [DONE]\n\n")
+                return response
             await response.write(self._chunk(model, {"role": "assistant", "content": ""}))
             if model == "fake-tools":
                 call = {"index": 0, "id": "call_fake1", "type": "function",
@@ -239,6 +246,8 @@ class FakeOpenAI:
                     await asyncio.sleep(0.05)
                     request.transport.abort()  # type: ignore[union-attr]
                     return response
+                if model == "fake-garbage-late":
+                    await response.write(GARBAGE)
                 finish = "stop"
             await response.write(self._chunk(model, {}, finish))
             options = body.get("stream_options") or {}

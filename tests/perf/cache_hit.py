@@ -24,8 +24,9 @@ from appliance.accounts.usage import Tokens
 from appliance.common.config import CacheSettings
 from appliance.common.resources import migrations_dir
 from appliance.core.cache import ResponseCache, cache_key, decide
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage.db import Database
 from appliance.storage.migrate import migrate
+from appliance.storage.writer import BufferedWriter
 
 # A typical small chat request (~1 KB) and its answer.
 BODY = orjson.loads(orjson.dumps({

@@ -12,8 +12,9 @@ from appliance.common.errors import GatewayError
 from appliance.common.resources import migrations_dir
 from appliance.core.cache import MEMORY_MAX_BODY, Decision, ResponseCache, cache_key, decide, synthesized_stream
 from appliance.storage import cache_repo
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage.db import Database
 from appliance.storage.migrate import migrate
+from appliance.storage.writer import BufferedWriter
 
 CHAT, COMPLETIONS, EMBEDDINGS = "chat/completions", "completions", "embeddings"
 MESSAGES = [{"role": "user", "content": "Say hi"}]

@@ -1,3 +1,5 @@
+import fnmatch
+
 import pytest
 
 from appliance.common.config import ModelSettings
@@ -104,3 +106,57 @@ def test_alias_patterns_catch_vendor_names_but_exact_names_win(catalog):
     assert catalog.resolve("gpt-oss:20b").backend == "ollama"  # a listed model beats a pattern
     assert catalog.resolve("gpt-4o").backend == "vllm"
     assert "claude-*" not in [m["id"] for m in catalog.list_models()]
+
+
+# ------------------------------------------------------------------------------------------ a key's models
+
+
+def patterns(*globs):
+    return lambda name: any(fnmatch.fnmatchcase(name, glob) for glob in globs)
+
+
+@pytest.mark.parametrize(("globs", "usable"), [
+    (("vllm/Qwen/Qwen2.5-7B",), {"Qwen/Qwen2.5-7B", "vllm/Qwen/Qwen2.5-7B", "chat"}),  # backend/model
+    (("Qwen/*",), {"Qwen/Qwen2.5-7B", "vllm/Qwen/Qwen2.5-7B", "chat"}),  # the model's own id
+    (("chat",), {"chat"}),  # an alias: only that name
+    (("llama3.2",), {"llama3.2", "llama3.2:latest", "ollama/llama3.2", "ollama/llama3.2:latest"}),  # untagged
+    (("ollama/*",), {"llama3.2", "llama3.2:latest", "ollama/llama3.2", "ollama/llama3.2:latest",
+                     "ollama/shared"}),
+    (("shared",), {"shared", "vllm/shared", "ollama/shared"}),
+])
+def test_one_rule_for_what_a_key_may_use(catalog, globs, usable):
+    may_use = patterns(*globs)
+    names = ("chat", "Qwen/Qwen2.5-7B", "vllm/Qwen/Qwen2.5-7B", "llama3.2", "llama3.2:latest", "ollama/llama3.2",
+             "ollama/llama3.2:latest", "shared", "vllm/shared", "ollama/shared", "broken", "gpt-9")
+    assert {name for name in names if catalog.usable(name, may_use)} == usable
+    for name in names:  # the request path takes the same decision
+        try:
+            routes = catalog.plan(name).routes
+        except GatewayError:
+            continue
+        assert bool(catalog.allowed(routes, may_use)) == (name in usable), name
+
+
+def test_any_model_needs_no_test(catalog):
+    routes = catalog.plan("chat").routes
+    assert catalog.allowed(routes, None) is routes
+    assert catalog.usable("gpt-9", None)
+
+
+def test_an_unknown_model_names_only_what_the_key_may_use(catalog):
+    with pytest.raises(GatewayError) as info:
+        catalog.plan("gpt-9", patterns("llama*"))
+    assert info.value.message.endswith("Known models: llama3.2:latest.")
+    message = catalog.not_found("gpt-9", patterns("nothing-*")).message
+    assert "Known models" not in message and "Qwen" not in message
+    assert "Qwen/Qwen2.5-7B" in catalog.not_found("gpt-9").message
+
+
+def test_describe_backend_slash_model(catalog):
+    entry = catalog.describe("vllm/Qwen/Qwen2.5-7B")
+    assert entry["id"] == "vllm/Qwen/Qwen2.5-7B" and entry["owned_by"] == "vllm"
+    assert entry["context_window"] == 16384
+    shared = catalog.describe("ollama/shared")
+    assert [b["id"] for b in shared["backends"]] == ["ollama"] and shared["capabilities"]["vision"] is True
+    assert catalog.describe("ollama/llama3.2")["id"] == "ollama/llama3.2"
+    assert catalog.describe("ollama/not-listed") is None

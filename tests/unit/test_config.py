@@ -15,6 +15,7 @@ def test_defaults_bind_loopback_on_8100(tmp_path):
     settings = load_settings(environ={})
     assert settings.server.host == "127.0.0.1"
     assert settings.server.port == 8100
+    assert settings.server.max_header_kb == 32  # agents send large headers
     assert settings.server.workers >= 1
     assert settings.data_dir == Path("appliance-data").resolve()
     assert settings.discovery.enabled
@@ -74,6 +75,8 @@ def test_missing_env_var_names_file_and_key(tmp_path):
     ('[[backends]]\nname = "a"\nurl = "http://h"\n[[backends]]\nname = "a"\nurl = "http://g"\n',
      "backends[1].name", "duplicate"),
     ('[server]\ntls_cert = "c.pem"\n', "server", "together"),
+    ("[server]\nmax_header_kb = 0\n", "server.max_header_kb", "greater than or equal to 1"),
+    ("[server]\nmax_header_kb = 4096\n", "server.max_header_kb", "less than or equal to 1024"),
 ])
 def test_invalid_values_name_the_key(tmp_path, text, where, what):
     path = write(tmp_path, text)

@@ -107,8 +107,7 @@ def test_only_the_server_imports_sanic() -> None:
 def test_each_package_says_what_lives_there_and_what_it_may_import() -> None:
     for package in LAYERS:
         doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
-        assert doc and "import" in doc.lower(), (
-            f"appliance/{package}/__init__.py needs a docstring saying what it may import")
+        assert doc and "import" in doc.lower(), f"appliance/{package}/__init__.py: say what it may import"
 
 
 def test_the_readme_map_matches_the_tree() -> None:

@@ -19,9 +19,10 @@ from appliance.observe import metrics
 from appliance.observe.accesslog import AccessLog
 from appliance.server import statsz
 from appliance.server.access import is_public
-from appliance.storage import requests_repo, stats_repo
-from appliance.storage.db import BufferedWriter, Database
+from appliance.storage import ledger, requests_repo
+from appliance.storage.db import Database
 from appliance.storage.migrate import migrate
+from appliance.storage.writer import BufferedWriter
 
 DAY = 86400.0
 NOW = 1_800_000_000.0
@@ -41,9 +42,7 @@ async def _log_with(tmp_path: Path, ages_days: list[float]) -> tuple[Database, B
     writer = BufferedWriter(db, 60)
     for i, age in enumerate(ages_days):
         created = NOW - age * DAY
-        requests_repo.record(writer, row(f"req-{i}", created))
-        requests_repo.record_bodies(writer, f"req-{i}", created, b'{"a": 1}', None, max_bytes=1024)
-        stats_repo.add_traffic(writer, int(created // 60), "", failed=False, tokens=3)
+        writer.add_entry(ledger.Entry(row(f"req-{i}", created), ledger.bodies_of(b'{"a": 1}', None, 1024)))
     await writer.flush()
     return db, writer
 
@@ -101,9 +100,8 @@ def test_bodies_are_cut_to_the_limit_and_marked(tmp_path: Path) -> None:
         db = await Database.open(path)
         writer = BufferedWriter(db, 60)
         try:
-            requests_repo.record(writer, row("r1", NOW))
-            requests_repo.record_bodies(writer, "r1", NOW, b"x" * 5000, b'{"ok": true}', max_bytes=100)
-            requests_repo.record(writer, row("r2", NOW + 1))  # no bodies stored for this one
+            writer.add_entry(ledger.Entry(row("r1", NOW), ledger.bodies_of(b"x" * 5000, b'{"ok": true}', 100)))
+            writer.add_entry(ledger.Entry(row("r2", NOW + 1)))  # no bodies stored for this one
             await writer.flush()
             r2, r1 = await requests_repo.search(db, limit=5, with_bodies=True)
             assert r1["request_body"] == b"x" * 100 and r1["response_body"] == b'{"ok": true}'

@@ -22,7 +22,7 @@ from appliance.api.messages.translate import error_message, error_status, error_
 from appliance.common.errors import GatewayError
 from appliance.common.sse import event_data
 from appliance.core.catalog import Route
-from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, allowed_routes, ms, record
+from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, allowed_routes, ms, record, upstreams
 from appliance.core.gateway import Gateway
 from appliance.core.pipeline import GATEWAY_FIELDS, plan_for, upstream_body
 from appliance.core.relay import answer_rendered, first_events
@@ -43,9 +43,9 @@ _CHARS_PER_TOKEN = 4
 NATIVE_KINDS = ("anthropic",)
 
 
-def native(gw: Gateway, route: Route) -> bool:
+def native(gw: Gateway, x: Exchange, route: Route) -> bool:
     """True when ``route``'s backend serves Messages itself, so a Messages body passes through."""
-    return gw.providers[route.backend].kind in NATIVE_KINDS
+    return upstreams(gw, x).providers[route.backend].kind in NATIVE_KINDS
 
 
 async def only_native(gw: Gateway, x: Exchange, body: dict[str, Any]) -> bool:
@@ -54,10 +54,10 @@ async def only_native(gw: Gateway, x: Exchange, body: dict[str, Any]) -> bool:
         return False
     await gw.wait_discovered()
     try:
-        routes = allowed_routes(x, plan_for(gw, x, body).routes)
+        routes = allowed_routes(gw, x, plan_for(gw, x, body).routes)
     except GatewayError:
         return False  # the request fails on its own account; the translation's error is the one to report
-    return all(native(gw, route) for route in routes)
+    return all(native(gw, x, route) for route in routes)
 
 
 def untranslated(body: dict[str, Any]) -> dict[str, Any]:
@@ -182,12 +182,15 @@ def error_event(err: GatewayError) -> bytes:
 
 
 async def relay(gw: Gateway, call: Call, x: Exchange, responder: Responder, first_token_s: float | None,
-                prompt_estimate: int) -> None:
-    """Forward a Messages stream. Until its first event the attempt may still fail and be retried elsewhere."""
+                prompt_estimate: int) -> GatewayError | None:
+    """Forward a Messages stream. Until its first event the attempt may still fail and be retried elsewhere.
+
+    Returns the failure that ended the stream after its first byte, or None (as relay_stream does).
+    """
     route = x.route
     assert route is not None
     watch = StreamWatch(prompt_estimate)
-    async with gw.providers[route.backend].stream(call) as upstream:
+    async with upstreams(gw, x).providers[route.backend].stream(call) as upstream:
         overhead = time.perf_counter() - x.started - upstream.headers_after_s
         events = upstream.__aiter__()
         first = await first_events(events, first_token_s, route.backend)
@@ -200,6 +203,9 @@ async def relay(gw: Gateway, call: Call, x: Exchange, responder: Responder, firs
             while True:
                 if batch:
                     watch.see(batch)
+                    if watch.stopped:  # message_stop is in this batch: in the ledger before it leaves
+                        record(gw, x, 200, tokens=watch.tokens(), error_code=watch.error.code if watch.error else None,
+                               overhead_s=overhead, ttft_s=_ttft(watch, x))
                     await responder.send(b"".join(batch))
                 batch = await anext(events, None)
                 if batch is None:
@@ -211,12 +217,13 @@ async def relay(gw: Gateway, call: Call, x: Exchange, responder: Responder, firs
                    ttft_s=_ttft(watch, x))
             raise
         except GatewayError as exc:
-            await responder.end_stream(error_event(exc))
             record(gw, x, 200, tokens=watch.tokens(), error_code=exc.code, overhead_s=overhead, ttft_s=_ttft(watch, x))
-            return
+            await responder.end_stream(error_event(exc))
+            return exc
         await responder.end_stream(b"")
     record(gw, x, 200, tokens=watch.tokens(), error_code=watch.error.code if watch.error else None,
            overhead_s=overhead, ttft_s=_ttft(watch, x))
+    return None  # the backend's own error event passed through: its answer, not a failure to count
 
 
 def _ttft(watch: StreamWatch, x: Exchange) -> float | None:
@@ -226,12 +233,11 @@ def _ttft(watch: StreamWatch, x: Exchange) -> float | None:
 async def count_tokens(gw: Gateway, body: dict[str, Any], x: Exchange, routes: tuple[Route, ...]) -> bytes | None:
     """A count_tokens answer from the first Anthropic backend among ``routes`` that has the endpoint; None: none has."""
     for route in routes:
-        if not native(gw, route):
+        if not native(gw, x, route):
             continue
-        call = Call(COUNT_TOKENS, upstream_body(body, route), x.upstream_id, x.headers,
-                    limits=gw.limits_for(route.backend, None))
+        call = Call(COUNT_TOKENS, upstream_body(body, route), x.upstream_id, x.headers)
         try:
-            reply = await gw.providers[route.backend].send(call)
+            reply = await upstreams(gw, x).providers[route.backend].send(call)
         except GatewayError as exc:
             if exc.status in (404, 405, 501) and exc.code != "model_not_found":
                 continue  # a Messages proxy without count_tokens: the estimate stands in

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import orjson
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import HTTPResponse
 
 from appliance.api import surfaces
@@ -11,11 +11,12 @@ from appliance.api.messages import native as messages_native
 from appliance.api.messages import request as messages_request
 from appliance.common.errors import GatewayError
 from appliance.core import pipeline
-from appliance.core.exchange import DROPPED_TOOLS_HEADER, allowed_routes
+from appliance.core.exchange import DROPPED_TOOLS_HEADER, allowed_routes, may_use
 from appliance.providers.base import CHAT
 from appliance.server.responses import SanicResponder, exchange, json_response
+from appliance.server.routes import Routes
 
-bp = Blueprint("anthropic")
+bp = Routes("anthropic")
 
 
 @bp.post("/v1/messages")
@@ -49,7 +50,7 @@ async def count_tokens(request: Request) -> HTTPResponse:
     estimate = messages_request.count_tokens(body)  # validates, whoever counts
     await gateway.wait_discovered()
     x = exchange(request)
-    routes = allowed_routes(x, gateway.catalog.plan(body["model"]).routes)
+    routes = allowed_routes(gateway, x, gateway.catalog.plan(body["model"], may_use(x)).routes)
     counted = await messages_native.count_tokens(gateway, body, x, routes)
     response = json_response(counted or orjson.dumps(estimate), request)
     response.headers["X-Appliance-Token-Count"] = "backend" if counted else "estimate"

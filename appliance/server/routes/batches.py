@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import orjson
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import HTTPResponse
 
 from appliance.batches import batch as batches
@@ -17,10 +17,11 @@ from appliance.common.errors import GatewayError
 from appliance.core import pipeline
 from appliance.server.query import query_args
 from appliance.server.responses import json_response
+from appliance.server.routes import Routes
 from appliance.server.routes.files import owned_file, owner_filter
 from appliance.storage import batches_repo
 
-bp = Blueprint("batches")
+bp = Routes("batches")
 
 _MAX_LIMIT = 100
 

@@ -10,16 +10,17 @@ import time
 from typing import Any
 
 import orjson
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import HTTPResponse
 
 from appliance.batches import files, multipart
 from appliance.common.errors import GatewayError
 from appliance.server.query import query_args
 from appliance.server.responses import json_response, request_id
+from appliance.server.routes import Routes
 from appliance.storage import files_repo
 
-bp = Blueprint("files")
+bp = Routes("files")
 
 _FIELD_MAX = 64 * 1024  # a form field other than the file (purpose, expires_after[...])
 _DRAIN_MAX = 64 * 1024 * 1024  # how much of a refused body is read so the client sees the error
@@ -216,8 +217,11 @@ async def file_content(request: Request, file_id: str) -> None:
     response = await request.respond(status=200, content_type="application/octet-stream", headers={
         "Content-Disposition": f'attachment; filename="{filename}"', "Content-Length": str(row["bytes"]),
         "X-Request-ID": request_id(request)})
-    async for chunk in files.chunks(handle):
-        await response.send(chunk)
+    if request.method == "HEAD":  # the headers say it all; Sanic would read the file only to drop it
+        handle.close()
+    else:
+        async for chunk in files.chunks(handle):
+            await response.send(chunk)
     await response.eof()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import HTTPResponse
 
 from appliance.accounts import auth, reports
@@ -13,8 +13,9 @@ from appliance.common.errors import GatewayError
 from appliance.core.pipeline import parse_body
 from appliance.server.query import query_args
 from appliance.server.responses import json_response
+from appliance.server.routes import Routes
 
-bp = Blueprint("keys")
+bp = Routes("keys")
 
 
 def _json(request: Request, data: Any, status: int = 200) -> HTTPResponse:

@@ -6,15 +6,16 @@ from __future__ import annotations
 import time
 
 import orjson
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import HTTPResponse
 
 from appliance.accounts import reports
 from appliance.observe import metrics
 from appliance.server.query import query_args
 from appliance.server.responses import json_response, request_id
+from appliance.server.routes import Routes
 
-bp = Blueprint("observability")
+bp = Routes("observability")
 
 
 @bp.get("/metrics")

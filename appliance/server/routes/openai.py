@@ -5,14 +5,16 @@ from __future__ import annotations
 from urllib.parse import unquote
 
 import orjson
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import HTTPResponse
 
+from appliance.accounts.auth import model_not_allowed
 from appliance.core import pipeline
 from appliance.providers.base import CHAT, COMPLETIONS, EMBEDDINGS
 from appliance.server.responses import SanicResponder, exchange, json_response
+from appliance.server.routes import Routes
 
-bp = Blueprint("openai")
+bp = Routes("openai")
 
 
 async def _proxy(request: Request, endpoint: str) -> HTTPResponse | None:
@@ -41,9 +43,9 @@ async def list_models(request: Request) -> HTTPResponse:
     gateway = request.app.ctx.gateway
     await gateway.wait_discovered()
     models = gateway.catalog.list_models()
-    principal = request.ctx.principal
-    if principal.models != ("*",):  # a key sees the models it may use
-        models = [m for m in models if principal.allows_model(m["id"])]
+    may_use = request.ctx.principal.may_use
+    if may_use is not None:  # a key sees the models it may use, by the rule its requests meet
+        models = [m for m in models if gateway.catalog.usable(m["id"], may_use)]
     return json_response(orjson.dumps({"object": "list", "data": models}), request)
 
 
@@ -52,8 +54,10 @@ async def get_model(request: Request, model: str) -> HTTPResponse:
     gateway = request.app.ctx.gateway
     await gateway.wait_discovered()
     model = unquote(model)  # SDKs percent-encode the '/' in ids like Qwen/Qwen2.5-7B-Instruct
+    may_use = request.ctx.principal.may_use
     entry = gateway.catalog.describe(model)
     if entry is None:
-        raise gateway.catalog.not_found(model)
-    request.ctx.principal.check_model(model)
+        raise gateway.catalog.not_found(model, may_use)
+    if not gateway.catalog.usable(model, may_use):
+        raise model_not_allowed(model)
     return json_response(orjson.dumps(entry), request)

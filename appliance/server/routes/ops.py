@@ -1,18 +1,23 @@
-"""Operations: liveness, readiness and the status page."""
+"""Operations: liveness, readiness, the status page and config reloads."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import orjson
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import HTTPResponse, file
 
 from appliance import __version__
+from appliance.common.config import ConfigError
+from appliance.common.errors import GatewayError
 from appliance.common.resources import static_dir
+from appliance.core import reload
 from appliance.server.responses import json_response
+from appliance.server.routes import Routes
 
-bp = Blueprint("ops")
+bp = Routes("ops")
 
 
 @bp.get("/health", name="health")
@@ -30,7 +35,11 @@ async def ready(request: Request) -> HTTPResponse:
                "breaker": gateway.breakers.state(name)}
         for name, state in gateway.catalog.backends.items()
     }
-    body = {"status": "ready" if ok else "not_ready", "reason": reason, "backends": backends}
+    # Degraded is still ready: answers flow, only their accounting waits (in memory and the journal).
+    degraded = gateway.degraded()
+    status = ("degraded" if degraded else "ready") if ok else "not_ready"
+    body = {"status": status, "reason": "degraded: " + ", ".join(degraded) if ok and degraded else reason,
+            "degraded": degraded, "backends": backends}
     return json_response(orjson.dumps(body), request, status=200 if ok else 503)
 
 
@@ -38,3 +47,17 @@ async def ready(request: Request) -> HTTPResponse:
 @bp.get("/status", name="status")
 async def status_page(request: Request) -> HTTPResponse:
     return await file(static_dir() / "index.html", mime_type="text/html; charset=utf-8")
+
+
+@bp.post("/admin/reload")
+async def reload_config(request: Request) -> HTTPResponse:
+    """Re-read the config file; answer once every worker runs it (or name the ones still behind)."""
+    board = request.app.ctx.reload_board
+    try:
+        outcome = await asyncio.to_thread(reload.request, request.app.ctx.settings, board)
+    except ConfigError as exc:
+        raise GatewayError("invalid_config", f"The config was not reloaded; the running one stays. {exc}") from None
+    behind = await reload.wait_applied(board, outcome.generation)
+    body = {"reloaded": outcome.changed, "generation": outcome.generation,
+            "restart_required": outcome.restart_required, "workers_behind": behind}
+    return json_response(orjson.dumps(body), request)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.response import HTTPResponse
 
 from appliance.api import surfaces
@@ -16,9 +16,10 @@ from appliance.core.exchange import DROPPED_TOOLS_HEADER
 from appliance.providers.base import CHAT
 from appliance.server.query import query_args
 from appliance.server.responses import SanicResponder, exchange, json_response
+from appliance.server.routes import Routes
 from appliance.storage import responses_repo
 
-bp = Blueprint("responses")
+bp = Routes("responses")
 
 _MAX_LIMIT = 100
 

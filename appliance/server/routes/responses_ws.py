@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 import orjson
-from sanic import Blueprint, Request
+from sanic import Request
 from sanic.server.websockets.impl import WebsocketImplProtocol
 
 from appliance.api import surfaces
@@ -25,8 +25,9 @@ from appliance.common.sse import EventSplitter, event_data
 from appliance.core import exchange as accounting
 from appliance.core import pipeline
 from appliance.providers.base import CHAT
+from appliance.server.routes import Routes
 
-bp = Blueprint("responses_ws")
+bp = Routes("responses_ws")
 
 SESSION_HEADER = accounting.SESSION_HEADER
 
