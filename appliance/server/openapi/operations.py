@@ -315,6 +315,12 @@ def _admin_operations() -> dict[OperationKey, Operation]:
                 query("key", {"type": "string"}, "Only this key id."),
                 query("before", {"type": "integer", "minimum": 1}, "Rows older than this row id (paging)."),
             ], operation_id="requestLog", description="Other query parameters are refused (400)."),
+        ("POST", "/admin/reload"): _op(
+            "Re-read the config file", "Admin", {"200": ok("Every worker runs the file (or is named as behind).",
+                                                          ref("Reload")), **errors(400, 401, 403)},
+            operation_id="reloadConfig",
+            description="The same as SIGHUP or `appliance reload`. An invalid file is 400 `invalid_config` "
+            "naming file, line and key; the running config stays."),
         ("GET", "/v1/key"): _op("This key: its limits, budget left and usage", "Keys",
                                 {"200": ok("The key's own view.", ref("KeyView")), **errors(401, 403)},
                                 operation_id="ownKey"),

@@ -75,13 +75,24 @@ def ops_schemas() -> dict[str, Schema]:
     return {
         "Health": obj({"status": {"const": "ok"}, "version": STRING, "pid": INTEGER}),
         "Ready": obj({
-            "status": {"enum": ["ready", "not_ready"]},
+            "status": {"enum": ["ready", "degraded", "not_ready"]},
             "reason": nullable(STRING),
+            "degraded": {"type": "array", "items": STRING,
+                         "description": "What is impaired while answers still flow (e.g. `database_writes`)."},
             "backends": {"type": "object", "additionalProperties": backend},
+        }),
+        "Reload": obj({
+            "reloaded": {**BOOLEAN, "description": "False when the file says what the running config says."},
+            "generation": INTEGER,
+            "restart_required": {"type": "array", "items": STRING,
+                                 "description": "Changed keys that take effect only at the next start."},
+            "workers_behind": {"type": "array", "items": INTEGER,
+                               "description": "Workers that had not applied it within 5 s."},
         }),
         "Statsz": obj({
             "version": STRING, "now": NUMBER, "uptime_s": NUMBER,
             "workers": obj({"configured": INTEGER, "alive": INTEGER}), "inflight": INTEGER,
+            "degraded": {"type": "array", "items": STRING},
             **{name: {"type": "object"} for name in ("totals", "limits", "db", "batches")},
             **{name: {"type": "array", "items": {"type": "object"}}
                for name in ("models", "backends", "traffic", "recent_errors")},
