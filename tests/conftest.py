@@ -42,9 +42,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         _llamacpp.stop()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Tests on the real server run last, so its first build overlaps with everything else.
     items.sort(key=lambda item: item.get_closest_marker("llamacpp") is not None)
+    # The long fuzz run only when asked for by marker (-m fuzz); the bounded one is always part of the run.
+    if "fuzz" not in (config.getoption("markexpr") or ""):
+        skip = pytest.mark.skip(reason="the long fuzz run: select it with -m fuzz (tests/perf/README.md)")
+        for item in items:
+            if item.get_closest_marker("fuzz") is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

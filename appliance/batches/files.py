@@ -12,9 +12,11 @@ import hashlib
 import os
 import secrets
 import string
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import orjson
 
 from appliance.common.errors import GatewayError
 
@@ -55,6 +57,26 @@ def check_filename(purpose: str, filename: str) -> None:
     if purpose == "batch" and not filename.lower().endswith(".jsonl"):
         raise GatewayError("invalid_file_format", "Files with purpose 'batch' must be .jsonl files "
                            f"(got '{filename}').", param="file")
+
+
+def expiry_fields(fields: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(anchor, seconds) of an upload's expires_after, in either form a client sends it: two fields, as the
+    SDKs do (``expires_after[anchor]``, ``expires_after[seconds]``), or one JSON part ``expires_after``, an
+    object field's encoding in a multipart body by OpenAPI's rules (what /openapi.json's clients send)."""
+    raw = fields.get("expires_after")
+    if raw is None:
+        return fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not {"anchor", "seconds"} <= value.keys():
+        raise GatewayError("invalid_value", "expires_after must be a JSON object with 'anchor' and 'seconds'.",
+                           param="expires_after")
+    anchor, seconds = value["anchor"], value["seconds"]
+    # Anything but a string anchor or an integer count of seconds fails expires_at()'s checks.
+    return (anchor if isinstance(anchor, str) else "",
+            str(seconds) if isinstance(seconds, int) and not isinstance(seconds, bool) else "")
 
 
 def expires_at(purpose: str, created_at: int, anchor: str | None, seconds: str | None) -> int | None:

@@ -138,7 +138,7 @@ class AnthropicProvider:
             return orjson.dumps(call.body)  # the client's own body, addressed to the upstream model
         if call.endpoint != CHAT:
             raise GatewayError("unsupported", f"backend {self.name!r} (Anthropic) does not serve "
-                               f"/v1/{call.endpoint}")
+                               f"/v1/{call.endpoint}", param="model")
         return orjson.dumps({**messages_request(call.body), "stream": stream})
 
     def _path(self, call: Call) -> str:

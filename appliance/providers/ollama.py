@@ -132,7 +132,7 @@ class OllamaProvider:
             return _PATHS[EMBEDDINGS], embed_request(call.body)
         streamed = "streamed " if stream else ""
         raise GatewayError("unsupported", f"backend {self.name!r} (Ollama) does not serve {streamed}"
-                           f"/v1/{call.endpoint}")
+                           f"/v1/{call.endpoint}", param="model")
 
     def _log_dropped(self, body: dict[str, Any]) -> None:
         for field in DROPPED_FIELDS:

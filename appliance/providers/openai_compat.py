@@ -131,7 +131,7 @@ class OpenAICompatProvider:
         error = upstream_error(status, body, self.name, headers)
         if call.endpoint == EMBEDDINGS and status in (404, 405, 501) and error.body is None:
             # The server has no embeddings route (a bare 404 page), as opposed to an unknown model.
-            return GatewayError("unsupported", f"backend {self.name!r} does not serve embeddings")
+            return GatewayError("unsupported", f"backend {self.name!r} does not serve embeddings", param="model")
         return error
 
     async def list_models(self) -> list[ModelInfo]:

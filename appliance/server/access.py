@@ -1,7 +1,9 @@
 """Who may call what: the request middleware that turns a presented key into a principal.
 
-Public without a key: liveness, readiness, the status page and its files. /statsz answers loopback
-callers without a key (anyone with ``[status] public``); the page asks for a key when /statsz does.
+Public without a key: liveness, readiness, the status page and its files, and the OpenAPI document (it
+describes the routes, the same for every installation of a version, and holds nothing of the configuration).
+/statsz answers loopback callers without a key (anyone with ``[status] public``); the page asks for a key
+when /statsz does.
 Everything else needs one; its role and endpoint patterns are checked here, its
 model patterns and limits in the pipeline (which knows the model).
 """
@@ -14,7 +16,7 @@ from sanic import Request
 
 from appliance.accounts.auth import presented_key
 
-PUBLIC_PATHS = frozenset(("/health", "/healthz", "/ready", "/", "/status"))
+PUBLIC_PATHS = frozenset(("/health", "/healthz", "/ready", "/", "/status", "/openapi.json"))
 PUBLIC_PREFIXES = ("/static/",)
 LOOPBACK_PATHS = frozenset(("/statsz",))
 

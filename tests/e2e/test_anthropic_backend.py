@@ -365,12 +365,13 @@ def test_unknown_model_upstream(client: openai.OpenAI) -> None:
 
 def test_embeddings_and_completions_are_unsupported(client: openai.OpenAI, fake: FakeAnthropic) -> None:
     before = len(fake.requests)
-    with pytest.raises(openai.APIStatusError) as caught:
+    # A client's mistake (a chat model for embeddings), so 400 naming the model; found by the fuzzer (was 501).
+    with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model=TEXT_MODEL, input="hello")
-    assert caught.value.status_code == 501 and caught.value.body["code"] == "unsupported"
-    with pytest.raises(openai.APIStatusError) as caught:
+    assert caught.value.body["code"] == "unsupported" and caught.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=TEXT_MODEL, prompt="Once")
-    assert caught.value.status_code == 501 and caught.value.body["code"] == "unsupported"
+    assert caught.value.body["code"] == "unsupported" and caught.value.body["param"] == "model"
     assert [seen.path for seen in fake.requests[before:] if seen.path != "/v1/models"] == []
 
 

@@ -171,3 +171,18 @@ def test_body_too_large_is_413(start_appliance, fake_openai):
     assert data["error"]["code"] == "body_too_large"
     assert headers["X-Request-ID"]
     assert app.post("/v1/chat/completions", {"model": "fake-chat", "messages": HELLO})[0] == 200
+
+
+@pytest.mark.parametrize(("query", "param"), [
+    ("/admin/usage?to=", "to"),  # found by the fuzzer: a blank value was taken for "no bound", 200
+    ("/admin/usage?from=", "from"),
+    ("/admin/usage?group_by=", "group_by"),
+    ("/admin/requests?limit=", "limit"),
+    ("/v1/files?limit=", "limit"),
+    ("/v1/files?order=", "order"),
+    ("/v1/batches?limit=", "limit"),
+])
+def test_a_blank_query_value_is_refused_by_name(gateway, query, param):
+    response = httpx.get(gateway.url + query, headers=AUTH, timeout=10)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

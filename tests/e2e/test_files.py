@@ -6,6 +6,7 @@ makes its own user key, so listings hold only that test's files.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -73,6 +74,26 @@ def test_f2_expiry_options(client: openai.OpenAI) -> None:
                             expires_after={"anchor": "created_at", "seconds": 100})
     assert caught.value.body["type"] == "invalid_request_error"
     assert caught.value.body["param"] == "expires_after"
+
+
+@pytest.mark.parametrize(("expires_after", "expected"), [
+    ({"anchor": "created_at", "seconds": 7200}, 7200),
+    ({"anchor": "created_at"}, "expires_after"),  # found by the fuzzer: silently kept forever before
+    ({"anchor": "created_at", "seconds": "7200"}, "expires_after"),
+    ({"anchor": "updated_at", "seconds": 7200}, "expires_after"),
+    ([3600], "expires_after"),
+])
+def test_f2_expiry_as_one_json_part(app: Appliance, expires_after: Any, expected: int | str) -> None:
+    """expires_after as /openapi.json's clients send an object in a multipart body: one application/json part."""
+    uploaded = httpx.post(app.url + "/v1/files", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, files={
+        "purpose": (None, "user_data"), "expires_after": (None, json.dumps(expires_after), "application/json"),
+        "file": ("notes.txt", b"x")})
+    if isinstance(expected, int):
+        assert uploaded.status_code == 200, uploaded.text
+        assert uploaded.json()["expires_at"] == uploaded.json()["created_at"] + expected
+    else:
+        assert uploaded.status_code == 400, uploaded.text
+        assert uploaded.json()["error"]["param"] == expected
 
 
 def test_f3_upload_errors(app: Appliance, client: openai.OpenAI) -> None:

@@ -15,6 +15,7 @@ from sanic.response import HTTPResponse
 from appliance.batches import batch as batches
 from appliance.common.errors import GatewayError
 from appliance.core import pipeline
+from appliance.server.query import query_args
 from appliance.server.responses import json_response
 from appliance.server.routes import Routes
 from appliance.server.routes.files import owned_file, owner_filter
@@ -81,14 +82,15 @@ async def cancel_batch(request: Request, batch_id: str) -> HTTPResponse:
 
 @bp.get("/v1/batches")
 async def list_batches(request: Request) -> HTTPResponse:
-    raw = request.args.get("limit", "20")
+    args = query_args(request)
+    raw = args.get("limit", "20")
     limit = int(raw) if raw.lstrip("-").isdigit() else 0
     if not 1 <= limit <= _MAX_LIMIT:
         raise GatewayError("invalid_value", f"'limit' must be an integer from 1 to {_MAX_LIMIT}.", param="limit")
     db = request.app.ctx.gateway.db
     owner = owner_filter(request)
     after = None
-    after_id = request.args.get("after")
+    after_id = args.get("after")
     if after_id is not None:
         after = await batches_repo.get(db, after_id)
         if after is None or (owner is not None and after["owner_key_id"] != owner):

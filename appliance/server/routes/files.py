@@ -15,6 +15,7 @@ from sanic.response import HTTPResponse
 
 from appliance.batches import files, multipart
 from appliance.common.errors import GatewayError
+from appliance.server.query import query_args
 from appliance.server.responses import json_response, request_id
 from appliance.server.routes import Routes
 from appliance.storage import files_repo
@@ -148,8 +149,7 @@ async def _register(request: Request, upload: _Upload) -> HTTPResponse:
     if purpose == "batch" and upload.writer.size > settings.batch_max_bytes:
         raise files.too_large(settings.batch_max_bytes)
     created_at = int(time.time())
-    expires_at = files.expires_at(purpose, created_at, upload.fields.get("expires_after[anchor]"),
-                                  upload.fields.get("expires_after[seconds]"))
+    expires_at = files.expires_at(purpose, created_at, *files.expiry_fields(upload.fields))
     if settings.quota_bytes is not None and (
             await files_repo.stored_bytes(gateway.db) + upload.writer.size > settings.quota_bytes):
         raise GatewayError("storage_quota_exceeded", "The appliance's file storage quota "
@@ -168,12 +168,13 @@ async def _register(request: Request, upload: _Upload) -> HTTPResponse:
 
 
 def _list_args(request: Request) -> tuple[int, str]:
-    raw = request.args.get("limit", str(files.MAX_LIST_LIMIT))
+    args = query_args(request)
+    raw = args.get("limit", str(files.MAX_LIST_LIMIT))
     limit = int(raw) if raw.lstrip("-").isdigit() else 0
     if not 1 <= limit <= files.MAX_LIST_LIMIT:
         raise GatewayError("invalid_value", f"'limit' must be an integer from 1 to {files.MAX_LIST_LIMIT}.",
                            param="limit")
-    order = request.args.get("order", "desc")
+    order = args.get("order", "desc")
     if order not in ("asc", "desc"):
         raise GatewayError("invalid_value", "'order' must be 'asc' or 'desc'.", param="order")
     return limit, order
@@ -186,12 +187,13 @@ async def list_files(request: Request) -> HTTPResponse:
     now = int(time.time())
     owner = owner_filter(request)
     after = None
-    after_id = request.args.get("after")
+    args = query_args(request)
+    after_id = args.get("after")
     if after_id is not None:
         after = await files_repo.get(db, after_id, now)
         if after is None or (owner is not None and after["owner_key_id"] != owner):
             raise GatewayError("invalid_value", f"'after' names no file of yours: {after_id}", param="after")
-    rows = await files_repo.page(db, owner=owner, purpose=request.args.get("purpose"), order=order, after=after,
+    rows = await files_repo.page(db, owner=owner, purpose=args.get("purpose"), order=order, after=after,
                                  limit=limit, now=now)
     data = [files.file_object(row) for row in rows[:limit]]
     body = {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,

@@ -11,6 +11,7 @@ from sanic.response import HTTPResponse
 from appliance.accounts import auth, reports
 from appliance.common.errors import GatewayError
 from appliance.core.pipeline import parse_body
+from appliance.server.query import query_args
 from appliance.server.responses import json_response
 from appliance.server.routes import Routes
 
@@ -63,7 +64,7 @@ async def rotate_key(request: Request, key_id: str) -> HTTPResponse:
 
 @bp.get("/admin/usage")
 async def usage(request: Request) -> HTTPResponse:
-    args = request.args
+    args = query_args(request)
     group_by = args.get("group_by", "day")
     if group_by not in reports.GROUPS:
         raise GatewayError("invalid_value", f"group_by must be one of {', '.join(reports.GROUPS)}.",

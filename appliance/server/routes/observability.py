@@ -11,6 +11,7 @@ from sanic.response import HTTPResponse
 
 from appliance.accounts import reports
 from appliance.observe import metrics
+from appliance.server.query import query_args
 from appliance.server.responses import json_response, request_id
 from appliance.server.routes import Routes
 
@@ -34,7 +35,8 @@ async def statsz(request: Request) -> HTTPResponse:
 
 @bp.get("/admin/requests")
 async def admin_requests(request: Request) -> HTTPResponse:
-    args = {name: request.args.get(name) for name in request.args}
+    query = query_args(request)
+    args = {name: query.get(name) for name in query}
     rows = await reports.request_log(request.app.ctx.gateway.db, args)
     return json_response(orjson.dumps({"object": "list", "data": rows}), request)
 

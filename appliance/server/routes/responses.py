@@ -14,6 +14,7 @@ from appliance.common.errors import GatewayError
 from appliance.core import pipeline
 from appliance.core.exchange import DROPPED_TOOLS_HEADER
 from appliance.providers.base import CHAT
+from appliance.server.query import query_args
 from appliance.server.responses import SanicResponder, exchange, json_response
 from appliance.server.routes import Routes
 from appliance.storage import responses_repo
@@ -65,19 +66,20 @@ async def delete_response(request: Request, response_id: str) -> HTTPResponse:
 async def input_items(request: Request, response_id: str) -> HTTPResponse:
     """This response's input items, newest first unless order=asc; ``after`` and ``limit`` page them."""
     items = list((await _stored(request, response_id))["input_items"])
-    order = request.args.get("order", "desc")
+    args = query_args(request)
+    order = args.get("order", "desc")
     if order not in ("asc", "desc"):
         raise GatewayError("invalid_value", "'order' must be 'asc' or 'desc'.", param="order")
     if order == "desc":
         items.reverse()
-    after = request.args.get("after")
+    after = args.get("after")
     if after is not None:
         ids = [item.get("id") for item in items]
         if after not in ids:
             raise GatewayError("invalid_value", f"No input item with id '{after}'.", param="after")
         items = items[ids.index(after) + 1:]
     try:
-        limit = int(request.args.get("limit", 20))
+        limit = int(args.get("limit", 20))
     except ValueError:
         limit = 0
     if not 1 <= limit <= _MAX_LIMIT:

@@ -1,0 +1,203 @@
+"""The appliance's own schemas: errors, operations routes, the admin API, and the Anthropic Messages subset.
+
+What pydantic already models (the key fields the admin API accepts) is generated from the model; the rest
+is written here, next to nothing else, so a reader can hold it beside the code that builds the objects
+(accounts/auth.public_view, accounts/reports, server/statsz, api/messages).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.accounts.key_fields import KeyFields
+from appliance.common.errors import CODES
+
+Schema = dict[str, Any]
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Schema) -> Schema:
+    if isinstance(schema.get("type"), str) and len(schema) == 1:
+        return {"type": [schema["type"], "null"]}
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def obj(properties: dict[str, Schema], required: tuple[str, ...] | None = None, **extra: Any) -> Schema:
+    """An object; every property is required unless ``required`` names fewer."""
+    return {"type": "object", "properties": properties,
+            "required": list(properties if required is None else required), **extra}
+
+
+def list_of(item: Schema, **more: Schema) -> Schema:
+    return obj({"object": {"const": "list"}, "data": {"type": "array", "items": item}, **more})
+
+
+STRING, INTEGER, NUMBER, BOOLEAN = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+
+
+def error_schemas() -> dict[str, Schema]:
+    error = obj({
+        "message": STRING,
+        "type": {"type": ["string", "null"], "description": "invalid_request_error, permission_error, "
+                 "rate_limit_error, server_error (or a backend's own)."},
+        "code": {"type": ["string", "null"], "description": "The appliance's stable codes: "
+                 + ", ".join(sorted(CODES)) + "; a backend's own code when its envelope passes through."},
+        "param": {"type": ["string", "null"], "description": "The request field at fault, when one is."},
+        "request_id": {"type": "string", "description": "The X-Request-ID of this request. Absent when a "
+                       "backend's own envelope passes through unchanged."},
+    }, required=("message", "type", "code", "param"))
+    anthropic = obj({
+        "type": {"const": "error"},
+        "error": obj({"type": STRING, "message": STRING}),
+        "request_id": STRING,
+    }, required=("type", "error"))
+    return {
+        "ApplianceError": error,
+        "ApplianceErrorResponse": obj({"error": ref("ApplianceError")},
+                                      description="OpenAI's error envelope, with the request id."),
+        "AnthropicErrorResponse": {**anthropic, "description": "Anthropic's error shape (the /v1/messages routes)."},
+    }
+
+
+def ops_schemas() -> dict[str, Schema]:
+    breaker = obj({
+        "state": {"enum": ["closed", "open", "half_open"]}, "consecutive_failures": INTEGER,
+        "opened_at": nullable(NUMBER), "retry_after_s": NUMBER, "window_ok": INTEGER, "window_fail": INTEGER,
+        "in_flight": INTEGER, "load": nullable({"type": "object"}), "up": nullable(BOOLEAN),
+        "probed_at": nullable(NUMBER),
+    }, description="The backend's circuit breaker and latest probe, as all workers see them.")
+    backend = obj({
+        "state": STRING, "kind": nullable(STRING), "models": INTEGER, "error": nullable(STRING), "breaker": breaker,
+    })
+    return {
+        "Health": obj({"status": {"const": "ok"}, "version": STRING, "pid": INTEGER}),
+        "Ready": obj({
+            "status": {"enum": ["ready", "degraded", "not_ready"]},
+            "reason": nullable(STRING),
+            "degraded": {"type": "array", "items": STRING,
+                         "description": "What is impaired while answers still flow (e.g. `database_writes`)."},
+            "backends": {"type": "object", "additionalProperties": backend},
+        }),
+        "Reload": obj({
+            "reloaded": {**BOOLEAN, "description": "False when the file says what the running config says."},
+            "generation": INTEGER,
+            "restart_required": {"type": "array", "items": STRING,
+                                 "description": "Changed keys that take effect only at the next start."},
+            "workers_behind": {"type": "array", "items": INTEGER,
+                               "description": "Workers that had not applied it within 5 s."},
+        }),
+        "Statsz": obj({
+            "version": STRING, "now": NUMBER, "uptime_s": NUMBER,
+            "workers": obj({"configured": INTEGER, "alive": INTEGER}), "inflight": INTEGER,
+            "degraded": {"type": "array", "items": STRING},
+            **{name: {"type": "object"} for name in ("totals", "limits", "db", "batches")},
+            **{name: {"type": "array", "items": {"type": "object"}}
+               for name in ("models", "backends", "traffic", "recent_errors")},
+        }, description="The status page's data; README \"GET /statsz\" describes every field."),
+        "OpenAPIDocument": obj({"openapi": STRING, "info": {"type": "object"}, "paths": {"type": "object"}},
+                               description="This document."),
+    }
+
+
+def key_schemas() -> dict[str, Schema]:
+    create = KeyFields.model_json_schema()
+    create.pop("title", None)
+    update = {**create, "required": []}
+    update.pop("description", None)
+    fields = create["properties"]
+    key = obj({
+        "id": STRING, "object": {"const": "api_key"}, "prefix": STRING,
+        **{name: schema for name, schema in fields.items()},
+        "created_at": NUMBER, "updated_at": NUMBER,
+    })
+    usage_row = obj({
+        "requests": INTEGER, "errors": INTEGER, "prompt_tokens": INTEGER, "completion_tokens": INTEGER,
+        "cached_tokens": INTEGER, "cost_usd": NUMBER,
+    }, description="One group's totals, plus the group's own column: day, model or key.")
+    recent = obj({
+        "request_id": STRING, "created_at": NUMBER, "endpoint": STRING, "model": nullable(STRING),
+        "status": INTEGER, "prompt_tokens": nullable(INTEGER), "completion_tokens": nullable(INTEGER),
+        "cost_usd": nullable(NUMBER), "latency_ms": nullable(NUMBER),
+    })
+    log_row = obj({
+        "id": INTEGER, "request_id": STRING, "created_at": NUMBER, "endpoint": STRING,
+        **{name: nullable(STRING) for name in ("model", "backend", "backend_model", "error_code", "key_id",
+                                                "cache")},
+        "status": INTEGER, "stream": BOOLEAN, "estimated": BOOLEAN,
+        **{name: nullable(NUMBER) for name in ("latency_ms", "overhead_ms", "ttft_ms", "input_cost_usd",
+                                                "output_cost_usd", "cost_usd")},
+        **{name: nullable(INTEGER) for name in ("prompt_tokens", "completion_tokens", "cached_tokens")},
+        "request_body": {"description": "The stored request (JSON, or text when cut short); null unless "
+                         "[log] store_bodies."},
+        "response_body": {"description": "The stored response, likewise."},
+    })
+    key_view = obj({
+        "id": STRING, "object": {"const": "api_key"}, "name": STRING, "role": STRING,
+        "limits": obj({"rpm": nullable(INTEGER), "tpm": nullable(INTEGER), "max_concurrent": nullable(INTEGER),
+                       "window_s": NUMBER}),
+        "state": nullable({"type": "object"}),
+        "usage": obj({"today": nullable(usage_row), "recent": {"type": "array", "items": recent}}),
+    }, description="The key's own record (as in the admin API) with its limits, budget state and usage.")
+    return {
+        "KeyCreateRequest": create,
+        "KeyUpdateRequest": update,
+        "ApiKey": key,
+        "ApiKeyWithSecret": {"allOf": [ref("ApiKey"), obj({"key": {"type": "string", "description": "The secret, "
+                                                                   "shown this once."}})]},
+        "ApiKeyList": list_of(ref("ApiKey")),
+        "ApiKeyDeleted": obj({"id": STRING, "object": {"const": "api_key"}, "deleted": {"const": True}}),
+        "KeyView": key_view,
+        "UsageReport": obj({"object": {"const": "list"}, "group_by": {"enum": ["day", "model", "key"]},
+                            "data": {"type": "array", "items": usage_row}}),
+        "RequestLog": list_of(log_row),
+        "ResponseDeleted": obj({"id": STRING, "object": {"const": "response"}, "deleted": {"const": True}}),
+    }
+
+
+def messages_schemas() -> dict[str, Schema]:
+    """The Anthropic Messages subset the appliance serves; unknown fields pass through to the backend."""
+    block = {"type": "object", "required": ["type"], "properties": {"type": STRING},
+             "description": "A content block: text, image, document, tool_use, tool_result, thinking..."}
+    content = {"anyOf": [STRING, {"type": "array", "items": block}]}
+    message = obj({"role": {"enum": ["user", "assistant"]}, "content": content})
+    system = {"anyOf": [STRING, {"type": "array", "items": block}]}
+    request = obj({
+        "model": STRING,
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "messages": {"type": "array", "items": message},
+        "system": system,
+        "stream": BOOLEAN,
+        "temperature": {"type": "number", "minimum": 0},
+        "top_p": NUMBER,
+        "top_k": INTEGER,
+        "stop_sequences": {"type": "array", "items": STRING},
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "tool_choice": {"type": "object"},
+        "thinking": {"type": "object"},
+        "metadata": {"type": "object"},
+    }, required=("model", "max_tokens", "messages"))
+    usage = obj({"input_tokens": INTEGER, "output_tokens": INTEGER,
+                 "cache_creation_input_tokens": nullable(INTEGER), "cache_read_input_tokens": nullable(INTEGER)},
+                required=("input_tokens", "output_tokens"))
+    response = obj({
+        "id": STRING, "type": {"const": "message"}, "role": {"const": "assistant"},
+        "content": {"type": "array", "items": block}, "model": STRING,
+        "stop_reason": nullable(STRING), "stop_sequence": nullable(STRING), "usage": usage,
+    })
+    count = obj({"model": STRING, "messages": {"type": "array", "items": message}, "system": system,
+                 "tools": {"type": "array", "items": {"type": "object"}}, "thinking": {"type": "object"}},
+                required=("model", "messages"))
+    return {
+        "AnthropicMessagesRequest": request,
+        "AnthropicMessage": response,
+        "AnthropicStreamEvent": {"type": "object", "required": ["type"], "properties": {"type": STRING}},
+        "AnthropicCountTokensRequest": count,
+        "AnthropicTokenCount": obj({"input_tokens": INTEGER}),
+    }
+
+
+def own_schemas() -> dict[str, Schema]:
+    return {**error_schemas(), **ops_schemas(), **key_schemas(), **messages_schemas()}
