@@ -163,8 +163,8 @@ class _Slot(ctypes.Structure):
 class BackendTable(SharedRows):
     """Rows per backend in shared memory plus the lock that guards them; made in the main process.
 
-    Pickles (with the spawn start of the workers) as the shared buffer and lock themselves, never a
-    copy. ``shared=False``: plain process memory, for single-process use and tests.
+    The forked workers inherit the buffer and the lock. ``shared=False``: plain process memory, for
+    single-process use and tests.
     """
 
     def __init__(self, size: int = BACKEND_SLOTS, *, shared: bool = True) -> None:

@@ -16,7 +16,7 @@ from appliance.common.resources import static_dir
 from appliance.core import reload
 from appliance.core.resilience import BackendTable
 from appliance.server import access, lifecycle
-from appliance.server.responses import GatewayErrorHandler, RequestIds
+from appliance.server.responses import GatewayErrorHandler
 from appliance.server.routes import anthropic as anthropic_routes
 from appliance.server.routes import batches as batches_routes
 from appliance.server.routes import files as files_routes
@@ -63,7 +63,6 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
         ACCESS_LOG=False,
     )
     app.ctx.settings = settings
-    app.ctx.request_ids = RequestIds()
     app.ctx.limit_table = limit_table or SharedTable(table_size(settings), shared=False)
     app.ctx.backend_table = backend_table or BackendTable(shared=False)
     app.ctx.reload_board = reload_board or reload.Board(1, shared=False)

@@ -23,6 +23,7 @@ from appliance.core.gateway import Gateway
 from appliance.core.resilience import Breakers
 from appliance.observe import metrics
 from appliance.providers.transport import Transport
+from appliance.server.responses import RequestIds
 from appliance.server.statsz import StatszCache
 from appliance.storage import keys_repo
 from appliance.storage.db import Database
@@ -92,6 +93,7 @@ def stop_with_parent() -> None:
 
 async def open_gateway(app: Sanic) -> None:
     _watch_stop_signals(app)
+    app.ctx.request_ids = RequestIds()  # here, in each worker: forked ones must not share a prefix
     board: reload.Board = app.ctx.reload_board
     settings = app.ctx.settings = reload.latest(app.ctx.settings, board)  # a replaced worker: the last reload's
     if settings.server.single_process:

@@ -21,7 +21,6 @@ from typing import IO, Any
 from sanic import Sanic
 from sanic.mixins import startup
 from sanic.worker.constants import ProcessState
-from sanic.worker.loader import AppLoader
 
 from appliance.accounts import auth
 from appliance.accounts.limits import Limiter, SharedTable, key_scope, period_start_day, table_size
@@ -120,9 +119,7 @@ def serve(settings: Settings) -> None:
         asyncio.run(prepare_keys(settings, table))
         board = reload.Board(1 if server.single_process else server.workers, shared=shared)
         reload.clear(settings.data_dir)  # a new run starts from its own config
-        loader = AppLoader(factory=partial(create_app, settings, table, BackendTable(shared=shared), time.time(),
-                                           board))
-        app = loader.load()
+        app = create_app(settings, table, BackendTable(shared=shared), time.time(), board)
         ssl = {"cert": str(server.tls_cert), "key": str(server.tls_key)} if server.tls_cert else None
         app.prepare(host=server.host, port=server.port, workers=1 if server.single_process else server.workers,
                     single_process=server.single_process, motd=False, access_log=False, ssl=ssl)
@@ -138,9 +135,29 @@ def serve(settings: Settings) -> None:
             app.main_process_ready(_start_watchdog)
             app.main_process_ready(partial(_reload_on_hangup, settings=settings, board=board))
             startup.Manager = _manager_that_stops_with_us
-            Sanic.serve(primary=app, app_loader=loader)
+            _fork_workers()
+            Sanic.serve(primary=app)  # each worker finds the app it inherited by name
         if metricsdir.ENV in os.environ:  # every worker has stopped: this run's samples (in memory) can go
             metricsdir.discard(Path(os.environ[metricsdir.ENV]))
+
+
+def _fork_workers() -> None:
+    """Workers are forked from this process, which has imported and built the app: a worker is serving
+    in milliseconds, where a spawned one spent ~0.5 s of CPU importing it all again (more when frozen, where
+    each re-ran the bootloader). Safe because nothing in this process holds a connection, loop or busy
+    thread a worker could inherit half-done: each worker opens its own in open_gateway, after the fork.
+
+    A worker must not inherit this process's signal handlers (they feed queues only this process reads):
+    until Sanic and open_gateway install its own, a stop ends it and a reload is not its business.
+    """
+    Sanic.start_method = "fork"
+
+    def reset_signals() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    os.register_at_fork(after_in_child=reset_signals)
 
 
 def _manager_that_stops_with_us() -> SyncManager:

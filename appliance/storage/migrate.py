@@ -6,8 +6,6 @@ import re
 import sqlite3
 from pathlib import Path
 
-import sqlite_utils
-
 DB_FILENAME = "appliance.db"
 _NAME = re.compile(r"^(\d{4})_[\w-]+\.sql$")
 
@@ -37,9 +35,7 @@ def migrate(db_path: Path, folder: Path) -> list[str]:
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
-        db = sqlite_utils.Database(conn)
-        if "_migrations" not in db.table_names():
-            conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
         applied = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
         known = {p.name for p in files}
         unknown = sorted(applied - known)

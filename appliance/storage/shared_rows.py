@@ -1,9 +1,9 @@
 """Rows of ctypes structures in memory every worker sees, and the lock that guards them.
 
-Made by the main process before the workers start (Sanic spawns them): a table pickles, while a worker
-is being spawned, as the shared buffer and lock themselves, never as a copy. ``shared=False`` gives plain
-process memory and a thread lock, for single-process mode and tests (no multiprocessing resource
-tracker is started then).
+Made by the main process before it forks the workers, which inherit the mapping and the lock. Fork's
+kind of lock is unlinked at once, so no multiprocessing resource tracker process is started for it (a spawn
+lock needs one: frozen, that is one more run of the bootloader at every start). ``shared=False`` gives
+plain process memory and a thread lock, for single-process mode and tests.
 """
 
 from __future__ import annotations
@@ -25,14 +25,11 @@ class SharedRows:
     def __init__(self, row_type: type[ctypes.Structure], size: int, *, shared: bool = True) -> None:
         self.row_type = row_type
         self.size = size
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context("fork")
         nbytes = ctypes.sizeof(row_type) * size
         self._raw = ctx.RawArray(ctypes.c_char, nbytes) if shared else ctypes.create_string_buffer(nbytes)
         self.lock = ctx.Lock() if shared else threading.Lock()
         self._rows: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_rows": None}
 
     @property
     def slots(self) -> Any:

@@ -259,13 +259,13 @@ def _trial_in_child(table: BackendTable, now: float) -> None:
 
 
 def _run(target: Any, *args: Any) -> int | None:
-    child = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    child = multiprocessing.get_context("fork").Process(target=target, args=args)
     child.start()
     child.join(60)
     return child.exitcode
 
 
-def test_breakers_and_in_flight_are_shared_with_a_spawned_worker() -> None:
+def test_breakers_and_in_flight_are_shared_with_a_forked_worker() -> None:
     clock, table = Clock(), BackendTable(32)
     br = breakers(clock, table)
     br.begin("llamacpp")
