@@ -65,6 +65,7 @@ MODEL = "mock-model"  # listed by the mock's /v1/models, so the appliance discov
 # Accounting configurations (--accounting) and the target name each appliance is measured under.
 APPLIANCE_TARGETS = {"on": "appliance", "off": "appliance-off"}
 ON, OFF = APPLIANCE_TARGETS["on"], APPLIANCE_TARGETS["off"]
+FLOOR = "floor"  # --floor: Sanic + aiohttp alone (floor_proxy.py), what the appliance's own code adds is above it
 PRICE_INPUT_PER_MTOK = 1  # USD, the accounting-on appliance's price of MODEL
 PRICE_OUTPUT_PER_MTOK = 2
 # The user key of the accounting-on appliance: every limit and budget set, none of them reachable.
@@ -303,7 +304,7 @@ class Appliance:
     accounting: bool
     proc: Proc
     url: str
-    config: Path
+    config: Path | None  # None for the floor proxy
     ready_s: float
     key: str | None = None
 
@@ -332,6 +333,8 @@ class Bench:
         for mode in modes:
             app = self.start_appliance(APPLIANCE_TARGETS[mode], mode == "on", mock_url)
             self.apps[app.target] = app
+        if self.a.floor:
+            self.apps[FLOOR] = self.start_floor(mock_url)
         self.urls = {"direct": mock_url, **{t: app.url for t, app in self.apps.items()}}
         # Direct requests carry the same Authorization header as the accounting-on appliance's (the mock ignores it).
         self.keys = {"direct": self.primary.key, **{t: app.key for t, app in self.apps.items()}}
@@ -372,6 +375,19 @@ class Bench:
         if accounting:
             app.key = create_bench_key(url)
         return app
+
+    def start_floor(self, mock_url: str) -> Appliance:
+        a = self.a
+        port = free_port()
+        cmd = [a.python, str(Path(__file__).with_name("floor_proxy.py")), "--port", str(port), "--upstream",
+               mock_url, "--workers", "1" if a.single_process else str(a.workers)]
+        t0 = time.monotonic()
+        proc = Proc(FLOOR, cmd, dict(os.environ), a.logdir / f"{FLOOR}.log", cwd=self.work)
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http(url + "/ready")[0] == 200, 60, FLOOR, proc)
+        log(f"{FLOOR} (Sanic + aiohttp alone) ready: {' '.join(cmd)}")
+        return Appliance(FLOOR, False, proc, url, None, round(time.monotonic() - t0, 2))
 
     def check_appliance(self, app: Appliance) -> None:
         """Whole answers; with accounting on, rate-limit headers and a non-zero cost on them too."""
@@ -486,6 +502,8 @@ def aggregate(segments: list[Segment], scenarios: list[tuple[str, int]], apps: l
             row[t] = {**target_summary(ss), **appliance_summary(ss), **against_direct(by[t], by["direct"])}
         if ON in apps and OFF in apps:
             row["accounting_overhead"] = accounting_overhead(by[ON], by[OFF])
+        if FLOOR in apps:
+            row["above_floor"] = {t: above_floor(by[t], by[FLOOR]) for t in apps if t != FLOOR}
         foreign = [s["foreign_cpu_s"] for s in segs if s["foreign_cpu_s"] is not None]
         row["foreign_cpu_s"] = {"median": rnd(median(foreign), 2), "max": max(foreign, default=None)}
         rows.append(row)
@@ -549,6 +567,12 @@ def against_direct(app: dict[int, Segment], direct: dict[int, Segment]) -> dict[
             "added_p99_ms": rnd(median(paired(app, direct, p99))),
             "added_ttft_p50_ms": rnd(median(paired(app, direct, ttft50))),
             "rps_ratio": rnd(median(ratio), 4)}
+
+
+def above_floor(app: dict[int, Segment], floor: dict[int, Segment]) -> dict[str, Any]:
+    """The CPU the appliance's own code adds per request: appliance - floor within each round, medians."""
+    cpu = paired(app, floor, lambda s: s["appliance_cpu_ms_per_req"])
+    return {"cpu_ms_per_req": rnd(median(cpu)), "cpu_ms_per_req_by_round": [rnd(x) for x in cpu]}
 
 
 def accounting_overhead(on: dict[int, Segment], off: dict[int, Segment]) -> dict[str, Any]:
@@ -773,6 +797,8 @@ def render(r: dict[str, Any]) -> str:
         out += render_table(r["aggregate"], r["params"]["targets"])
         if any("accounting_overhead" in row for row in r["aggregate"]):
             out += render_overhead(r["aggregate"])
+        if any("above_floor" in row for row in r["aggregate"]):
+            out += render_above_floor(r["aggregate"])
         out += render_foreign(r) + render_targets(r["targets"])
     if r.get("profile"):
         out += ["", render_profile(r["profile"])]
@@ -787,6 +813,7 @@ def render_header(r: dict[str, Any]) -> list[str]:
            "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())]
     for app in r["appliances"]:
         what = ("accounting on: keys, per-key limits and budgets, priced model, usage ledger" if app["accounting"]
+                else "Sanic + aiohttp alone" if app["target"] == FLOOR
                 else 'accounting off: [auth] mode = "none", no prices, no key')
         out.append(f"- {app['target']} ({what}): `{app['cmd']}` ({app['workers']}), ready in {app['ready_s']} s, "
                    f"PSS at the end {app['end_pss_mb']} MB")
@@ -841,6 +868,17 @@ def render_overhead(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def render_above_floor(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["", f"## Above the floor: each appliance - {FLOOR} (Sanic + aiohttp alone, floor_proxy.py)", ""]
+    for row in rows:
+        for target, o in row.get("above_floor", {}).items():
+            by_round = ", ".join(fmt(x, 3) for x in o["cpu_ms_per_req_by_round"])
+            out.append(f"- {row['scenario']} c={row['concurrency']}: {target} CPU ms/req = "
+                       f"{fmt(row[target]['cpu_ms_per_req'], 3)}, {FLOOR} {fmt(row[FLOOR]['cpu_ms_per_req'], 3)} -> "
+                       f"the appliance's own code adds **{fmt(o['cpu_ms_per_req'], 3)}** (per round {by_round})")
+    return out
+
+
 def render_foreign(r: dict[str, Any]) -> list[str]:
     f, m, p = r["foreign"], r["machine"], r["params"]
     return ["", f"Foreign CPU (processes outside the bench) during the measured windows: {f['total_s']:.1f} s "
@@ -878,6 +916,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          f"'{ON}'), off = [auth] mode none, no prices (target '{OFF}'), both = the two side by "
                          "side and their CPU difference (default)")
     ap.add_argument("--workers", type=int, default=2, help="[server] workers in the generated config")
+    ap.add_argument("--floor", action="store_true",
+                    help=f"also bench '{FLOOR}': Sanic + aiohttp alone proxying to the mock (floor_proxy.py, run by "
+                         "--python), and report each appliance's CPU per request above it")
     ap.add_argument("--single-process", action="store_true", help="pass --single-process to serve")
     ap.add_argument("--appliance-arg", action="append", default=[], help="extra argument to `serve` (repeatable)")
     ap.add_argument("--harness", type=Path, default=DEFAULT_HARNESS,
@@ -928,7 +969,7 @@ def run_rounds(bench: Bench, scenarios: list[tuple[str, int]], targets: list[str
 def appliance_info(bench: Bench, procstat: Any) -> list[dict[str, Any]]:
     a = bench.a
     return [{"target": app.target, "accounting": app.accounting, "cmd": " ".join(app.proc.cmd),
-             "config": app.config.read_text(), "ready_s": app.ready_s,
+             "config": app.config.read_text() if app.config else None, "ready_s": app.ready_s,
              "workers": "single process" if a.single_process else f"{a.workers} workers",
              "end_pss_mb": round(procstat.pss_bytes(procstat.tree(app.proc.pid)) / 2**20, 1)}
             for app in bench.apps.values()]
@@ -950,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     sconc = [int(x) for x in a.stream_conc.split(",") if x.strip()]
     scenarios = [("chat", c) for c in conc] + [("stream", c) for c in sconc]
     modes = accounting_modes(a.accounting)
-    apps = [APPLIANCE_TARGETS[m] for m in modes]
+    apps = [APPLIANCE_TARGETS[m] for m in modes] + ([FLOOR] if a.floor else [])
     targets = ["direct", *apps]
     started = dt.datetime.now(dt.UTC)
     tag = started.strftime("%Y%m%dT%H%M%SZ") + (f"-{a.tag}" if a.tag else "")
