@@ -54,7 +54,6 @@ def _watch_stop_signals(app: Sanic) -> None:
     thread of this process and taken by one sigwait thread, which only records the request; a small
     task then stops the loop, again if needed, until the stop takes.
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # before any other thread: all inherit it
     loop = asyncio.get_running_loop()
 
     def wait_for_signals() -> None:
@@ -91,14 +90,32 @@ def stop_with_parent() -> None:
         log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
 
 
+def _watch_reload_signal(app: Sanic) -> None:
+    """SIGHUP in single-process mode (this process is the one that reloads), taken by a sigwait thread like
+    the stop signals: a handler on the event loop misses one that lands while Sanic runs its own code between
+    two runs of the loop at start-up (seen as a reload that never happened, frozen, on a loaded machine)."""
+    loop = asyncio.get_running_loop()
+
+    def wait_for_hangups() -> None:
+        while True:
+            signal.sigwait({signal.SIGHUP})
+            loop.call_soon_threadsafe(_reload_here, app)
+
+    threading.Thread(target=wait_for_hangups, daemon=True, name="reload-signal").start()
+
+
 async def open_gateway(app: Sanic) -> None:
+    single = app.ctx.settings.server.single_process
+    # Blocked before this process starts any thread, so every thread inherits the mask and only the sigwait
+    # threads below take these signals.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS | ({signal.SIGHUP} if single else set()))
     _watch_stop_signals(app)
+    if single:
+        _watch_reload_signal(app)
     app.ctx.request_ids = RequestIds()  # here, in each worker: forked ones must not share a prefix
     board: reload.Board = app.ctx.reload_board
     settings = app.ctx.settings = reload.latest(app.ctx.settings, board)  # a replaced worker: the last reload's
-    if settings.server.single_process:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload_here, app)
-    else:
+    if not single:
         stop_with_parent()
     db = await Database.open(database_path(settings.data_dir))
     journal = Journal(journal_dir(settings.data_dir))

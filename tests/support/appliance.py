@@ -174,6 +174,7 @@ class Appliance:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                print(f"appliance still running {timeout} s after signal {sig}; its log:\n{self.log()[-6000:]}")
                 self.kill_tree()
                 self.proc.wait(10)
         return self.proc.returncode
