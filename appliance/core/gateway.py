@@ -124,7 +124,8 @@ class Gateway:
         upstreams = Upstreams()
         configured = list(settings.backends)
         if not configured and settings.discovery.enabled:  # zero-config: what discovery found stays
-            configured = [b for name, b in old.backends.items() if name not in {c.name for c in self.settings.backends}]
+            listed = {b.name for b in self.settings.backends}
+            configured = [b for name, b in old.backends.items() if name not in listed]
         for backend in configured:
             kept = old.backends.get(backend.name) == backend and backend.name in self.catalog.backends
             kind = old.providers[backend.name].kind if kept else backend.type
