@@ -45,23 +45,30 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _STOP_RETRY_S = 0.25
 
 
-def _watch_stop_signals(app: Sanic) -> None:
-    """Turn SIGTERM/SIGINT into a stop that sticks, whenever it arrives.
+def _watch_signals(app: Sanic, *, reloads: bool) -> None:
+    """Turn SIGTERM/SIGINT into a stop that sticks, whenever it arrives; with ``reloads`` (single-process
+    mode: this process is the one that reloads), SIGHUP into a config reload.
 
     Sanic's own handlers lose signals around startup: it resets them to SIG_IGN (which discards a
     pending one) just before serving, and a stop that lands while its after_server_start event runs
-    is swallowed by the event loop it was meant to end. Instead, the signals are blocked in every
-    thread of this process and taken by one sigwait thread, which only records the request; a small
-    task then stops the loop, again if needed, until the stop takes.
+    is swallowed by the event loop it was meant to end; a loop handler for SIGHUP likewise missed one
+    landing between two of Sanic's start-up runs of the loop (frozen, on a loaded machine). Instead, the
+    signals are blocked in every thread of this process (called before it starts any, so all inherit the
+    mask) and taken by one sigwait thread, which only records a stop or schedules a reload; a small task
+    then stops the loop, again if needed, until the stop takes.
     """
+    watched = _STOP_SIGNALS | ({signal.SIGHUP} if reloads else set())
+    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     loop = asyncio.get_running_loop()
 
     def wait_for_signals() -> None:
         # Ctrl-C reaches a worker twice (the terminal's group signal and Sanic's own), so a repeat
         # means nothing more than the first.
         while True:
-            signal.sigwait(_STOP_SIGNALS)
-            app.ctx.stop_requested = True
+            if signal.sigwait(watched) == signal.SIGHUP:
+                loop.call_soon_threadsafe(_reload_here, app)
+            else:
+                app.ctx.stop_requested = True
 
     async def apply_stop() -> None:
         # loop.stop() is all a stop is: run_forever returns and Sanic's own shutdown (drain, then the
@@ -71,7 +78,7 @@ def _watch_stop_signals(app: Sanic) -> None:
             if getattr(app.ctx, "stop_requested", False) and getattr(app.ctx, "serving", False):
                 loop.stop()
 
-    threading.Thread(target=wait_for_signals, daemon=True, name="stop-signals").start()
+    threading.Thread(target=wait_for_signals, daemon=True, name="signals").start()
     app.ctx.stop_task = loop.create_task(apply_stop(), name="stop-signals")
 
 
@@ -90,28 +97,9 @@ def stop_with_parent() -> None:
         log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
 
 
-def _watch_reload_signal(app: Sanic) -> None:
-    """SIGHUP in single-process mode (this process is the one that reloads), taken by a sigwait thread like
-    the stop signals: a handler on the event loop misses one that lands while Sanic runs its own code between
-    two runs of the loop at start-up (seen as a reload that never happened, frozen, on a loaded machine)."""
-    loop = asyncio.get_running_loop()
-
-    def wait_for_hangups() -> None:
-        while True:
-            signal.sigwait({signal.SIGHUP})
-            loop.call_soon_threadsafe(_reload_here, app)
-
-    threading.Thread(target=wait_for_hangups, daemon=True, name="reload-signal").start()
-
-
 async def open_gateway(app: Sanic) -> None:
     single = app.ctx.settings.server.single_process
-    # Blocked before this process starts any thread, so every thread inherits the mask and only the sigwait
-    # threads below take these signals.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS | ({signal.SIGHUP} if single else set()))
-    _watch_stop_signals(app)
-    if single:
-        _watch_reload_signal(app)
+    _watch_signals(app, reloads=single)  # first: before this process starts any thread
     app.ctx.request_ids = RequestIds()  # here, in each worker: forked ones must not share a prefix
     board: reload.Board = app.ctx.reload_board
     settings = app.ctx.settings = reload.latest(app.ctx.settings, board)  # a replaced worker: the last reload's
