@@ -71,10 +71,9 @@ class Principal:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Principal:
-        endpoints = row["endpoints"]
         return cls(
             key_id=row["id"], name=row["name"], role=row["role"], models=tuple(row["models"] or ("*",)),
-            endpoints=tuple(canonical(p) for p in endpoints) if endpoints is not None else None, rpm=row["rpm"],
+            endpoints=tuple(row["endpoints"]) if row["endpoints"] is not None else None, rpm=row["rpm"],
             tpm=row["tpm"], max_concurrent=row["max_concurrent"], budget_usd=row["budget_usd"],
             budget_tokens=row["budget_tokens"], budget_period=row["budget_period"], slot=row["slot"],
             expires_at=row["expires_at"],
@@ -110,6 +109,8 @@ class Principal:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "may_use", None if self.models == ("*",) else partial(_matches, self.models))
+        if self.endpoints is not None:  # matched against canonical paths: /api/v1/x patterns mean /v1/x
+            object.__setattr__(self, "endpoints", tuple(canonical(pattern) for pattern in self.endpoints))
 
     def allows_model(self, name: str) -> bool:
         return _matches(self.models, name)

@@ -36,3 +36,4 @@ def test_every_route_is_documented():
                   if p and not p.startswith("static")}
     missing = [p for p in documented if f"{p}`" not in README]
     assert not missing, f"undocumented routes: {missing}"
+    assert "### `/api/v1/...`" in README
