@@ -332,6 +332,12 @@ def test_every_traversal_form_is_refused(app: Appliance, raw: RawUpstream, targe
     assert len(raw.requests) == before  # nothing reached the backend
 
 
+def test_a_control_character_elsewhere_gets_an_answer_too(app: Appliance) -> None:
+    # Sanic alone would drop the connection without an answer (and log a traceback): see server/request.py.
+    assert raw_request(app, b"/v1/models/no\x01such")[0] == 404
+    assert raw_request(app, b"/v1/models\x7f")[0] == 404
+
+
 def test_a_plain_path_on_a_raw_socket_passes(app: Appliance, raw: RawUpstream) -> None:
     status, _ = raw_request(app, b"/proxy/raw/v1/files%3Fnot-a-query/a.b..c?x=%2e%2e")
     assert status == 200
