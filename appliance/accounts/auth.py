@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from appliance.accounts.key_fields import KeyFields, check_budget
 from appliance.common.errors import GatewayError
+from appliance.common.paths import PROXY, canonical
 from appliance.storage import keys_repo
 from appliance.storage.db import Database
 
@@ -58,7 +59,7 @@ class Principal:
     name: str
     role: str
     models: tuple[str, ...] = ("*",)
-    endpoints: tuple[str, ...] | None = None  # None: everything except /admin
+    endpoints: tuple[str, ...] | None = None  # None: everything except /admin and /proxy
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None
@@ -79,11 +80,21 @@ class Principal:
         )
 
     def check_endpoint(self, method: str, path: str) -> None:
-        """Raise 403 endpoint_not_allowed unless this principal may call ``method path``."""
+        """Raise 403 endpoint_not_allowed unless this principal may call ``method path``.
+
+        ``path`` is the canonical spelling (common/paths.py); the key's patterns were made canonical too, so
+        a key allowed ``/v1/chat/*`` may call ``/api/v1/chat/completions``. /proxy/ reaches a backend raw,
+        past every rule of the gateway: admin keys, or keys whose own patterns name it (``*`` does not).
+        """
         if path.startswith("/admin"):
             allowed = self.role == "admin"
+        elif path.startswith(PROXY) and self.role == "admin":
+            allowed = True
         elif self.role == "read-only" and method not in _READ_METHODS:
             allowed = False
+        elif path.startswith(PROXY):
+            allowed = any(pattern.startswith(PROXY) and fnmatch.fnmatchcase(path, pattern)
+                          for pattern in self.endpoints or ())
         elif self.endpoints is None:
             allowed = True
         else:
@@ -98,6 +109,8 @@ class Principal:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "may_use", None if self.models == ("*",) else partial(_matches, self.models))
+        if self.endpoints is not None:  # matched against canonical paths: /api/v1/x patterns mean /v1/x
+            object.__setattr__(self, "endpoints", tuple(canonical(pattern) for pattern in self.endpoints))
 
     def allows_model(self, name: str) -> bool:
         return _matches(self.models, name)

@@ -82,6 +82,7 @@ class Exchange:
     response_body: bytes | None = None  # the whole answer sent, kept only for [log] store_bodies
     batch_id: str | None = None  # set for a batch line: its ledger row names the batch
     upstreams: Upstreams | None = None  # the backends of the config generation the request started in
+    backend: str | None = None  # a /proxy call's backend (it has no route)
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -91,7 +92,9 @@ class Exchange:
         headers = {"X-Request-ID": self.request_id}
         if self.route is not None:
             headers["X-Appliance-Backend"] = self.route.backend
-            headers["X-Appliance-Model"] = self.route.upstream_model
+            headers["X-Appliance-Model"] = headers["X-Model-Used"] = self.route.upstream_model
+        elif self.backend is not None:
+            headers["X-Appliance-Backend"] = self.backend
         if self.route_name is not None:
             headers["X-Appliance-Route"] = self.route_name
         if self.attempts:
@@ -182,6 +185,19 @@ def admit(gw: Gateway, x: Exchange, body: dict[str, Any], route: Route, *, count
         raise
 
 
+def admit_key(gw: Gateway, x: Exchange) -> None:
+    """A request that names no model (a /proxy call): only its key's request and concurrency limits apply."""
+    scope = key_scope(x.principal)
+    if scope is None:
+        return
+    try:
+        x.admission = gw.limiter.admit((scope,), tokens=0, cost=0, counts_tokens=False,
+                                       headers_for=scope if scope.rpm else None)
+    except GatewayError as exc:
+        gw.metrics.rejected(_limit_of(exc))
+        raise
+
+
 def _limit_of(refusal: GatewayError) -> str:
     """Which limit refused a request: requests, tokens, concurrency or budget (the metrics label)."""
     if refusal.code == "budget_exceeded":
@@ -227,7 +243,7 @@ def record(
     model = body.get("model")
     model = model if isinstance(model, str) else None
     key_id = x.principal.key_id if x.principal else None
-    backend = x.route.backend if x.route else None
+    backend = x.route.backend if x.route else x.backend
     backend_model = x.route.upstream_model if x.route else None
     priced = tokens is not None and (tokens.prompt is not None or tokens.completion is not None)
     row = requests_repo.RequestRecord(

@@ -26,15 +26,18 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from appliance import __version__
+from appliance.common.paths import PROXY
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OTHER = "other"
 NONE = "none"
 
-# Paths that get their own endpoint label; anything else a client sends under /v1/ counts as "other".
+# Paths that get their own endpoint label; anything else a client sends under /v1/ counts as "other", and
+# every /proxy/{backend}/{path} call as "proxy" (the backend label tells them apart; paths are the client's).
 ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
                        "/v1/messages/count_tokens", "/v1/responses"))
+PROXY_LABEL = "proxy"
 _RESPONSE_ITEM = re.compile(r"/v1/responses/[^/]+(/input_items)?")
 
 # Seconds. LLM answers run from milliseconds (a cache hit) to minutes (a long local generation).
@@ -142,6 +145,8 @@ def render(live: LiveCollector, per_key: bool) -> bytes:
 def endpoint_label(path: str) -> str:
     if path in ENDPOINTS:
         return path
+    if path.startswith(PROXY):
+        return PROXY_LABEL
     if _RESPONSE_ITEM.fullmatch(path):
         return "/v1/responses/{id}"
     return OTHER

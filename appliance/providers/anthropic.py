@@ -114,10 +114,9 @@ class AnthropicProvider:
         self.name = settings.name
         self.kind = "anthropic"
         # The backend's key, never the client's: Anthropic wants it as x-api-key, with the API version.
-        self._auth = {"anthropic-version": API_VERSION}
-        if settings.api_key:
-            self._auth["x-api-key"] = settings.api_key.get_secret_value()
-        self._root = anthropic_root(settings.url)
+        self.credentials = {"x-api-key": settings.api_key.get_secret_value()} if settings.api_key else {}
+        self._auth = {"anthropic-version": API_VERSION, **self.credentials}
+        self.root = anthropic_root(settings.url)
         self._transport = transport
         self._limits = Limits(settings.timeout_s, settings.connect_timeout_s)
         self._listing_limits = Limits(min(settings.timeout_s, LISTING_TIMEOUT_S), settings.connect_timeout_s)
@@ -165,7 +164,7 @@ class AnthropicProvider:
         limits = call.limits or self._limits
         options = call.body.get("stream_options")
         try:
-            async with self._transport.stream("POST", self._root + self._path(call), limits=limits,
+            async with self._transport.stream("POST", self.root + self._path(call), limits=limits,
                                               headers=self._headers(call), body=payload) as response:
                 if not 200 <= response.status < 300:
                     raise chat_error(response.status, await response.read(), headers=dict(response.headers))
@@ -203,7 +202,7 @@ class AnthropicProvider:
                         body: bytes | None) -> tuple[bytes, dict[str, Any], float]:
         """The answer's bytes, the JSON object they hold and the time it took, or the error it makes."""
         try:
-            response = await self._transport.request(method, self._root + path, limits=limits, headers=headers,
+            response = await self._transport.request(method, self.root + path, limits=limits, headers=headers,
                                                      body=body)
         except TransportError as exc:
             raise transport_failure(exc, self.name, limits) from exc

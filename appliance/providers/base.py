@@ -72,6 +72,8 @@ class EventStream(Protocol):
 class Provider(Protocol):
     name: str
     kind: str  # what the backend is: ollama, vllm, llamacpp, llama-cpp-python, lmstudio, sglang, openai
+    root: str  # the server's root URL (no /v1): where /proxy/{backend}/{path} calls go
+    credentials: dict[str, str]  # the backend's own key, in the header it expects ({} without one)
 
     async def send(self, call: Call) -> Reply: ...
 

@@ -104,11 +104,12 @@ class OllamaProvider:
     def __init__(self, settings: BackendSettings, transport: Transport) -> None:
         self.name = settings.name
         self.kind = "ollama"
-        self._root = ollama_root(settings.url)
+        self.root = ollama_root(settings.url)
         self._transport = transport
         self._limits = Limits(settings.timeout_s, settings.connect_timeout_s)
         self._listing_limits = Limits(min(settings.timeout_s, LISTING_TIMEOUT_S), settings.connect_timeout_s)
-        self._auth = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
+        self.credentials = ({"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key
+                            else {})
         self._shown: dict[str, ShownModel] = {}  # digest -> /api/show facts; a digest's blob never changes
         self._dropped_logged: set[str] = set()
 
@@ -116,7 +117,7 @@ class OllamaProvider:
         return endpoint in _PATHS
 
     def _headers(self, request_id: str | None = None) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", **self._auth}
+        headers = {"Content-Type": "application/json", **self.credentials}
         if request_id:
             headers["X-Request-ID"] = request_id
         return headers
@@ -144,7 +145,7 @@ class OllamaProvider:
         path, payload = self._upstream(call, stream=False)
         limits = call.limits or self._limits
         try:
-            response = await self._transport.request("POST", self._root + path, limits=limits,
+            response = await self._transport.request("POST", self.root + path, limits=limits,
                                                      headers=self._headers(call.request_id),
                                                      body=orjson.dumps(payload))
         except TransportError as exc:
@@ -169,7 +170,7 @@ class OllamaProvider:
         include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
         translator = ChunkTranslator(call.endpoint, call.body["model"], include_usage=include_usage)
         try:
-            async with self._transport.stream("POST", self._root + path, limits=limits,
+            async with self._transport.stream("POST", self.root + path, limits=limits,
                                               headers=self._headers(call.request_id),
                                               body=orjson.dumps(payload)) as response:
                 if response.status != 200:
@@ -205,8 +206,8 @@ class OllamaProvider:
 
     async def _get_json(self, path: str) -> dict[str, Any]:
         try:
-            response = await self._transport.request("GET", self._root + path, limits=self._listing_limits,
-                                                     headers=self._auth)
+            response = await self._transport.request("GET", self.root + path, limits=self._listing_limits,
+                                                     headers=self.credentials)
         except TransportError as exc:
             raise transport_failure(exc, self.name, self._listing_limits) from exc
         if response.status != 200:
@@ -232,7 +233,7 @@ class OllamaProvider:
             return self._shown[digest]
         try:
             response = await self._transport.request(
-                "POST", self._root + "/api/show", limits=self._listing_limits, headers=self._headers(),
+                "POST", self.root + "/api/show", limits=self._listing_limits, headers=self._headers(),
                 body=orjson.dumps({"model": entry["name"]}),
             )
             data = orjson.loads(response.body) if response.status == 200 else None

@@ -83,18 +83,20 @@ class OpenAICompatProvider:
         self.name = settings.name
         self.kind = kind
         self._base = api_base(settings.url)
+        self.root = self._base.removesuffix("/v1")
         self._transport = transport
         self._limits = Limits(settings.timeout_s, settings.connect_timeout_s)
         # Listing runs in the refresh loop: a hung backend must not hold it for a generation timeout.
         self._listing_limits = Limits(min(settings.timeout_s, LISTING_TIMEOUT_S), settings.connect_timeout_s)
-        self._auth = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
+        self.credentials = ({"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key
+                            else {})
 
     def supports(self, endpoint: str) -> bool:
         return True  # what the server lacks, it answers with 404, mapped by the caller
 
     def _headers(self, call: Call) -> dict[str, str]:
         return {**call.headers, "Content-Type": "application/json", "X-Request-ID": call.request_id,
-                **self._auth}
+                **self.credentials}
 
     async def send(self, call: Call) -> Reply:
         limits = call.limits or self._limits
@@ -138,7 +140,7 @@ class OpenAICompatProvider:
         """GET /models, enriched with what llama.cpp and vLLM put there."""
         try:
             response = await self._transport.request("GET", f"{self._base}/models", limits=self._listing_limits,
-                                                     headers=self._auth)
+                                                     headers=self.credentials)
         except TransportError as exc:
             raise transport_failure(exc, self.name, self._listing_limits) from exc
         if response.status >= 400:
@@ -157,13 +159,12 @@ class OpenAICompatProvider:
 
     async def load(self) -> Load | None:
         """The server's own queue, where it reports one: vLLM's /metrics, llama.cpp's /slots."""
-        root = self._base.removesuffix("/v1")
         path = {"vllm": "/metrics", "llamacpp": "/slots"}.get(self.kind)
         if path is None:
             return None
         try:
-            response = await self._transport.request("GET", root + path, limits=self._listing_limits,
-                                                     headers=self._auth)
+            response = await self._transport.request("GET", self.root + path, limits=self._listing_limits,
+                                                     headers=self.credentials)
         except TransportError as exc:
             raise transport_failure(exc, self.name, self._listing_limits) from exc
         if response.status != 200:
@@ -177,10 +178,9 @@ class OpenAICompatProvider:
 
     async def _add_props(self, info: ModelInfo) -> None:
         """llama.cpp's /props: the runtime window per slot and what the chat template can do."""
-        root = self._base.removesuffix("/v1")
         try:
-            response = await self._transport.request("GET", f"{root}/props", limits=self._listing_limits,
-                                                     headers=self._auth)
+            response = await self._transport.request("GET", f"{self.root}/props", limits=self._listing_limits,
+                                                     headers=self.credentials)
             props = orjson.loads(response.body) if response.status == 200 else {}
         except (TransportError, orjson.JSONDecodeError):
             return

@@ -9,11 +9,12 @@ imports aiohttp, so the choice can be revisited here alone.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 
 class TransportError(Exception):
@@ -36,6 +37,14 @@ class Timeout(TransportError):
 class Limits:
     total_s: float
     connect_s: float
+
+
+# A request body: whole, or streamed from an async iterator of chunks (sent chunked unless the headers give
+# its Content-Length).
+Body = bytes | AsyncIterable[bytes] | None
+
+# Headers aiohttp would add of its own; a raw request (see Transport.stream) sends only the caller's.
+_AUTO_HEADERS = ("Accept", "Content-Type")
 
 
 @dataclass(slots=True)
@@ -104,17 +113,23 @@ class Transport:
         return timeout
 
     async def _send(self, method: str, url: str, limits: Limits, headers: Mapping[str, str] | None,
-                    body: bytes | None) -> aiohttp.ClientResponse:
+                    body: Body, raw: bool = False) -> aiohttp.ClientResponse:
         timeout = self._timeout(limits)
+        target: str | URL = URL(url, encoded=True) if raw else url
+        skip = _AUTO_HEADERS if raw else ()
         try:
             try:
                 return await self._session.request(
-                    method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                    method, target, data=body, headers=headers, timeout=timeout, allow_redirects=False,
+                    skip_auto_headers=skip,
                 )
             except aiohttp.ServerDisconnectedError:
+                if not (body is None or isinstance(body, bytes)):
+                    raise  # a streamed body is partly gone: it cannot be sent again
                 # A pooled keep-alive socket closed under us before any answer: one fresh attempt.
                 return await self._session.request(
-                    method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                    method, target, data=body, headers=headers, timeout=timeout, allow_redirects=False,
+                    skip_auto_headers=skip,
                 )
         except TimeoutError as exc:
             raise Timeout(str(exc) or "timed out") from exc
@@ -157,10 +172,16 @@ class Transport:
         *,
         limits: Limits,
         headers: Mapping[str, str] | None = None,
-        body: bytes | None = None,
+        body: Body = None,
+        raw_url: bool = False,
     ) -> AsyncIterator[StreamResponse]:
+        """A request whose answer is read as it arrives.
+
+        ``raw_url``: the URL is already percent-encoded and goes out exactly as written (no re-quoting, no
+        dot-segment folding), and no header is added but Host and the body's framing (a passthrough).
+        """
         started = time.perf_counter()
-        raw = await self._send(method, url, limits, headers, body)
+        raw = await self._send(method, url, limits, headers, body, raw_url)
         try:
             yield StreamResponse(raw, started)
         finally:

@@ -15,6 +15,7 @@ from ipaddress import ip_address
 from sanic import Request
 
 from appliance.accounts.auth import presented_key
+from appliance.common.paths import canonical
 
 PUBLIC_PATHS = frozenset(("/health", "/healthz", "/ready", "/", "/status", "/openapi.json"))
 PUBLIC_PREFIXES = ("/static/",)
@@ -55,5 +56,5 @@ async def authenticate(request: Request) -> None:
     headers = request.headers
     principal = await gateway.authenticator.authenticate(
         presented_key(headers.get("authorization"), headers.get("x-api-key")))
-    principal.check_endpoint(request.method, request.path)
+    principal.check_endpoint(request.method, canonical(request.path))
     request.ctx.principal = principal

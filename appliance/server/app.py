@@ -16,6 +16,7 @@ from appliance.common.resources import static_dir
 from appliance.core import reload
 from appliance.core.resilience import BackendTable
 from appliance.server import access, lifecycle
+from appliance.server.request import GatewayRequest
 from appliance.server.responses import GatewayErrorHandler
 from appliance.server.routes import anthropic as anthropic_routes
 from appliance.server.routes import batches as batches_routes
@@ -24,6 +25,7 @@ from appliance.server.routes import keys as keys_routes
 from appliance.server.routes import observability, ops, responses_ws
 from appliance.server.routes import openai as openai_routes
 from appliance.server.routes import openapi as openapi_routes
+from appliance.server.routes import proxy as proxy_routes
 from appliance.server.routes import responses as responses_routes
 
 APP_NAME = "appliance"
@@ -49,7 +51,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     backend; config reloads); the main process makes them before the workers start. Without them: this
     process only. ``started_at``: when the appliance started (its uptime survives a worker's restart)."""
     configure_logging()
-    app = Sanic(APP_NAME, error_handler=GatewayErrorHandler())
+    app = Sanic(APP_NAME, error_handler=GatewayErrorHandler(), request_class=GatewayRequest)
     app.config.update(
         REQUEST_MAX_SIZE=int(settings.server.max_body_mb * 1024 * 1024),
         **_header_limit(settings.server.max_header_kb),
@@ -77,6 +79,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.blueprint(files_routes.bp)
     app.blueprint(batches_routes.bp)
     app.blueprint(openapi_routes.bp)
+    app.blueprint(proxy_routes.bp)
     app.static("/static", static_dir(), name="static", use_content_range=True)  # HEAD gets Content-Length
     if settings.server.cors_origins:
         _add_cors(app, settings.server.cors_origins)  # first: a preflight carries no key

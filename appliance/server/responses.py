@@ -27,6 +27,7 @@ from sanic.response.types import HEADER_TRANSLATION_TABLE
 from appliance.api.messages import translate as messages
 from appliance.api.responses import translate as responses
 from appliance.common.errors import GatewayError
+from appliance.common.paths import PROXY, V1, canonical
 from appliance.core import exchange as accounting
 from appliance.server.access import stands_in
 
@@ -56,6 +57,17 @@ class Response(HTTPResponse):
     def processed_headers(self) -> Iterator[tuple[bytes, bytes]]:
         if has_message_body(self.status):
             self.headers.setdefault("content-type", self.content_type)
+        return ((_clean(name).encode("ascii"), _clean(f"{value}").encode(errors="surrogateescape"))
+                for name, value in self.headers.items())
+
+
+class RawResponse(Response):
+    """A backend's answer passed through: its headers as they came, no Content-Type of ours added."""
+
+    __slots__ = ()
+
+    @property
+    def processed_headers(self) -> Iterator[tuple[bytes, bytes]]:
         return ((_clean(name).encode("ascii"), _clean(f"{value}").encode(errors="surrogateescape"))
                 for name, value in self.headers.items())
 
@@ -126,7 +138,7 @@ def exchange(request: Request) -> accounting.Exchange:
     rid = request_id(request)
     upstream_id = rid if "x-request-id" not in request.headers or _uuid_shaped(rid) else request.app.ctx.request_ids()
     headers = request.headers.items()
-    x = accounting.Exchange(path=request.path, request_id=rid, upstream_id=upstream_id,
+    x = accounting.Exchange(path=canonical(request.path), request_id=rid, upstream_id=upstream_id,
                             headers=accounting.forwardable(headers), controls=accounting.controls(headers),
                             principal=getattr(request.ctx, "principal", None), method=request.method,
                             client=request.ip)
@@ -173,16 +185,17 @@ class GatewayErrorHandler(ErrorHandler):
             log.error("unhandled error on %s %s", request.method, request.path, exc_info=exception)
         x = getattr(request.ctx, "exchange", None)
         gateway = getattr(request.app.ctx, "gateway", None)
-        if x is None and request.path.startswith("/v1/") and gateway is not None:
+        path = canonical(request.path)
+        if x is None and path.startswith((V1, PROXY)) and gateway is not None:
             x = exchange(request)  # failed before its handler ran (e.g. body too large): still logged
         if x is not None and gateway is not None:
             accounting.record(gateway, x, error.status, error_code=error.code)
         headers = x.response_headers() if x is not None else {"X-Request-ID": request_id(request)}
         headers.update(error.headers)
-        if request.path.startswith(MESSAGES_PATH):  # Anthropic clients read Anthropic's error shape
+        if path.startswith(MESSAGES_PATH):  # Anthropic clients read Anthropic's error shape
             return Response(messages.error_body(error, request_id(request)), status=messages.error_status(error),
                                 headers=headers, content_type=JSON)
-        if request.path.startswith(RESPONSES_PATH):
+        if path.startswith(RESPONSES_PATH):
             return Response(responses.error_body(error, request_id(request)), status=error.status,
                                 headers=headers, content_type=JSON)
         return Response(error.json_body(request_id(request)), status=error.status, headers=headers,

@@ -110,6 +110,8 @@ def existing(target: Appliance) -> dict[str, str]:
             "response_id": made(http.post("/v1/responses", json={"model": "fake-chat", "input": "Hi"})),
             "key_id": made(http.post("/admin/keys", json={"name": "fuzzed", "role": "user"})),
             "model": "fake-chat",
+            "backend": "fake",  # /proxy/{backend}/{path}: a path the fake serves
+            "path": "v1/chat/completions",
         }
 
 

@@ -143,6 +143,29 @@ def test_roles_and_patterns() -> None:
     admin.check_endpoint("DELETE", "/admin/keys/x")
 
 
+def test_patterns_match_the_canonical_path_whichever_spelling_wrote_them() -> None:
+    # The web layer passes /api/v1/x as /v1/x (common/paths.canonical); patterns are read the same way.
+    for written in ("/v1/chat/*", "/api/v1/chat/*"):
+        key = auth.Principal("k", "n", "user", endpoints=(written,))
+        key.check_endpoint("POST", "/v1/chat/completions")
+        with pytest.raises(GatewayError):
+            key.check_endpoint("GET", "/v1/models")
+
+
+def test_proxy_takes_an_admin_key_or_a_pattern_that_names_it() -> None:
+    auth.Principal("k", "a", "admin").check_endpoint("POST", "/proxy/vllm/tokenize")
+    auth.Principal("k", "a", "admin", endpoints=("/v1/*",)).check_endpoint("GET", "/proxy/vllm/metrics")
+    for endpoints in (None, ("*",), ("/v1/*", "*/tokenize"), ("/proxy/llamacpp/*",)):
+        with pytest.raises(GatewayError, match="may not call POST /proxy/vllm/tokenize"):
+            auth.Principal("k", "u", "user", endpoints=endpoints).check_endpoint("POST", "/proxy/vllm/tokenize")
+    allowed = auth.Principal("k", "u", "user", endpoints=("/proxy/vllm/*",))
+    allowed.check_endpoint("POST", "/proxy/vllm/tokenize")
+    reader = auth.Principal("k", "r", "read-only", endpoints=("/proxy/vllm/*",))
+    reader.check_endpoint("GET", "/proxy/vllm/metrics")
+    with pytest.raises(GatewayError):
+        reader.check_endpoint("POST", "/proxy/vllm/tokenize")
+
+
 def test_presented_key_from_either_header() -> None:
     assert auth.presented_key("Bearer sk-app-x", None) == "sk-app-x"
     assert auth.presented_key("bearer  sk-app-x ", None) == "sk-app-x"

@@ -11,6 +11,7 @@ import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from appliance.common.config import load_settings
+from appliance.common.paths import canonical
 from appliance.server.app import create_app
 from appliance.server.openapi import document, operations, vendored
 from appliance.server.routes.openapi import build
@@ -109,7 +110,8 @@ def test_errors_are_the_envelope(built):
                     continue
                 name = response["$ref"].rsplit("/", 1)[1]
                 schema = components["responses"][name]["content"]["application/json"]["schema"]["$ref"]
-                expected = "AnthropicErrorResponse" if path.startswith("/v1/messages") else "ApplianceErrorResponse"
+                expected = ("AnthropicErrorResponse" if canonical(path).startswith("/v1/messages")
+                            else "ApplianceErrorResponse")
                 assert schema.endswith("/" + expected), (method, path, status)
 
 

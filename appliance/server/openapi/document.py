@@ -31,6 +31,7 @@ TAGS = (
     ("Batch", "OpenAI Batches, run by the appliance on its own backends."),
     ("Keys", "A key's view of itself."),
     ("Admin", "Keys, usage and the request log (admin keys)."),
+    ("Proxy", "Raw calls to one backend's own paths."),
     ("Operations", "Health, readiness, the status page, metrics and this document."),
 )
 
@@ -103,7 +104,8 @@ def _info(openai: OpenAISpec) -> dict[str, Any]:
         "summary": "A self-hosted LLM gateway: one OpenAI-compatible endpoint in front of your model servers.",
         "description": (
             "Every error is OpenAI's envelope `{\"error\": {\"message\", \"type\", \"code\", \"param\", "
-            "\"request_id\"}}` with the true status (Anthropic's shape on /v1/messages). The OpenAI paths reuse "
+            "\"request_id\"}}` with the true status (Anthropic's shape on /v1/messages). Every /v1 path also "
+            "answers under /api/v1, the same in all. The OpenAI paths reuse "
             f"the schemas of {source['title']} {source['version']} ({source['license']} licence; "
             f"appliance/server/openapi/{source['license_file']}), corrected where OpenAI's own answers differ: "
             + "; ".join(f"{name}: {reason}" for name, reason in source.get("corrections", {}).items())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from appliance.common.paths import alias_of
 from appliance.server.openapi.schemas import Schema, ref
 from appliance.server.openapi.vendored import OpenAISpec
 
@@ -133,7 +134,25 @@ def control_headers() -> list[Schema]:
 
 def describe(openai: OpenAISpec) -> dict[OperationKey, Operation]:
     """Every operation the appliance serves, keyed by (METHOD, OpenAPI path)."""
-    return {**_openai_operations(openai), **_anthropic_operations(), **_admin_operations(), **_ops_operations()}
+    own = {**_openai_operations(openai), **_anthropic_operations(), **_admin_operations(), **_ops_operations(),
+           **_proxy_operations()}
+    return {**own, **_aliases(own)}
+
+
+def _aliases(described: dict[OperationKey, Operation]) -> dict[OperationKey, Operation]:
+    """Each /v1 operation again under /api/v1 (the same handler answers): its own operationId, else the same."""
+    aliases = {}
+    for (method, path), operation in described.items():
+        alias = alias_of(path)
+        if alias is None:
+            continue
+        same = f"The same as `{method} {path}`."
+        copy = {**operation, "description": f"{same} {operation['description']}" if "description" in operation
+                else same}
+        if "operationId" in operation:
+            copy["operationId"] = operation["operationId"] + "ApiV1"
+        aliases[(method, alias)] = copy
+    return aliases
 
 
 def _op(summary: str, tag: str, responses: dict[str, Schema], *, security: list[dict[str, list[str]]] = KEY,
@@ -361,3 +380,32 @@ def _ops_operations() -> dict[OperationKey, Operation]:
             description="Public, like /health: it describes the routes, the same for every installation of "
             "this version, and holds nothing of the configuration."),
     }
+
+
+def _proxy_operations() -> dict[OperationKey, Operation]:
+    parameters = [
+        path_param("backend", "A configured or discovered backend's name."),
+        path_param("path", "The backend's own path from its server root, e.g. `tokenize`, `slots`, `api/show`, "
+                   "percent-encoded as the backend expects it. Refused (400 `invalid_value`, param `path`): "
+                   "`.` or `..` segments (`%2e` too), `%2f`, `%5c`, `%25` (double encoding), `%00`-`%1f`, control "
+                   "characters, backslashes, and absolute URLs (`//host`, `http:`)."),
+    ]
+    answer = {"default": {"description": "The backend's answer as it sent it: its status, headers and body, "
+                          "streamed. Or the appliance's own error, in the envelope: 400 `invalid_value` (the path), "
+                          "401, 403 `endpoint_not_allowed`, 404 `not_found` (no such backend), 413 `body_too_large`, "
+                          "429, 502 `backend_unreachable`, 504 `backend_timeout`."}}
+    body = {"required": False, "content": {
+        JSON: {"schema": {}},
+        "application/octet-stream": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}},
+    }}
+    description = ("A raw call to one backend, for what the appliance has no route for (vLLM's `/tokenize`, "
+                   "llama.cpp's `/slots`, Ollama's `/api/show`). Admin keys, or keys whose `endpoints` name "
+                   "`/proxy/{backend}/...`. The query string passes unchanged; the client's Host, hop-by-hop headers "
+                   "and key stay here, the backend's own key goes instead; bodies stream both ways.")
+    operations = {}
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        operations[(method, "/proxy/{backend}/{path}")] = _op(
+            f"{method} a backend's own path", "Proxy", answer, parameters=parameters,
+            body=body if method in ("POST", "PUT", "PATCH") else None, description=description,
+            operation_id="proxy" + method.capitalize())
+    return operations

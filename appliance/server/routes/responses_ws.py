@@ -21,6 +21,7 @@ from appliance.api import surfaces
 from appliance.api.responses import stream as responses_stream
 from appliance.api.responses import translate as responses
 from appliance.common.errors import GatewayError
+from appliance.common.paths import canonical
 from appliance.common.sse import EventSplitter, event_data
 from appliance.core import exchange as accounting
 from appliance.core import pipeline
@@ -117,7 +118,7 @@ def _exchange(request: Request, session: str) -> accounting.Exchange:
     rid = request.app.ctx.request_ids()
     headers = accounting.forwardable(request.headers.items())
     headers[SESSION_HEADER] = session
-    return accounting.Exchange(path=request.path, request_id=rid, upstream_id=rid, headers=headers,
+    return accounting.Exchange(path=canonical(request.path), request_id=rid, upstream_id=rid, headers=headers,
                                principal=request.ctx.principal, session_id=session)
 
 
