@@ -3,8 +3,9 @@
 OpenAI chat calls are answered in OpenAI's shapes (the wire mapping lives in anthropic_translate; this
 module does the I/O). Messages and count_tokens calls (endpoints MESSAGES, COUNT_TOKENS) carry an
 Anthropic body already and pass through: the answer comes back as Anthropic sent it, a stream as its
-whole SSE events. The gateway's own API key for the backend travels as ``x-api-key``, with the gateway's
-``anthropic-version``; the client's key never leaves the gateway.
+whole SSE events. The gateway's own API key for the backend (or the request's key's own one for it, set by
+an admin: ``Call.api_key``) travels as ``x-api-key``, with the gateway's ``anthropic-version``; the key the
+client presented never leaves the gateway.
 """
 
 from __future__ import annotations
@@ -131,7 +132,10 @@ class AnthropicProvider:
 
     def _headers(self, call: Call) -> dict[str, str]:
         forwarded = {name: call.headers[name] for name in _FORWARDED if call.headers.get(name)}
-        return {**forwarded, "content-type": "application/json", "x-request-id": call.request_id, **self._auth}
+        headers = {**forwarded, "content-type": "application/json", "x-request-id": call.request_id, **self._auth}
+        if call.api_key is not None:
+            headers["x-api-key"] = call.api_key
+        return headers
 
     def _payload(self, call: Call, *, stream: bool) -> bytes:
         if call.endpoint in (MESSAGES, COUNT_TOKENS):

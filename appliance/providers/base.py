@@ -48,6 +48,8 @@ class Call:
     request_id: str
     headers: dict[str, str] = field(default_factory=dict)  # client headers that may travel upstream
     limits: Limits | None = None  # None: the backend's configured timeouts
+    # The request's key's own secret for this backend (BYOK), sent instead of the backend's api_key.
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(slots=True)

@@ -115,8 +115,10 @@ class OllamaProvider:
     def supports(self, endpoint: str) -> bool:
         return endpoint in _PATHS
 
-    def _headers(self, request_id: str | None = None) -> dict[str, str]:
+    def _headers(self, request_id: str | None = None, api_key: str | None = None) -> dict[str, str]:
         headers = {"Content-Type": "application/json", **self._auth}
+        if api_key is not None:
+            headers["Authorization"] = f"Bearer {api_key}"
         if request_id:
             headers["X-Request-ID"] = request_id
         return headers
@@ -145,7 +147,7 @@ class OllamaProvider:
         limits = call.limits or self._limits
         try:
             response = await self._transport.request("POST", self._root + path, limits=limits,
-                                                     headers=self._headers(call.request_id),
+                                                     headers=self._headers(call.request_id, call.api_key),
                                                      body=orjson.dumps(payload))
         except TransportError as exc:
             raise transport_failure(exc, self.name, limits) from exc
@@ -170,7 +172,7 @@ class OllamaProvider:
         translator = ChunkTranslator(call.endpoint, call.body["model"], include_usage=include_usage)
         try:
             async with self._transport.stream("POST", self._root + path, limits=limits,
-                                              headers=self._headers(call.request_id),
+                                              headers=self._headers(call.request_id, call.api_key),
                                               body=orjson.dumps(payload)) as response:
                 if response.status != 200:
                     raise ollama_error(response.status, await response.read(), self.name, path)

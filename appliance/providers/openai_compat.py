@@ -93,8 +93,8 @@ class OpenAICompatProvider:
         return True  # what the server lacks, it answers with 404, mapped by the caller
 
     def _headers(self, call: Call) -> dict[str, str]:
-        return {**call.headers, "Content-Type": "application/json", "X-Request-ID": call.request_id,
-                **self._auth}
+        auth = self._auth if call.api_key is None else {"Authorization": f"Bearer {call.api_key}"}
+        return {**call.headers, "Content-Type": "application/json", "X-Request-ID": call.request_id, **auth}
 
     async def send(self, call: Call) -> Reply:
         limits = call.limits or self._limits
