@@ -54,6 +54,6 @@ def render(session: Any, fmt: str) -> str:
     """The session as text (a call tree, the slowest first) or as speedscope's JSON (speedscope.app)."""
     from pyinstrument.renderers import ConsoleRenderer, SpeedscopeRenderer
 
-    if fmt == "speedscope":
-        return SpeedscopeRenderer().render(session)
+    if fmt == "speedscope":  # a timeline to zoom into: every sample, not only frames over 1 % of the time
+        return SpeedscopeRenderer(processor_options={"filter_threshold": 0}).render(session)
     return ConsoleRenderer(unicode=True, color=False, processor_options={"show_regex": _OWN_CODE}).render(session)
