@@ -22,7 +22,7 @@ import pytest
 from tests.fakes.anthropic_upstream import API_KEY as ANTHROPIC_SECRET
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.appliance import ADMIN_KEY, Appliance, toml
 from tests.support.batches import line, poll, upload
 
 pytestmark = pytest.mark.frozen  # the one-file build must carry cryptography
@@ -227,6 +227,17 @@ def test_the_cli_reads_secrets_from_stdin_and_shows_only_names(app: Appliance, f
     assert missing.returncode == 1 and "no key on standard input" in missing.stderr
     removed = app.cli("keys", "update", key_id, "--remove-upstream-key", "fake")
     assert removed.returncode == 0 and '"upstream_keys": []' in removed.stdout
+
+
+def test_a_reload_keeps_them_by_backend_name(app: Appliance, fake_openai: FakeOpenAI,
+                                             keys: dict[str, tuple[str, str]]) -> None:
+    backends = [dict(backend) for backend in app.config["backends"]]
+    backends[0]["api_key"] = "sk-backend-after-reload"  # the backend changes; the key's own secret stays
+    app.config_path.write_text(toml({**app.config, "backends": backends}))
+    status, body, _ = app.post("/admin/reload", b"")
+    assert status == 200 and body["reloaded"] is True and body["workers_behind"] == [], body
+    assert upstream_auth(fake_openai, chat(app, keys["byok"][1])) == f"Bearer {SECRET}"
+    assert upstream_auth(fake_openai, chat(app, keys["plain"][1])) == "Bearer sk-backend-after-reload"
 
 
 # ------------------------------------------------------------------------------------------ never shown again
