@@ -1,16 +1,18 @@
 """Per-key upstream credentials (BYOK): a key's own API key for a backend, sealed at rest.
 
 A key may carry, per backend name, the secret its requests present to that backend instead of the
-backend's configured ``api_key``. The database holds each secret only as a Fernet token (AES-128-CBC and
-HMAC-SHA256, from ``cryptography``); the Fernet key is ``data_dir/upstream-keys.key`` (mode 0600), made on
-first use, so the database or a backup of it alone reveals no secret. Secrets are opened when a worker
-builds a key's Principal (once per ``auth.cache_ttl_s``, with the key's other fields), never per request,
-and are never returned, logged or put in a repr. ``cryptography`` is imported when a vault is first used:
-a start without upstream keys does not pay for it.
+backend's configured ``api_key``. The database holds each secret only sealed: XSalsa20-Poly1305 with a
+random nonce (libsodium's secretbox, through PyNaCl), base64; the 32-byte key is ``data_dir/upstream-keys.key``
+(mode 0600, hex), made on first use, so the database or a backup of it alone reveals no secret. Secrets are
+opened when a worker builds a key's Principal (once per ``auth.cache_ttl_s``, with the key's other fields),
+never per request, and are never returned, logged or put in a repr. PyNaCl is imported when a vault is first
+used: a start without upstream keys does not pay for it. (PyNaCl, not ``cryptography``'s Fernet: the same
+authenticated encryption for this use, and 1 MB in the one-file binary where ``cryptography`` takes 5.)
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import secrets
@@ -24,42 +26,43 @@ from appliance.common.errors import GatewayError
 log = logging.getLogger("appliance.accounts.credentials")
 
 KEY_FILE = "upstream-keys.key"
+KEY_BYTES = 32  # libsodium's secretbox key
 MAX_SECRET = 4096
 # What an HTTP header value may hold without quoting: visible ASCII, no space, CR or LF.
 SECRET_PATTERN = r"^[\x21-\x7e]+$"
 
 
 class VaultError(Exception):
-    """The key file exists but holds no usable Fernet key."""
+    """The key file exists but holds no usable key."""
 
 
 class Vault:
-    """Seals and opens secrets with the data dir's Fernet key, read (or made) once per process."""
+    """Seals and opens secrets with the data dir's key, read (or made) once per process."""
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / KEY_FILE
-        self._fernet: Any = None  # cryptography.fernet.Fernet, once read
+        self._box: Any = None  # nacl.secret.SecretBox, once read
         self._reported: set[tuple[str, str]] = set()
 
     def seal(self, secret: str) -> str:
         """The token to store for ``secret``; makes the key file when there is none yet."""
-        return self._key(create=True).encrypt(secret.encode()).decode("ascii")
+        return base64.urlsafe_b64encode(self._key(create=True).encrypt(secret.encode())).decode("ascii")
 
     def open(self, token: str) -> str | None:
         """The secret sealed in ``token``; None when it cannot be opened (no key file, another key, a changed
         token). Absence is not remembered: a key file another process makes later is read then."""
         try:
-            fernet = self._key(create=False)
+            box = self._key(create=False)
         except VaultError as exc:
             log.error("%s", exc)
             return None
-        if fernet is None:
+        if box is None:
             return None
-        from cryptography.fernet import InvalidToken
+        from nacl.exceptions import CryptoError
 
         try:
-            return fernet.decrypt(token.encode("ascii")).decode()
-        except (InvalidToken, UnicodeError):
+            return box.decrypt(base64.urlsafe_b64decode(token.encode("ascii"))).decode()
+        except (CryptoError, ValueError):  # ValueError: not base64, not UTF-8, shorter than a nonce
             return None
 
     def open_all(self, key_id: str, sealed: Mapping[str, str]) -> dict[str, str | None]:
@@ -74,17 +77,17 @@ class Vault:
         return opened
 
     def _key(self, *, create: bool) -> Any:
-        if self._fernet is None:
-            from cryptography.fernet import Fernet
+        if self._box is None:
+            from nacl.secret import SecretBox
 
             raw = read_or_create(self.path) if create else _read(self.path)
             if raw is None:
                 return None
             try:
-                self._fernet = Fernet(raw.strip())
-            except ValueError:
-                raise VaultError(f"{self.path} holds no Fernet key; restore it from a backup") from None
-        return self._fernet
+                self._box = SecretBox(bytes.fromhex(raw.strip().decode("ascii")))
+            except ValueError:  # not hex, or not 32 bytes (nacl's own ValueError)
+                raise VaultError(f"{self.path} holds no usable key; restore it from a backup") from None
+        return self._box
 
 
 def _read(path: Path) -> bytes | None:
@@ -109,13 +112,11 @@ def read_or_create(path: Path) -> bytes:
     existing = _read(path)
     if existing is not None:
         return existing
-    from cryptography.fernet import Fernet
-
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
-            os.write(fd, Fernet.generate_key())
+            os.write(fd, secrets.token_hex(KEY_BYTES).encode("ascii"))
             os.fsync(fd)
         finally:
             os.close(fd)

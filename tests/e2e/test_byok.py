@@ -25,7 +25,7 @@ from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.appliance import ADMIN_KEY, Appliance, toml
 from tests.support.batches import line, poll, upload
 
-pytestmark = pytest.mark.frozen  # the one-file build must carry cryptography
+pytestmark = pytest.mark.frozen  # the one-file build must carry PyNaCl
 
 SECRET = "sk-byok-Qv7nW2xR9tLmK4pZ8sJd3hYc6fBg1aEu"
 NEW_SECRET = "sk-byok-rotated-Hn5Tq8Wm2Zx7Kc4Vb9Lp3Rd6"

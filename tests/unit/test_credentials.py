@@ -89,7 +89,7 @@ def test_processes_racing_to_make_the_key_all_get_the_same_one(tmp_path: Path) -
 
 def test_a_damaged_key_file_refuses_to_seal_and_opens_nothing(tmp_path: Path) -> None:
     token = Vault(tmp_path).seal(SECRET)
-    (tmp_path / KEY_FILE).write_bytes(b"not a fernet key")
+    (tmp_path / KEY_FILE).write_bytes(b"not a key")
     with pytest.raises(VaultError):
         Vault(tmp_path).seal(SECRET)
     assert Vault(tmp_path).open(token) is None
