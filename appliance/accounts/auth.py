@@ -3,7 +3,8 @@
 Keys look like ``sk-app-<43 random characters>``. Only an HMAC-SHA256 of a key (keyed with a
 per-install secret) is stored; a presented key is hashed the same way, looked up, and compared in
 constant time. Each worker trusts a looked-up key for ``auth.cache_ttl_s``, which bounds how long a
-revoked or disabled key keeps working.
+revoked or disabled key keeps working. A key's own upstream credentials (accounts/credentials.py) are
+opened when its Principal is built, so they are cached with it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from cachetools import TTLCache
 from pydantic import ValidationError
 
+from appliance.accounts.credentials import Vault, sealed_changes
 from appliance.accounts.key_fields import KeyFields, check_budget
 from appliance.common.errors import GatewayError
 from appliance.common.paths import PROXY, canonical
@@ -68,15 +70,18 @@ class Principal:
     budget_period: str | None = None
     slot: int | None = None  # row of the live counters; None for the anonymous owner
     expires_at: float | None = None
+    # The key's own secret per backend (BYOK), opened; None where it could not be (the request then fails
+    # rather than fall back to the backend's key). Out of repr and comparisons: it must never be printed.
+    upstream_keys: Mapping[str, str | None] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Principal:
+    def from_row(cls, row: dict[str, Any], upstream_keys: Mapping[str, str | None] | None = None) -> Principal:
         return cls(
             key_id=row["id"], name=row["name"], role=row["role"], models=tuple(row["models"] or ("*",)),
             endpoints=tuple(row["endpoints"]) if row["endpoints"] is not None else None, rpm=row["rpm"],
             tpm=row["tpm"], max_concurrent=row["max_concurrent"], budget_usd=row["budget_usd"],
             budget_tokens=row["budget_tokens"], budget_period=row["budget_period"], slot=row["slot"],
-            expires_at=row["expires_at"],
+            expires_at=row["expires_at"], upstream_keys=upstream_keys or {},
         )
 
     def check_endpoint(self, method: str, path: str) -> None:
@@ -141,10 +146,12 @@ def presented_key(authorization: str | None, x_api_key: str | None) -> str | Non
 class Authenticator:
     """Turns a presented key into a Principal, through a short per-worker cache in front of SQLite."""
 
-    def __init__(self, db: Database, install_secret: bytes, ttl_s: float, *, enabled: bool = True) -> None:
+    def __init__(self, db: Database, install_secret: bytes, ttl_s: float, *, enabled: bool = True,
+                 vault: Vault | None = None) -> None:
         self._db = db
         self._secret = install_secret
         self._enabled = enabled
+        self.vault = vault
         # Negative answers are cached too, so a flood of bad keys does not become a flood of queries.
         self._cache: TTLCache[str, Principal | None] = TTLCache(maxsize=10_000, ttl=ttl_s)
 
@@ -164,7 +171,7 @@ class Authenticator:
             digest = key_hash(key, self._secret)
             row = await keys_repo.find_by_hash(self._db, digest)
             usable = row is not None and row["enabled"] and hmac.compare_digest(row["hash"], digest)
-            principal = self._cache[key] = Principal.from_row(row) if usable else None  # type: ignore[arg-type]
+            principal = self._cache[key] = self.principal_of(row) if usable else None  # type: ignore[arg-type]
         # Unknown, disabled or expired: one answer, so a caller cannot tell which.
         if principal is None:
             raise GatewayError("invalid_api_key", _INVALID)
@@ -172,14 +179,25 @@ class Authenticator:
             raise GatewayError("invalid_api_key", _INVALID)
         return principal
 
+    def principal_of(self, row: dict[str, Any]) -> Principal:
+        """A key's row as a Principal, its upstream credentials opened (none can be without a vault)."""
+        sealed = row.get("upstream_keys") or {}
+        if not sealed:
+            return Principal.from_row(row)
+        opened = (self.vault.open_all(row["id"], sealed) if self.vault is not None
+                  else dict.fromkeys(sealed, None))
+        return Principal.from_row(row, opened)
+
 
 # ---------------------------------------------------------------------------------------- key management
 # The same operations behind the admin API and the CLI (which works on the data dir directly).
 
 def public_view(row: dict[str, Any]) -> dict[str, Any]:
-    """A key as listed: everything but the hash; the secret itself is never stored."""
+    """A key as listed: everything but the hash; the secret itself is never stored. Of its upstream
+    credentials, only the backend names (no part of a secret, not even masked)."""
     view = {k: v for k, v in row.items() if k not in ("hash", "slot")}
     view["object"] = "api_key"
+    view["upstream_keys"] = sorted(row.get("upstream_keys") or ())
     return view
 
 
@@ -202,13 +220,27 @@ def validated(fields: dict[str, Any], *, partial: bool) -> dict[str, Any]:
         raise GatewayError("invalid_value", f"{param}: {message}", param=param) from None
 
 
-async def create_key(db: Database, fields: dict[str, Any], *, slots: int,
-                     secret: str | None = None) -> tuple[dict[str, Any], str]:
-    """Create a key; returns its row and its secret (shown once, never stored)."""
+def _sealed(asked: dict[str, str | None] | None, vault: Vault | None, backends: Collection[str],
+            held: Collection[str] = ()) -> dict[str, str | None]:
+    if not asked:
+        return {}
+    if vault is None:
+        raise TypeError("storing upstream keys needs the data dir's vault")
+    return sealed_changes(asked, vault, backends, held)
+
+
+async def create_key(db: Database, fields: dict[str, Any], *, slots: int, secret: str | None = None,
+                     vault: Vault | None = None, backends: Collection[str] = ()) -> tuple[dict[str, Any], str]:
+    """Create a key; returns its row and its secret (shown once, never stored).
+
+    ``backends``: the names an ``upstream_keys`` entry may use; ``vault`` seals those secrets.
+    """
     values = validated(fields, partial=False)
     bad = check_budget(values)
     if bad:
         raise GatewayError("invalid_value", "A budget needs budget_period, and budget_period a budget.", param=bad)
+    sealed = _sealed(values.pop("upstream_keys"), vault, backends)
+    values["upstream_keys"] = {backend: token for backend, token in sealed.items() if token is not None}
     secret = secret or new_key()
     values.update(id=new_key_id(), hash=key_hash(secret, await keys_repo.install_secret(db)),
                   prefix=shown_prefix(secret))
@@ -219,7 +251,9 @@ async def create_key(db: Database, fields: dict[str, Any], *, slots: int,
     return row, secret
 
 
-async def update_key(db: Database, key_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+async def update_key(db: Database, key_id: str, changes: dict[str, Any], *, vault: Vault | None = None,
+                     backends: Collection[str] = ()) -> dict[str, Any]:
+    """Change the fields given; ``upstream_keys`` sets, replaces or (null) removes one backend's secret each."""
     current = await keys_repo.get(db, key_id)
     if current is None:
         raise GatewayError("not_found", f"No such key: {key_id}", param="id")
@@ -227,13 +261,15 @@ async def update_key(db: Database, key_id: str, changes: dict[str, Any]) -> dict
     bad = check_budget({**current, **values})
     if bad:
         raise GatewayError("invalid_value", "A budget needs budget_period, and budget_period a budget.", param=bad)
-    row = await keys_repo.update(db, key_id, values)
+    sealed = _sealed(values.pop("upstream_keys", None), vault, backends, held=current["upstream_keys"])
+    row = await keys_repo.update(db, key_id, values, upstream_keys=sealed)
     assert row is not None
     return row
 
 
 async def rotate_key(db: Database, key_id: str) -> tuple[dict[str, Any], str]:
-    """A new secret for the same key (id, limits, usage history kept); the old secret stops working."""
+    """A new secret for the same key (id, limits, usage history and upstream keys kept); the old secret stops
+    working."""
     if await keys_repo.get(db, key_id) is None:
         raise GatewayError("not_found", f"No such key: {key_id}", param="id")
     secret = new_key()

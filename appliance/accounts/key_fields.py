@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from appliance.accounts.credentials import MAX_SECRET, SECRET_PATTERN
+
+BackendName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+UpstreamSecret = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SECRET, pattern=SECRET_PATTERN)]
 
 
 class KeyFields(BaseModel):
@@ -26,6 +31,10 @@ class KeyFields(BaseModel):
     budget_tokens: int | None = Field(None, ge=0)
     budget_period: Literal["day", "week", "month"] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    upstream_keys: dict[BackendName, UpstreamSecret | None] = Field(
+        default_factory=dict, max_length=64,
+        description="The key's own API key per backend name, used instead of the backend's api_key for this key's "
+        "requests (null removes one). Stored encrypted; answers list only the backend names.")
 
     @field_validator("models", "endpoints")
     @classmethod

@@ -247,7 +247,7 @@ class BatchRunner:
         else:
             row = await keys_repo.get(self.gw.db, key_id)
             usable = row is not None and row["enabled"] and (row["expires_at"] is None or row["expires_at"] > now)
-            principal = Principal.from_row(row) if usable else None  # type: ignore[arg-type]
+            principal = self.gw.authenticator.principal_of(row) if usable else None  # type: ignore[arg-type]
         self._principals[key_id] = (now, principal)
         return principal
 

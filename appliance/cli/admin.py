@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import getpass
 import json
 import sys
 from typing import Any
 
 from appliance.accounts import auth, reports
+from appliance.accounts.credentials import Vault
 from appliance.cli import batches as batches_cli
 from appliance.common.config import Settings
 from appliance.common.errors import GatewayError
@@ -24,7 +26,7 @@ from appliance.storage.migrate import database_path, migrate
 EXIT_FAILED = 1
 _FIELDS = ("name", "role", "rpm", "tpm", "max_concurrent", "budget_usd", "budget_tokens", "budget_period")
 _LISTED = ("id", "name", "role", "prefix", "enabled", "models", "rpm", "tpm", "budget_usd", "budget_period",
-           "expires_at")
+           "expires_at", "upstream_keys")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -64,8 +66,10 @@ async def _run(args: argparse.Namespace, settings: Settings, fields: dict[str, A
 
 async def _keys(db: storage.Database, args: argparse.Namespace, settings: Settings, fields: dict[str, Any]) -> int:
     action = args.action
+    # Upstream keys may name the configured backends (the CLI does not see what a server discovered).
+    upstream: dict[str, Any] = {"vault": Vault(settings.data_dir), "backends": [b.name for b in settings.backends]}
     if action == "create":
-        row, secret = await auth.create_key(db, fields, slots=settings.limits.key_slots)
+        row, secret = await auth.create_key(db, fields, slots=settings.limits.key_slots, **upstream)
         _print_secret(row, secret)
     elif action == "rotate":
         row, secret = await auth.rotate_key(db, args.id)
@@ -79,7 +83,7 @@ async def _keys(db: storage.Database, args: argparse.Namespace, settings: Settin
         row = await auth.update_key(db, args.id, {"enabled": action == "enable"})
         print(f"{row['id']} {action}d")
     elif action == "update":
-        print(json.dumps(auth.public_view(await auth.update_key(db, args.id, fields)), indent=2))
+        print(json.dumps(auth.public_view(await auth.update_key(db, args.id, fields, **upstream)), indent=2))
     elif action == "delete":
         await auth.delete_key(db, args.id)
         print(f"{args.id} deleted")
@@ -100,7 +104,22 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
             fields["metadata"] = json.loads(args.metadata)
         except json.JSONDecodeError as exc:
             raise GatewayError("invalid_value", f"--metadata is not JSON: {exc}", param="metadata") from None
+    upstream: dict[str, str | None] = {backend: _read_secret(backend) for backend in args.upstream_key or ()}
+    upstream.update(dict.fromkeys(args.remove_upstream_key or ()))
+    if upstream:
+        fields["upstream_keys"] = upstream
     return fields
+
+
+def _read_secret(backend: str) -> str:
+    """One backend's secret from standard input: asked for (not echoed) on a terminal, else its next line."""
+    if sys.stdin.isatty():
+        return getpass.getpass(f"API key for backend {backend!r}: ").strip()
+    line = sys.stdin.readline()
+    if not line.strip():
+        raise GatewayError("missing_field", f"--upstream-key {backend}: no key on standard input (one line per "
+                           "--upstream-key).", param=f"upstream_keys.{backend}")
+    return line.strip()
 
 
 def _timestamp(value: str) -> float:

@@ -124,6 +124,11 @@ def _key_fields(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-tokens", type=int, help="tokens per budget period")
     parser.add_argument("--budget-period", choices=("day", "week", "month"))
     parser.add_argument("--metadata", metavar="JSON", help="a JSON object kept with the key")
+    parser.add_argument("--upstream-key", action="append", metavar="BACKEND",
+                        help="give the key its own API key for BACKEND, read from standard input (one line per "
+                        "flag; asked for on a terminal), never from the command line")
+    parser.add_argument("--remove-upstream-key", action="append", metavar="BACKEND",
+                        help="remove the key's own API key for BACKEND")
 
 
 def _settings(args: argparse.Namespace, config_file: str | None = None) -> Settings:

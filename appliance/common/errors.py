@@ -39,6 +39,8 @@ CODES: dict[str, tuple[int, str]] = {
     "shutting_down": (503, "server_error"),
     "backend_timeout": (504, "server_error"),
     "internal_error": (500, "server_error"),
+    # A key's own upstream credential that this appliance cannot decrypt (its key file is missing or replaced).
+    "upstream_key_unreadable": (500, "server_error"),
     "client_closed": (499, "invalid_request_error"),  # logged only: the client is gone
     # Files and Batches (the codes OpenAI is seen to use there)
     "missing_required_parameter": (400, "invalid_request_error"),
@@ -46,6 +48,7 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_file_purpose": (400, "invalid_request_error"),
     "storage_quota_exceeded": (400, "invalid_request_error"),
     "batch_not_cancellable": (409, "invalid_request_error"),
+    "profile_in_progress": (409, "invalid_request_error"),  # GET /admin/debug/profile: one at a time per worker
     "file_too_large": (413, "invalid_request_error"),
     "batch_limit_exceeded": (429, "rate_limit_error"),
 }

@@ -152,6 +152,18 @@ def _no_model(_name: str) -> bool:
     return False
 
 
+def upstream_key(x: Exchange, backend: str) -> str | None:
+    """The request's key's own secret for ``backend`` (BYOK); None: the backend's configured api_key goes."""
+    keys = x.principal.upstream_keys if x.principal is not None else None
+    if not keys or backend not in keys:
+        return None
+    secret = keys[backend]
+    if secret is None:  # sealed with a key file that is gone: never fall back to the backend's own key
+        raise GatewayError("upstream_key_unreadable", f"This key's own credential for backend {backend!r} cannot "
+                           "be decrypted on this appliance; an admin must set it again.")
+    return secret
+
+
 def upstreams(gw: Gateway, x: Exchange) -> Upstreams:
     """The backends ``x`` started with: a reload while it runs does not change them under it."""
     if x.upstreams is None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from appliance.common.errors import GatewayError
-from appliance.core.exchange import CLIENT_CLOSED, Exchange, admit_key, begin, ms, record, upstreams
+from appliance.core.exchange import CLIENT_CLOSED, Exchange, admit_key, begin, ms, record, upstream_key, upstreams
 from appliance.core.gateway import Gateway
 from appliance.providers.base import transport_failure
 from appliance.providers.transport import Limits, TransportError
@@ -179,8 +179,8 @@ async def _forward(gw: Gateway, x: Exchange, call: Call, responder: RawResponder
     x.attempts = 1
     try:
         async with gw.transport.stream(call.method, url, limits=limits, raw_url=True, body=call.body,
-                                       headers=request_headers(call.headers, provider.credentials,
-                                                               x.upstream_id)) as upstream:
+                                       headers=request_headers(call.headers, provider.credentials_for(
+                                           upstream_key(x, call.backend)), x.upstream_id)) as upstream:
             waited = time.perf_counter() - x.started
             overhead = waited - upstream.headers_after_s
             ours = {**x.response_headers(), "X-Appliance-Latency-Ms": ms(waited),

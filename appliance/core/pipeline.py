@@ -27,6 +27,7 @@ from appliance.core.exchange import (
     may_use,
     ms,
     record,
+    upstream_key,
     upstreams,
     usage_extras,
 )
@@ -207,7 +208,11 @@ def _cache_key(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan, x: 
     # One target: the backend model that answers; several: any of the route's targets may answer.
     route = plan.routes[0]
     served = f"{route.backend}/{route.upstream_model}" if len(plan.routes) == 1 else f"route:{plan.name}"
-    scope = None if gw.settings.cache.shared or x.principal is None else x.principal.key_id
+    # A key with its own upstream credentials never shares entries, even with [cache] shared: what it got was
+    # served on its own account (and may differ), and what others got was not paid for by it.
+    principal = x.principal
+    shared = principal is None or (gw.settings.cache.shared and not principal.upstream_keys)
+    scope = None if shared else principal.key_id  # type: ignore[union-attr]
     return cache.cache_key(endpoint, body, served, scope)
 
 
@@ -289,7 +294,7 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
                    stream: bool, cache_key: str | None, cache_ttl_s: float) -> GatewayError | None:
     """One try against one target: None when it answered, the error when another try may help."""
     call = Call(endpoint, upstream_body(body, route), x.upstream_id, x.headers,
-                limits=upstreams(gw, x).limits_for(route.backend, timeout_s))
+                limits=upstreams(gw, x).limits_for(route.backend, timeout_s), api_key=upstream_key(x, route.backend))
     started = time.perf_counter()
     gw.breakers.begin(route.backend, target.model)
     failure = None

@@ -3,8 +3,9 @@
 OpenAI chat calls are answered in OpenAI's shapes (the wire mapping lives in anthropic_translate; this
 module does the I/O). Messages and count_tokens calls (endpoints MESSAGES, COUNT_TOKENS) carry an
 Anthropic body already and pass through: the answer comes back as Anthropic sent it, a stream as its
-whole SSE events. The gateway's own API key for the backend travels as ``x-api-key``, with the gateway's
-``anthropic-version``; the client's key never leaves the gateway.
+whole SSE events. The gateway's own API key for the backend (or the request's key's own one for it, set by
+an admin: ``Call.api_key``) travels as ``x-api-key``, with the gateway's ``anthropic-version``; the key the
+client presented never leaves the gateway.
 """
 
 from __future__ import annotations
@@ -128,9 +129,14 @@ class AnthropicProvider:
         """Anthropic reports no queue; least_busy counts the gateway's own in-flight requests."""
         return None
 
+    def credentials_for(self, api_key: str | None) -> dict[str, str]:
+        """The header carrying a key's own secret for this backend (BYOK), or the backend's own key."""
+        return self.credentials if api_key is None else {"x-api-key": api_key}
+
     def _headers(self, call: Call) -> dict[str, str]:
         forwarded = {name: call.headers[name] for name in _FORWARDED if call.headers.get(name)}
-        return {**forwarded, "content-type": "application/json", "x-request-id": call.request_id, **self._auth}
+        return {**forwarded, "content-type": "application/json", "x-request-id": call.request_id, **self._auth,
+                **self.credentials_for(call.api_key)}
 
     def _payload(self, call: Call, *, stream: bool) -> bytes:
         if call.endpoint in (MESSAGES, COUNT_TOKENS):

@@ -48,6 +48,8 @@ class Call:
     request_id: str
     headers: dict[str, str] = field(default_factory=dict)  # client headers that may travel upstream
     limits: Limits | None = None  # None: the backend's configured timeouts
+    # The request's key's own secret for this backend (BYOK), sent instead of the backend's api_key.
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(slots=True)
@@ -74,6 +76,8 @@ class Provider(Protocol):
     kind: str  # what the backend is: ollama, vllm, llamacpp, llama-cpp-python, lmstudio, sglang, openai
     root: str  # the server's root URL (no /v1): where /proxy/{backend}/{path} calls go
     credentials: dict[str, str]  # the backend's own key, in the header it expects ({} without one)
+
+    def credentials_for(self, api_key: str | None) -> dict[str, str]: ...  # a key's own (BYOK), else ours
 
     async def send(self, call: Call) -> Reply: ...
 

@@ -116,8 +116,12 @@ class OllamaProvider:
     def supports(self, endpoint: str) -> bool:
         return endpoint in _PATHS
 
-    def _headers(self, request_id: str | None = None) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", **self.credentials}
+    def credentials_for(self, api_key: str | None) -> dict[str, str]:
+        """The header carrying a key's own secret for this backend (BYOK), or the backend's own key."""
+        return self.credentials if api_key is None else {"Authorization": f"Bearer {api_key}"}
+
+    def _headers(self, request_id: str | None = None, api_key: str | None = None) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", **self.credentials_for(api_key)}
         if request_id:
             headers["X-Request-ID"] = request_id
         return headers
@@ -146,7 +150,7 @@ class OllamaProvider:
         limits = call.limits or self._limits
         try:
             response = await self._transport.request("POST", self.root + path, limits=limits,
-                                                     headers=self._headers(call.request_id),
+                                                     headers=self._headers(call.request_id, call.api_key),
                                                      body=orjson.dumps(payload))
         except TransportError as exc:
             raise transport_failure(exc, self.name, limits) from exc
@@ -171,7 +175,7 @@ class OllamaProvider:
         translator = ChunkTranslator(call.endpoint, call.body["model"], include_usage=include_usage)
         try:
             async with self._transport.stream("POST", self.root + path, limits=limits,
-                                              headers=self._headers(call.request_id),
+                                              headers=self._headers(call.request_id, call.api_key),
                                               body=orjson.dumps(payload)) as response:
                 if response.status != 200:
                     raise ollama_error(response.status, await response.read(), self.name, path)

@@ -94,9 +94,13 @@ class OpenAICompatProvider:
     def supports(self, endpoint: str) -> bool:
         return True  # what the server lacks, it answers with 404, mapped by the caller
 
+    def credentials_for(self, api_key: str | None) -> dict[str, str]:
+        """The header carrying a key's own secret for this backend (BYOK), or the backend's own key."""
+        return self.credentials if api_key is None else {"Authorization": f"Bearer {api_key}"}
+
     def _headers(self, call: Call) -> dict[str, str]:
         return {**call.headers, "Content-Type": "application/json", "X-Request-ID": call.request_id,
-                **self.credentials}
+                **self.credentials_for(call.api_key)}
 
     async def send(self, call: Call) -> Reply:
         limits = call.limits or self._limits

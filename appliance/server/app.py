@@ -15,6 +15,7 @@ from appliance.common.config import Settings
 from appliance.common.resources import static_dir
 from appliance.core import reload
 from appliance.core.resilience import BackendTable
+from appliance.observe import profiler
 from appliance.server import access, lifecycle
 from appliance.server.request import GatewayRequest
 from appliance.server.responses import GatewayErrorHandler
@@ -55,7 +56,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.config.update(
         REQUEST_MAX_SIZE=int(settings.server.max_body_mb * 1024 * 1024),
         **_header_limit(settings.server.max_header_kb),
-        RESPONSE_TIMEOUT=settings.longest_timeout_s + _RESPONSE_TIMEOUT_MARGIN_S,
+        RESPONSE_TIMEOUT=max(settings.longest_timeout_s, profiler.MAX_SECONDS) + _RESPONSE_TIMEOUT_MARGIN_S,
         REQUEST_TIMEOUT=60,
         KEEP_ALIVE_TIMEOUT=75,
         GRACEFUL_SHUTDOWN_TIMEOUT=settings.server.graceful_timeout_s,

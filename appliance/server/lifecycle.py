@@ -13,6 +13,7 @@ import threading
 from sanic import Sanic
 
 from appliance.accounts.auth import Authenticator
+from appliance.accounts.credentials import Vault
 from appliance.accounts.limits import Limiter, worker_index
 from appliance.batches.files import FileStore
 from appliance.batches.runner import BatchRunner
@@ -22,6 +23,7 @@ from appliance.core.cache import ResponseCache
 from appliance.core.gateway import Gateway
 from appliance.core.resilience import Breakers
 from appliance.observe import metrics
+from appliance.observe.profiler import LoopProfiler
 from appliance.providers.transport import Transport
 from appliance.server.responses import RequestIds
 from appliance.server.statsz import StatszCache
@@ -112,7 +114,7 @@ async def open_gateway(app: Sanic) -> None:
     writer.start()
     transport = await Transport.open()
     authenticator = Authenticator(db, await keys_repo.install_secret(db), settings.auth.cache_ttl_s,
-                                  enabled=settings.auth.mode == "keys")
+                                  enabled=settings.auth.mode == "keys", vault=Vault(settings.data_dir))
     worker = worker_index()
     limiter = Limiter(app.ctx.limit_table, settings.limits.window_s, worker)
     limiter.forget_worker()  # a worker that replaces a dead one inherits its column, not its count
@@ -124,6 +126,7 @@ async def open_gateway(app: Sanic) -> None:
     gateway.start()
     app.ctx.gateway = gateway
     app.ctx.statsz = StatszCache(gateway, app.ctx.started_at)
+    app.ctx.profiler = LoopProfiler()
     metrics.worker_started()
     runner = BatchRunner(gateway, FileStore(settings.data_dir))  # acts only while it holds the lease
     runner.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import aiosqlite
@@ -13,7 +14,7 @@ from appliance.storage.db import Database
 # Columns a caller may change after creation (the hash and slot change only through rotate/create).
 EDITABLE = ("name", "role", "models", "endpoints", "expires_at", "enabled", "rpm", "tpm", "max_concurrent",
             "budget_usd", "budget_tokens", "budget_period", "metadata")
-_JSON = ("models", "endpoints", "metadata")
+_JSON = ("models", "endpoints", "metadata", "upstream_keys")
 
 
 class NoFreeSlot(Exception):
@@ -92,21 +93,39 @@ async def create(db: Database, values: dict[str, Any], *, slots: int) -> dict[st
     return created
 
 
-async def update(db: Database, key_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
-    """Change EDITABLE columns (and, for rotation, hash and prefix)."""
+async def update(db: Database, key_id: str, changes: dict[str, Any],
+                 upstream_keys: Mapping[str, str | None] | None = None) -> dict[str, Any] | None:
+    """Change EDITABLE columns (and, for rotation, hash and prefix).
+
+    ``upstream_keys``: sealed credentials to set (backend -> token) or remove (backend -> None), merged
+    into the stored ones in the same transaction, so two changes to different backends both stay.
+    """
     allowed = {*EDITABLE, "hash", "prefix"}
     unknown = set(changes) - allowed
     if unknown:
         raise ValueError(f"not editable: {sorted(unknown)}")
-    if changes:
-        assignments = ", ".join(f"{column} = ?" for column in changes)
+    if changes or upstream_keys:
+        assignments = "".join(f"{column} = ?, " for column in changes)
         params = (*(_encode(c, v) for c, v in changes.items()), time.time(), key_id)
 
         async def work(conn: aiosqlite.Connection) -> None:
-            await conn.execute(f"UPDATE api_keys SET {assignments}, updated_at = ? WHERE id = ?", params)
+            await conn.execute(f"UPDATE api_keys SET {assignments}updated_at = ? WHERE id = ?", params)
+            if upstream_keys:
+                rows = list(await conn.execute_fetchall("SELECT upstream_keys FROM api_keys WHERE id = ?",
+                                                        (key_id,)))
+                if rows:
+                    stored = merged(orjson.loads(rows[0][0]), upstream_keys)
+                    await conn.execute("UPDATE api_keys SET upstream_keys = ? WHERE id = ?",
+                                       (orjson.dumps(stored).decode(), key_id))
 
         await db.write(work)
     return await get(db, key_id)
+
+
+def merged(stored: dict[str, str], changes: Mapping[str, str | None]) -> dict[str, str]:
+    """``stored`` with ``changes`` applied: a token sets or replaces, None removes."""
+    out = {**stored, **{name: token for name, token in changes.items() if token is not None}}
+    return {name: token for name, token in out.items() if changes.get(name, token) is not None}
 
 
 async def delete(db: Database, key_id: str) -> bool:

@@ -60,7 +60,8 @@ BACKEND_CODES = frozenset(("backend_unreachable", "backend_error", "backend_time
 # Operations whose every field the appliance itself validates: a case the document calls invalid must get a
 # 4xx. Proxied requests are judged by their backend (unknown and invalid fields pass through, by design).
 OWN_VALIDATION = frozenset(("/admin/keys", "/admin/keys/{key_id}", "/admin/usage", "/admin/requests",
-                            "/v1/files", "/v1/batches", "/v1/responses/{response_id}/input_items"))
+                            "/admin/debug/profile", "/v1/files", "/v1/batches",
+                            "/v1/responses/{response_id}/input_items"))
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +154,22 @@ CHECKS = [no_5xx_of_our_own, status_code_conformance, content_type_conformance, 
 
 
 def _steer(case: schemathesis.Case, model: str | None, use_existing: bool, existing: dict[str, str]) -> None:
-    """Point the case at a model the fakes answer and at objects that exist (some of the time)."""
+    """Point the case at a model the fakes answer and at objects that exist (some of the time); keep a profile
+    that would be taken to its shortest (it answers after ``seconds``: up to a minute)."""
     if model is not None and isinstance(case.body, dict) and "model" in case.body:
         case.body["model"] = model
+    if case.path == "/admin/debug/profile" and isinstance(case.query, dict) and _waits(case.query.get("seconds")):
+        case.query["seconds"] = 1
     if use_existing and case.path_parameters:
         for name in case.path_parameters:
             if name in existing:
                 case.path_parameters[name] = existing[name]
+
+
+def _waits(value: Any) -> bool:
+    """A ``seconds`` the appliance takes (so it would wait that long); an invalid one stays, to be refused."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    return isinstance(text, str) and text.isascii() and text.isdigit() and 1 <= int(text) <= 60
 
 
 @pytest.fixture(scope="module")

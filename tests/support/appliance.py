@@ -138,10 +138,11 @@ class Appliance:
         except ValueError:
             return status, raw.decode(errors="replace"), hdrs
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run an appliance subcommand (keys, usage, backup...) on this appliance's config and data dir."""
+    def cli(self, *args: str, timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run an appliance subcommand (keys, usage, backup...) on this appliance's config and data dir;
+        ``input`` is its standard input (else none: an empty one)."""
         return subprocess.run([*appliance_cmd(), *args, "--config", str(self.config_path)], cwd=self.root,
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+                              env=self.env, capture_output=True, text=True, timeout=timeout, input=input or "")
 
     def worker_pids(self, want: int, timeout: float = 20) -> set[int]:
         """Distinct pids answering /health (each on a new connection) until ``want`` are seen."""

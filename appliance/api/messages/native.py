@@ -22,7 +22,16 @@ from appliance.api.messages.translate import error_message, error_status, error_
 from appliance.common.errors import GatewayError
 from appliance.common.sse import event_data
 from appliance.core.catalog import Route
-from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, allowed_routes, ms, record, upstreams
+from appliance.core.exchange import (
+    CLIENT_CLOSED,
+    Exchange,
+    Responder,
+    allowed_routes,
+    ms,
+    record,
+    upstream_key,
+    upstreams,
+)
 from appliance.core.gateway import Gateway
 from appliance.core.pipeline import GATEWAY_FIELDS, plan_for, upstream_body
 from appliance.core.relay import answer_rendered, first_events
@@ -81,7 +90,8 @@ def untranslated(body: dict[str, Any]) -> dict[str, Any]:
 
 def native_call(body: dict[str, Any], call: Call, route: Route) -> Call:
     """The client's Messages body addressed to ``route``'s backend model, with ``call``'s headers and limits."""
-    return Call(MESSAGES, upstream_body(body, route), call.request_id, call.headers, limits=call.limits)
+    return Call(MESSAGES, upstream_body(body, route), call.request_id, call.headers, limits=call.limits,
+                api_key=call.api_key)
 
 
 def tokens_of(usage: Any) -> Tokens | None:
@@ -235,7 +245,8 @@ async def count_tokens(gw: Gateway, body: dict[str, Any], x: Exchange, routes: t
     for route in routes:
         if not native(gw, x, route):
             continue
-        call = Call(COUNT_TOKENS, upstream_body(body, route), x.upstream_id, x.headers)
+        call = Call(COUNT_TOKENS, upstream_body(body, route), x.upstream_id, x.headers,
+                    api_key=upstream_key(x, route.backend))
         try:
             reply = await upstreams(gw, x).providers[route.backend].send(call)
         except GatewayError as exc:

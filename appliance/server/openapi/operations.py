@@ -47,7 +47,8 @@ _ERRORS = {
     "4XX": ("BackendClientError", "A backend's own 4xx, passed through with its status."),
     "5XX": ("BackendFailure", "502 `backend_unreachable`/`backend_error`, 503 `no_healthy_backend`/"
             "`backend_overloaded`/`shutting_down`, 504 `backend_timeout`, or a backend's own 5xx. The appliance "
-            "answers no 5xx of its own making."),
+            "answers no 5xx of its own making, but 500 `upstream_key_unreadable` for a key whose own backend "
+            "credential its data dir can no longer decrypt."),
 }
 
 
@@ -340,6 +341,21 @@ def _admin_operations() -> dict[OperationKey, Operation]:
             operation_id="reloadConfig",
             description="The same as SIGHUP or `appliance reload`. An invalid file is 400 `invalid_config` "
             "naming file, line and key; the running config stays."),
+        ("GET", "/admin/debug/profile"): _op(
+            "A CPU profile of the worker that answers", "Admin",
+            {"200": {**ok("pyinstrument's call tree as text, or speedscope's JSON with `format=speedscope`.",
+                          {"type": "string"}, media="text/plain", **{"application/json": {"type": "object"}}),
+                     "headers": {"X-Appliance-Worker": {"description": "The pid of the worker profiled.",
+                                                        "schema": {"type": "string"}}}},
+             **errors(400, 401, 403, 409)},
+            parameters=[
+                query("seconds", {"type": "integer", "minimum": 1, "maximum": 60, "default": 10},
+                      "How long to sample; the answer comes after that."),
+                query("format", {"enum": ["text", "speedscope"], "default": "text"}, "The profile's form."),
+            ], operation_id="profileWorker",
+            description="Samples the event loop thread of the worker that takes this request (all of its "
+            "requests, not this one alone) for `seconds`, then answers. One profile at a time per worker (409 "
+            "`profile_in_progress`). Other query parameters are refused (400)."),
         ("GET", "/v1/key"): _op("This key: its limits, budget left and usage", "Keys",
                                 {"200": ok("The key's own view.", ref("KeyView")), **errors(401, 403)},
                                 operation_id="ownKey"),

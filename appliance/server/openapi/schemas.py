@@ -111,6 +111,8 @@ def key_schemas() -> dict[str, Schema]:
     key = obj({
         "id": STRING, "object": {"const": "api_key"}, "prefix": STRING,
         **{name: schema for name, schema in fields.items()},
+        "upstream_keys": {"type": "array", "items": STRING, "description": "The backends this key has its own "
+                          "credential for: names only, never a secret or a part of one."},
         "created_at": NUMBER, "updated_at": NUMBER,
     })
     usage_row = obj({

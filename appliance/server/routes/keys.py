@@ -26,10 +26,16 @@ def _slots(request: Request) -> int:
     return request.app.ctx.settings.limits.key_slots
 
 
+def _upstream(request: Request) -> dict[str, Any]:
+    """What upstream_keys need: the vault that seals them and the backends they may name (this generation's)."""
+    gateway = request.app.ctx.gateway
+    return {"vault": gateway.authenticator.vault, "backends": set(gateway.upstreams.backends)}
+
+
 @bp.post("/admin/keys")
 async def create_key(request: Request) -> HTTPResponse:
     db = request.app.ctx.gateway.db
-    row, secret = await auth.create_key(db, parse_body(request.body), slots=_slots(request))
+    row, secret = await auth.create_key(db, parse_body(request.body), slots=_slots(request), **_upstream(request))
     return _json(request, {**auth.public_view(row), "key": secret}, 201)
 
 
@@ -46,7 +52,7 @@ async def get_key(request: Request, key_id: str) -> HTTPResponse:
 
 @bp.patch("/admin/keys/<key_id>")
 async def update_key(request: Request, key_id: str) -> HTTPResponse:
-    row = await auth.update_key(request.app.ctx.gateway.db, key_id, parse_body(request.body))
+    row = await auth.update_key(request.app.ctx.gateway.db, key_id, parse_body(request.body), **_upstream(request))
     return _json(request, auth.public_view(row))
 
 

@@ -1,8 +1,11 @@
 """Observability: /metrics (Prometheus), /statsz (the status page's data), /admin/requests (the request log),
-and the access-log line of requests that are not proxied (those are logged with their ledger row)."""
+/admin/debug/profile (a live CPU profile of a worker), and the access-log line of requests that are not
+proxied (those are logged with their ledger row)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 
 import orjson
@@ -10,9 +13,10 @@ from sanic import Request
 from sanic.response import HTTPResponse
 
 from appliance.accounts import reports
-from appliance.observe import metrics
+from appliance.common.errors import GatewayError
+from appliance.observe import metrics, profiler
 from appliance.server.query import query_args
-from appliance.server.responses import json_response, request_id
+from appliance.server.responses import Response, json_response, request_id
 from appliance.server.routes import Routes
 
 bp = Routes("observability")
@@ -39,6 +43,36 @@ async def admin_requests(request: Request) -> HTTPResponse:
     args = {name: query.get(name) for name in query}
     rows = await reports.request_log(request.app.ctx.gateway.db, args)
     return json_response(orjson.dumps({"object": "list", "data": rows}), request)
+
+
+@bp.get("/admin/debug/profile")
+async def profile(request: Request) -> HTTPResponse:
+    """Sample the worker that took this request for ``seconds``, then answer its profile."""
+    seconds, fmt = _profile_args(request)
+    try:
+        session = await request.app.ctx.profiler.sample(seconds)
+    except profiler.ProfileRunning:
+        raise GatewayError("profile_in_progress", f"A profile of this worker (pid {os.getpid()}) is already "
+                           "running; ask again when it ends.") from None
+    body = await asyncio.to_thread(profiler.render, session, fmt)  # not on the loop the next requests need
+    return Response(body, headers={"X-Request-ID": request_id(request), "X-Appliance-Worker": str(os.getpid())},
+                    content_type=profiler.FORMATS[fmt])
+
+
+def _profile_args(request: Request) -> tuple[int, str]:
+    query = query_args(request)
+    for name in query:
+        if name not in ("seconds", "format"):
+            raise GatewayError("invalid_value", f"Unknown parameter: {name}.", param=name)
+    text = query.get("seconds", str(profiler.DEFAULT_SECONDS))
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= profiler.MAX_SECONDS):
+        raise GatewayError("invalid_value", f"'seconds' must be a whole number from 1 to {profiler.MAX_SECONDS}.",
+                           param="seconds")
+    fmt = query.get("format", "text")
+    if fmt not in profiler.FORMATS:
+        raise GatewayError("invalid_value", f"'format' must be one of {', '.join(profiler.FORMATS)}.",
+                           param="format")
+    return int(text), fmt
 
 
 def note_arrival(request: Request) -> None:
