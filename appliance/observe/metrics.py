@@ -32,9 +32,11 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 OTHER = "other"
 NONE = "none"
 
-# Paths that get their own endpoint label; anything else a client sends under /v1/ counts as "other".
+# Paths that get their own endpoint label (each route the pipeline serves); anything else counts as "other".
 ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
-                       "/v1/messages/count_tokens", "/v1/responses"))
+                       "/v1/messages/count_tokens", "/v1/responses", "/v1/rerank", "/rerank", "/v1/score",
+                       "/v1/moderations", "/v1/images/generations", "/v1/images/edits", "/v1/audio/transcriptions",
+                       "/v1/audio/translations", "/v1/audio/speech"))
 _RESPONSE_ITEM = re.compile(r"/v1/responses/[^/]+(/input_items)?")
 
 # Seconds. LLM answers run from milliseconds (a cache hit) to minutes (a long local generation).

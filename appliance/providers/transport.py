@@ -9,7 +9,7 @@ imports aiohttp, so the choice can be revisited here alone.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -30,6 +30,10 @@ class ReadError(TransportError):
 
 class Timeout(TransportError):
     """The backend took longer than allowed."""
+
+
+# A request body: whole, or chunks as they come (sent once: see Transport._send).
+Body = bytes | AsyncIterable[bytes] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +108,8 @@ class Transport:
         return timeout
 
     async def _send(self, method: str, url: str, limits: Limits, headers: Mapping[str, str] | None,
-                    body: bytes | None) -> aiohttp.ClientResponse:
+                    body: Body) -> aiohttp.ClientResponse:
+        """Send; a body of chunks goes out as they come (with the caller's Content-Length, else chunked)."""
         timeout = self._timeout(limits)
         try:
             try:
@@ -112,6 +117,8 @@ class Transport:
                     method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False
                 )
             except aiohttp.ServerDisconnectedError:
+                if body is not None and not isinstance(body, bytes):
+                    raise  # chunks may be gone with the socket: whether to try again is the caller's call
                 # A pooled keep-alive socket closed under us before any answer: one fresh attempt.
                 return await self._session.request(
                     method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False
@@ -157,7 +164,7 @@ class Transport:
         *,
         limits: Limits,
         headers: Mapping[str, str] | None = None,
-        body: bytes | None = None,
+        body: Body = None,
     ) -> AsyncIterator[StreamResponse]:
         started = time.perf_counter()
         raw = await self._send(method, url, limits, headers, body)
