@@ -48,6 +48,12 @@ OPERATIONS = (
     ("post", "/batches"),
     ("get", "/batches/{batch_id}"),
     ("post", "/batches/{batch_id}/cancel"),
+    ("post", "/moderations"),
+    ("post", "/images/generations"),
+    ("post", "/images/edits"),
+    ("post", "/audio/transcriptions"),
+    ("post", "/audio/translations"),
+    ("post", "/audio/speech"),
 )
 _KEPT_OPERATION_FIELDS = ("operationId", "tags", "parameters", "requestBody", "responses")
 
@@ -72,6 +78,10 @@ def _purpose_evals(schema: dict[str, Any]) -> None:
     schema["properties"]["purpose"]["enum"].append("evals")
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    del schema["default"]
+
+
 # Where OpenAI's own answers, and its SDKs' types, contradict its spec, or local servers rightly differ. Each
 # is listed in the vendored file ("corrections"), and the document's description names them.
 CORRECTIONS = {
@@ -83,6 +93,8 @@ CORRECTIONS = {
                            "object carries it)"),
     **{name: (_nullable_page_ids, "`first_id` and `last_id` are null on an empty page, as OpenAI answers")
        for name in ("ListFilesResponse", "ListBatchesResponse", "ResponseItemList")},
+    "TranscriptionInclude": (_no_default, "no `default: []` on this string schema (the list default belongs to "
+                             "the `include` array that holds it; a validator refuses the document otherwise)"),
     "ChatCompletionResponseMessage": (_refusal_optional, "`refusal` is optional (local servers such as "
                                       "llama.cpp omit it; OpenAI's SDKs type it Optional)"),
 }

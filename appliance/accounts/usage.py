@@ -121,6 +121,21 @@ def estimate_prompt(body: dict[str, Any]) -> int:
     if isinstance(prompt, list):
         return sum(estimate_text(p) if isinstance(p, str) else (len(p) if isinstance(p, list) else 1)
                    for p in prompt)
+    return sum(_estimate_texts(body.get(name)) for name in _TEXT_FIELDS)
+
+
+# The text fields of rerank (Cohere, Jina, vLLM, llama.cpp) and score (vLLM) bodies.
+_TEXT_FIELDS = ("query", "documents", "text_1", "text_2", "queries", "items", "data_1", "data_2")
+
+
+def _estimate_texts(value: Any) -> int:
+    """A string, a list of them, or of {"text": ...} objects (Cohere's documents), estimated."""
+    if isinstance(value, str):
+        return estimate_text(value)
+    if isinstance(value, dict):
+        return _estimate_texts(value.get("text"))
+    if isinstance(value, list):
+        return sum(_estimate_texts(item) for item in value)
     return 0
 
 
@@ -148,6 +163,35 @@ def from_reply(data: dict[str, Any] | None, body: dict[str, Any]) -> Tokens:
             text += content_text(message.get("content")) if isinstance(message, dict) else ""
             text += choice.get("text") or "" if isinstance(choice.get("text"), str) else ""
     return Tokens(estimate_prompt(body), estimate_text(text), estimated=True)
+
+
+def from_extension(data: dict[str, Any] | None, body: dict[str, Any]) -> Tokens:
+    """Tokens of a rerank, score, moderation, image or audio answer: what the backend reports, else an estimate.
+
+    Reported as OpenAI's ``usage`` (prompt/completion or input/output tokens), a rerank's ``usage.total_tokens``
+    (vLLM, Jina, llama.cpp), or Cohere's ``meta.billed_units`` / ``meta.tokens``.
+    """
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if isinstance(usage, dict):
+        prompt = _first_int(usage, "prompt_tokens", "input_tokens", "total_tokens")
+        if prompt is not None:
+            return Tokens(prompt, _first_int(usage, "completion_tokens", "output_tokens") or 0)
+    meta = data.get("meta") if isinstance(data, dict) else None
+    if isinstance(meta, dict):
+        for part in ("billed_units", "tokens"):
+            counted = meta.get(part)
+            if isinstance(counted, dict) and isinstance(counted.get("input_tokens"), int):
+                output = counted.get("output_tokens")
+                return Tokens(counted["input_tokens"], output if isinstance(output, int) else 0)
+    return Tokens(estimate_prompt(body), 0, estimated=True)
+
+
+def _first_int(values: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 # A chunk that carries output: a non-empty content, text or tool-call arguments string.

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from appliance.common import capabilities
+
 DEFAULT_PORT = 8100
 DEFAULT_DATA_DIR = "appliance-data"
 
@@ -39,6 +41,8 @@ class ServerSettings(_Model):
     single_process: bool = Field(False, description="Serve from one process, no workers (tiny hosts).")
     data_dir: Path = Field(Path(DEFAULT_DATA_DIR), description="Folder for the SQLite database and files.")
     max_body_mb: float = Field(32, gt=0, description="Largest accepted request body, in MB.")
+    max_upload_mb: float = Field(1024, gt=0, description="Largest multipart upload streamed to a backend (image "
+                                 "edits, transcriptions, translations), in MB; never held in memory.")
     max_header_kb: int = Field(32, ge=1, le=1024, description="Largest request line plus headers, in KB (431 above).")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS ('*' for any).")
     tls_cert: Path | None = Field(None, description="PEM certificate for HTTPS.")
@@ -64,6 +68,18 @@ class BackendSettings(_Model):
     connect_timeout_s: float = Field(3, gt=0, description="Time allowed to open a connection.")
     discover: bool = Field(True, description="List the backend's models at start and every interval.")
     models: list[str] = Field(default_factory=list, description="Models served, when discover is off.")
+    capabilities: list[str] | None = Field(None, description="What it serves: chat, completions, embeddings, "
+                                           "rerank, moderations, images, transcriptions, speech, audio "
+                                           "(default: by its type, see README).")
+
+    @field_validator("capabilities")
+    @classmethod
+    def _known_capabilities(cls, value: list[str] | None) -> list[str] | None:
+        unknown = [name for name in value or () if not capabilities.known(name)]
+        if unknown:
+            raise ValueError(f"unknown {', '.join(map(repr, unknown))}; use "
+                             f"{', '.join([*capabilities.NAMES, *capabilities.GROUPS])}")
+        return value
 
     @field_validator("name")
     @classmethod

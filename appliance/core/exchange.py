@@ -19,6 +19,7 @@ from appliance.common.errors import GatewayError
 from appliance.core.catalog import MayUse, Route
 from appliance.core.gateway import Gateway, Upstreams
 from appliance.observe.metrics import endpoint_label as metrics_endpoint
+from appliance.providers.base import Upload
 from appliance.storage import ledger, requests_repo
 
 # Client request headers that never travel upstream: the hop, our auth, our own controls.
@@ -83,6 +84,7 @@ class Exchange:
     batch_id: str | None = None  # set for a batch line: its ledger row names the batch
     upstreams: Upstreams | None = None  # the backends of the config generation the request started in
     backend: str | None = None  # a /proxy call's backend (it has no route)
+    upload: Upload | None = None  # a multipart body streamed through (core/uploads.py), sent instead of ``body``
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""

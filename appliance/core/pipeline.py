@@ -32,16 +32,43 @@ from appliance.core.exchange import (
     usage_extras,
 )
 from appliance.core.gateway import Gateway
-from appliance.core.relay import OPENAI, Surface
+from appliance.core.relay import AS_IS, OPENAI, RAW, Surface
 from appliance.core.routing import Target
-from appliance.providers.base import CHAT, COMPLETIONS, EMBEDDINGS, Call
+from appliance.core.uploads import Upload, noted
+from appliance.providers.base import (
+    CAPABILITY_OF,
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    IMAGES,
+    MODERATIONS,
+    RERANK,
+    SCORE,
+    SPEECH,
+    UPLOADS,
+    Call,
+)
 
 # Body fields that steer the gateway and must not reach a backend.
 GATEWAY_FIELDS = ("fallbacks", "fallback", "provider", "timeout", "retries")
 MAX_RETRIES = 5
 TRUE = ("1", "true", "yes")
 
-_REQUIRED = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}
+# What a JSON body must hold besides its model (the rest is the backend's to judge), and which may stream.
+_REQUIRED = {CHAT: ("messages",), COMPLETIONS: ("prompt",), EMBEDDINGS: ("input",), RERANK: ("query", "documents"),
+             SCORE: (), MODERATIONS: ("input",), IMAGES: ("prompt",), SPEECH: ("input",)}
+_STREAMS = frozenset((CHAT, COMPLETIONS, IMAGES, SPEECH))
+# The endpoints whose answers are OpenAI's chat, completion or embedding JSON (usage added, cacheable).
+_OPENAI_ANSWERS = frozenset((CHAT, COMPLETIONS, EMBEDDINGS))
+
+
+def surface_of(endpoint: str) -> Surface:
+    """How an endpoint's answer reaches the client."""
+    if endpoint in _OPENAI_ANSWERS:
+        return OPENAI
+    if endpoint == SPEECH or endpoint in UPLOADS:
+        return RAW  # audio, or whatever a transcription was asked to be (JSON, text, subtitles, events)
+    return AS_IS
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -58,14 +85,10 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 def validate(endpoint: str, body: dict[str, Any]) -> None:
     """The few checks the gateway needs; everything else is the backend's to judge."""
-    model = body.get("model")
-    if model is None:
-        raise GatewayError("missing_field", "You must provide a model parameter.", param="model")
-    if not isinstance(model, str) or not model:
-        raise GatewayError("invalid_value", "'model' must be a non-empty string.", param="model")
-    required = _REQUIRED[endpoint]
-    if body.get(required) is None:
-        raise GatewayError("missing_field", f"Missing required parameter: '{required}'.", param=required)
+    validate_model(body)
+    for required in _REQUIRED.get(endpoint, ()):
+        if body.get(required) is None:
+            raise GatewayError("missing_field", f"Missing required parameter: '{required}'.", param=required)
     if endpoint == CHAT:
         messages = body["messages"]
         if not isinstance(messages, list) or not messages:
@@ -77,8 +100,16 @@ def validate(endpoint: str, body: dict[str, Any]) -> None:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise GatewayError("invalid_value", "'stream' must be a boolean.", param="stream")
-    if endpoint == EMBEDDINGS and stream:
-        raise GatewayError("invalid_value", "Embeddings cannot be streamed.", param="stream")
+    if stream and endpoint not in _STREAMS:
+        raise GatewayError("invalid_value", f"/v1/{endpoint} answers cannot be streamed.", param="stream")
+
+
+def validate_model(body: dict[str, Any]) -> None:
+    model = body.get("model")
+    if model is None:
+        raise GatewayError("missing_field", "You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model:
+        raise GatewayError("invalid_value", "'model' must be a non-empty string.", param="model")
 
 
 def upstream_body(body: dict[str, Any], route: Route) -> dict[str, Any]:
@@ -159,14 +190,30 @@ def _timeout_s(gw: Gateway, body: dict[str, Any], plan: Plan) -> float | None:
 
 
 async def proxy(gw: Gateway, endpoint: str, raw: bytes, x: Exchange, responder: Responder) -> None:
-    """Serve chat/completions, completions or embeddings."""
+    """Serve a JSON body: chat/completions, completions, embeddings, rerank, score, moderations, images, speech."""
     try:
         x.body = body = parse_body(raw)
         validate(endpoint, body)
     except GatewayError as exc:
         record(gw, x, exc.status, error_code=exc.code)
         raise
-    await serve(gw, endpoint, body, x, responder)
+    await serve(gw, endpoint, body, x, responder, surface_of(endpoint))
+
+
+async def proxy_upload(gw: Gateway, endpoint: str, upload: Upload, x: Exchange, responder: Responder) -> None:
+    """Serve a multipart upload (image edits, transcriptions, translations): read up to its model, then stream it.
+
+    It is tried again, or on another target, only while no byte past what was read to find the model has gone
+    to a backend (see core/uploads.py); after that a failure is final.
+    """
+    try:
+        x.body = body = noted(await upload.scan())
+        validate_model(body)
+    except GatewayError as exc:
+        record(gw, x, exc.status, error_code=exc.code)
+        raise
+    x.upload = upload
+    await serve(gw, endpoint, body, x, responder, surface_of(endpoint))
 
 
 async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, responder: Responder,
@@ -294,7 +341,8 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
                    stream: bool, cache_key: str | None, cache_ttl_s: float) -> GatewayError | None:
     """One try against one target: None when it answered, the error when another try may help."""
     call = Call(endpoint, upstream_body(body, route), x.upstream_id, x.headers,
-                limits=upstreams(gw, x).limits_for(route.backend, timeout_s), api_key=upstream_key(x, route.backend))
+                limits=upstreams(gw, x).limits_for(route.backend, timeout_s), api_key=upstream_key(x, route.backend),
+                upload=x.upload)
     started = time.perf_counter()
     gw.breakers.begin(route.backend, target.model)
     failure = None
@@ -311,8 +359,8 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
         retry = resilience.retryable(exc)
         gw.breakers.record(route.backend, ok=not resilience.breaker_failure(exc))
         gw.selector.observe(target, time.perf_counter() - started, ok=not retry)
-        if not retry or x.streaming:
-            raise
+        if not retry or x.streaming or (x.upload is not None and not x.upload.replayable):
+            raise  # an answer began, or an upload's body went out and cannot be sent again
         return exc
     finally:
         gw.breakers.end(route.backend, target.model)
@@ -324,8 +372,10 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
 
 
 def _unsupported(gw: Gateway, x: Exchange, endpoint: str, route: Route) -> GatewayError | None:
-    if upstreams(gw, x).providers[route.backend].supports(endpoint) and not (
-            endpoint == EMBEDDINGS and gw.catalog.capability(route, "embeddings") is False):
+    """Why ``route`` cannot serve ``endpoint``, or None: its backend's capabilities, and (past chat and
+    completions) what the backend says of the model itself (Ollama: an embedding model or not)."""
+    said = None if endpoint in (CHAT, COMPLETIONS) else gw.catalog.capability(route, CAPABILITY_OF.get(endpoint, ""))
+    if upstreams(gw, x).providers[route.backend].supports(endpoint) and said is not False:
         return None
     return GatewayError("unsupported", f"{route.upstream_model!r} on backend {route.backend!r} does not serve "
                         f"/v1/{endpoint}", param="model")

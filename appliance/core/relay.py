@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from appliance.accounts.usage import Cost, StreamMeter, Tokens, from_reply
+from appliance.accounts.usage import Cost, StreamMeter, Tokens, estimate_prompt, from_extension, from_reply
 from appliance.common.errors import GatewayError
 from appliance.common.sse import DONE
 from appliance.core.exchange import (
@@ -28,7 +28,8 @@ from appliance.core.exchange import (
     usage_extras,
 )
 from appliance.core.gateway import Gateway
-from appliance.providers.base import Call
+from appliance.providers.base import Call, answer_headers
+from appliance.providers.transport import TransportError
 
 # Turns the backend's parsed chat answer into the client's body (given its tokens, cost and latency).
 Render = Callable[[Exchange, dict[str, Any], Tokens, Cost, float], Awaitable[bytes]]
@@ -164,3 +165,117 @@ class Surface:
 
 
 OPENAI = Surface(answer, relay_stream)
+
+
+# ------------------------------------------------------------------------------------------ as it comes
+
+
+async def answer_as_is(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
+    """A JSON answer that is not OpenAI chat (rerank, score, moderations, images): the backend's body unchanged;
+    its tokens as reported, else estimated; cost and timings in headers only."""
+    return await answer_rendered(gw, call, x, responder, None, upstream_headers=True, count=from_extension)
+
+
+async def relay_raw(gw: Gateway, call: Call, x: Exchange, responder: Responder,
+                    first_token_s: float | None = None) -> GatewayError | None:
+    """The backend's answer as it comes (audio, events, a multipart upload's answer), its content type kept.
+
+    A JSON answer is read whole (its usage counted) and goes out unchanged; any other goes out chunk by chunk.
+    A failure after the first byte cannot be told in a body of audio: the ledger notes it and the answer is
+    cut off (no closing chunk), so the client sees an incomplete answer rather than a short one.
+    """
+    route = x.route
+    assert route is not None
+    try:
+        async with upstreams(gw, x).providers[route.backend].exchange(call) as upstream:
+            content_type = upstream.headers.get("Content-Type", "application/octet-stream")
+            headers = {**answer_headers(upstream.headers), **x.response_headers()}
+            overhead = time.perf_counter() - x.started - upstream.headers_after_s
+            if content_type.split(";")[0].strip().lower() == "application/json":
+                return await _whole(gw, call, x, responder, await upstream.read(), headers, overhead)
+            chunks = upstream.chunks().__aiter__()
+            first = await first_chunk(chunks, first_token_s, route.backend)
+            first_byte = time.perf_counter() - x.started
+            tokens = _raw_tokens(call)
+            cost = price_of(gw, x, tokens)
+            await responder.start_stream({**headers, "Content-Type": content_type,
+                                          "X-Appliance-Latency-Ms": ms(first_byte),
+                                          "X-Appliance-Overhead-Ms": ms(overhead),
+                                          "X-Appliance-Cost-Usd": f"{cost.total:.9f}"})
+            x.streaming = True
+            try:
+                if first:
+                    await responder.send(first)
+                async for chunk in chunks:
+                    await responder.send(chunk)
+            except asyncio.CancelledError:
+                record(gw, x, CLIENT_CLOSED, tokens=tokens, error_code="client_closed", overhead_s=overhead,
+                       ttft_s=first_byte)
+                raise
+            except (GatewayError, TransportError) as exc:
+                code = exc.code if isinstance(exc, GatewayError) else "backend_unreachable"
+                record(gw, x, 200, tokens=tokens, error_code=code, overhead_s=overhead, ttft_s=first_byte)
+                raise
+            record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=overhead, ttft_s=first_byte)
+            await responder.end_stream(b"")
+            return None
+    except GatewayError:
+        failure = call.upload.failure if call.upload is not None else None  # type: ignore[attr-defined]
+        if failure is not None:
+            raise failure from None  # the upload, not the backend, stopped the body
+        raise
+
+
+async def _whole(gw: Gateway, call: Call, x: Exchange, responder: Responder, raw: bytes, headers: dict[str, str],
+                 overhead: float) -> None:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    latency = time.perf_counter() - x.started
+    tokens = from_extension(data if isinstance(data, dict) else None, call.body) if call.upload is None else (
+        _reported_only(data))
+    cost = price_of(gw, x, tokens)
+    headers.update({"X-Appliance-Cost-Usd": f"{cost.total:.9f}", "X-Appliance-Latency-Ms": ms(latency),
+                    "X-Appliance-Overhead-Ms": ms(overhead)})
+    if gw.settings.log.store_bodies:
+        x.response_body = raw
+    record(gw, x, 200, tokens=tokens, cost=cost, overhead_s=overhead, ttft_s=latency)
+    await responder.complete(200, headers, raw)
+
+
+def _reported_only(data: Any) -> Tokens:
+    """An upload's tokens: only what the backend reports (its audio or image cannot be estimated here)."""
+    tokens = from_extension(data if isinstance(data, dict) else None, {})
+    return Tokens() if tokens.estimated else tokens
+
+
+def _raw_tokens(call: Call) -> Tokens:
+    """A streamed answer's tokens: the request's text, estimated (speech: its input); none for an upload."""
+    if call.upload is not None:
+        return Tokens()
+    return Tokens(estimate_prompt(call.body), 0, estimated=True)
+
+
+async def first_chunk(chunks: AsyncIterator[bytes], timeout_s: float | None, backend: str) -> bytes:
+    """The answer's first bytes, within the first-token timeout; b"" for an empty answer."""
+    try:
+        if timeout_s is None:
+            return await anext(chunks)
+        return await asyncio.wait_for(anext(chunks), timeout_s)
+    except StopAsyncIteration:
+        return b""
+    except TimeoutError:
+        raise GatewayError("backend_timeout", f"backend {backend!r} sent nothing within the first-token "
+                           f"timeout ({timeout_s:g} s)") from None
+
+
+async def raw_answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
+    await relay_raw(gw, call, x, responder)
+    return b"", Tokens()  # never cached
+
+
+# JSON answers as the backend wrote them (a stream, e.g. images with stream: true, as it comes).
+AS_IS = Surface(answer_as_is, relay_raw, cacheable=False)
+# Answers as they come, whatever they are: speech, and the answers to uploads.
+RAW = Surface(raw_answer, relay_raw, cacheable=False)

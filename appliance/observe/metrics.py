@@ -33,10 +33,12 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 OTHER = "other"
 NONE = "none"
 
-# Paths that get their own endpoint label; anything else a client sends under /v1/ counts as "other", and
-# every /proxy/{backend}/{path} call as "proxy" (the backend label tells them apart; paths are the client's).
+# Paths that get their own endpoint label (each route the pipeline serves); anything else counts as "other",
+# and every /proxy/{backend}/{path} call as "proxy" (the backend label tells them apart; paths are the client's).
 ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
-                       "/v1/messages/count_tokens", "/v1/responses"))
+                       "/v1/messages/count_tokens", "/v1/responses", "/v1/rerank", "/rerank", "/v1/score",
+                       "/v1/moderations", "/v1/images/generations", "/v1/images/edits", "/v1/audio/transcriptions",
+                       "/v1/audio/translations", "/v1/audio/speech"))
 PROXY_LABEL = "proxy"
 _RESPONSE_ITEM = re.compile(r"/v1/responses/[^/]+(/input_items)?")
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 
+from appliance.common import capabilities
 from appliance.common.config import BackendSettings
 from appliance.common.errors import GatewayError
 from appliance.common.sse import DONE, event_data
@@ -31,7 +32,9 @@ from appliance.providers.base import (
     Call,
     ModelInfo,
     Reply,
+    serves,
     transport_failure,
+    unsupported,
 )
 from appliance.providers.openai_compat import OpenAIStream
 from appliance.providers.transport import Limits, StreamResponse, Transport, TransportError
@@ -114,6 +117,7 @@ class AnthropicProvider:
     def __init__(self, settings: BackendSettings, transport: Transport) -> None:
         self.name = settings.name
         self.kind = "anthropic"
+        self.capabilities = capabilities.of(settings.capabilities, self.kind)
         # The backend's key, never the client's: Anthropic wants it as x-api-key, with the API version.
         self.credentials = {"x-api-key": settings.api_key.get_secret_value()} if settings.api_key else {}
         self._auth = {"anthropic-version": API_VERSION, **self.credentials}
@@ -123,7 +127,10 @@ class AnthropicProvider:
         self._listing_limits = Limits(min(settings.timeout_s, LISTING_TIMEOUT_S), settings.connect_timeout_s)
 
     def supports(self, endpoint: str) -> bool:
-        return endpoint in (CHAT, MESSAGES, COUNT_TOKENS)
+        return endpoint in (MESSAGES, COUNT_TOKENS) or (endpoint == CHAT and serves(self.capabilities, CHAT))
+
+    def exchange(self, call: Call) -> AbstractAsyncContextManager[StreamResponse]:
+        raise unsupported(self.name, call.endpoint)
 
     async def load(self) -> None:
         """Anthropic reports no queue; least_busy counts the gateway's own in-flight requests."""

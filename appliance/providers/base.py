@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from appliance.common.errors import GatewayError
-from appliance.providers.transport import ConnectError, Limits, ReadError, Timeout, TransportError
+from appliance.providers.transport import ConnectError, Limits, ReadError, StreamResponse, Timeout, TransportError
 
 # The OpenAI endpoints a provider can serve, as the path after /v1/.
 CHAT = "chat/completions"
@@ -21,6 +21,28 @@ EMBEDDINGS = "embeddings"
 # Anthropic's own endpoints, which only an Anthropic backend serves: Messages bodies pass through to it.
 MESSAGES = "messages"
 COUNT_TOKENS = "messages/count_tokens"
+# The extension endpoints: JSON in, JSON out (rerank, score, moderations, image generations), multipart in
+# (image edits, transcriptions, translations: streamed through), JSON in and audio out (speech).
+RERANK = "rerank"
+SCORE = "score"
+MODERATIONS = "moderations"
+IMAGES = "images/generations"
+IMAGE_EDITS = "images/edits"
+TRANSCRIPTIONS = "audio/transcriptions"
+TRANSLATIONS = "audio/translations"
+SPEECH = "audio/speech"
+UPLOADS = frozenset((IMAGE_EDITS, TRANSCRIPTIONS, TRANSLATIONS))  # multipart bodies, never read whole
+
+# The capability each endpoint needs (common/capabilities.py names them and gives each kind's default).
+CAPABILITY_OF = {CHAT: "chat", COMPLETIONS: "completions", EMBEDDINGS: "embeddings", RERANK: "rerank",
+                 SCORE: "rerank", MODERATIONS: "moderations", IMAGES: "images", IMAGE_EDITS: "images",
+                 TRANSCRIPTIONS: "transcriptions", TRANSLATIONS: "transcriptions", SPEECH: "speech"}
+
+
+def serves(capabilities: frozenset[str], endpoint: str) -> bool:
+    """Does a backend with ``capabilities`` serve ``endpoint``? (An endpoint that needs none: no.)"""
+    needed = CAPABILITY_OF.get(endpoint)
+    return needed is not None and needed in capabilities
 
 # Model listing runs in the refresh loop: a hung backend must not hold it for a generation timeout.
 LISTING_TIMEOUT_S = 10.0
@@ -39,6 +61,16 @@ class ModelInfo:
     aliases: tuple[str, ...] = ()  # other names that reach it (Ollama: 'llama3.2' for 'llama3.2:latest')
 
 
+class Upload(Protocol):
+    """A multipart body on its way through (core/uploads.py): its bytes as they come, the model field renamed."""
+
+    content_type: str  # multipart/form-data with the client's boundary
+
+    def length(self, model: str) -> int | None: ...  # None: not known (sent chunked)
+
+    def chunks(self, model: str) -> AsyncIterator[bytes]: ...
+
+
 @dataclass(slots=True)
 class Call:
     """One upstream request in OpenAI terms: the body is already addressed to the backend's model."""
@@ -50,6 +82,7 @@ class Call:
     limits: Limits | None = None  # None: the backend's configured timeouts
     # The request's key's own secret for this backend (BYOK), sent instead of the backend's api_key.
     api_key: str | None = field(default=None, repr=False)
+    upload: Upload | None = None  # a multipart body, sent instead of ``body`` (which names the model)
 
 
 @dataclass(slots=True)
@@ -88,6 +121,14 @@ class Provider(Protocol):
     async def load(self) -> Any: ...  # resilience.Load | None: the backend's own queue, where it has one
 
     def supports(self, endpoint: str) -> bool: ...
+
+    # The request as it is (JSON or a multipart upload), the answer as it comes: for answers that are not
+    # OpenAI JSON (audio, events) or bodies that must not be read whole. GatewayError for a 4xx/5xx.
+    def exchange(self, call: Call) -> AbstractAsyncContextManager[StreamResponse]: ...
+
+
+def unsupported(backend: str, endpoint: str) -> GatewayError:
+    return GatewayError("unsupported", f"backend {backend!r} does not serve /v1/{endpoint}", param="model")
 
 
 def transport_failure(exc: TransportError, backend: str, limits: Limits) -> GatewayError:

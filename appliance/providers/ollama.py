@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from typing import Any
 
 import orjson
 
+from appliance.common import capabilities
 from appliance.common.config import BackendSettings
 from appliance.common.errors import GatewayError
 from appliance.providers.base import (
@@ -25,7 +26,9 @@ from appliance.providers.base import (
     Call,
     ModelInfo,
     Reply,
+    serves,
     transport_failure,
+    unsupported,
 )
 from appliance.providers.ollama_translate import (
     DROPPED_FIELDS,
@@ -104,6 +107,7 @@ class OllamaProvider:
     def __init__(self, settings: BackendSettings, transport: Transport) -> None:
         self.name = settings.name
         self.kind = "ollama"
+        self.capabilities = capabilities.of(settings.capabilities, self.kind)
         self.root = ollama_root(settings.url)
         self._transport = transport
         self._limits = Limits(settings.timeout_s, settings.connect_timeout_s)
@@ -114,7 +118,10 @@ class OllamaProvider:
         self._dropped_logged: set[str] = set()
 
     def supports(self, endpoint: str) -> bool:
-        return endpoint in _PATHS
+        return endpoint in _PATHS and serves(self.capabilities, endpoint)
+
+    def exchange(self, call: Call) -> AbstractAsyncContextManager[StreamResponse]:
+        raise unsupported(self.name, call.endpoint)
 
     def credentials_for(self, api_key: str | None) -> dict[str, str]:
         """The header carrying a key's own secret for this backend (BYOK), or the backend's own key."""

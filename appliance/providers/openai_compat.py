@@ -12,17 +12,21 @@ from typing import Any
 
 import orjson
 
+from appliance.common import capabilities
 from appliance.common.config import BackendSettings
 from appliance.common.errors import GatewayError, upstream_error
 from appliance.common.sse import EventSplitter, first_unreadable, readable
 from appliance.providers.base import (
-    EMBEDDINGS,
+    CHAT,
+    COMPLETIONS,
     LISTING_TIMEOUT_S,
     Call,
     ModelInfo,
     Reply,
     answer_headers,
+    serves,
     transport_failure,
+    unsupported,
 )
 from appliance.providers.load import Load, parse_llamacpp_slots, parse_vllm_metrics
 from appliance.providers.transport import Limits, StreamResponse, Transport, TransportError
@@ -90,15 +94,26 @@ class OpenAICompatProvider:
         self._listing_limits = Limits(min(settings.timeout_s, LISTING_TIMEOUT_S), settings.connect_timeout_s)
         self.credentials = ({"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key
                             else {})
+        self._capabilities = settings.capabilities
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """As configured, else by kind (which the model list may tell only after start)."""
+        return capabilities.of(self._capabilities, self.kind)
 
     def supports(self, endpoint: str) -> bool:
-        return True  # what the server lacks, it answers with 404, mapped by the caller
+        return serves(self.capabilities, endpoint)  # a route the server lacks still answers 404: see _error
 
     def credentials_for(self, api_key: str | None) -> dict[str, str]:
         """The header carrying a key's own secret for this backend (BYOK), or the backend's own key."""
         return self.credentials if api_key is None else {"Authorization": f"Bearer {api_key}"}
 
     def _headers(self, call: Call) -> dict[str, str]:
+        if call.upload is not None:
+            length = call.upload.length(call.body["model"])
+            sized = {"Content-Length": str(length)} if length is not None else {}
+            return {**call.headers, "Content-Type": call.upload.content_type, **sized,
+                    "X-Request-ID": call.request_id, **self.credentials_for(call.api_key)}
         return {**call.headers, "Content-Type": "application/json", "X-Request-ID": call.request_id,
                 **self.credentials_for(call.api_key)}
 
@@ -133,11 +148,25 @@ class OpenAICompatProvider:
         except TransportError as exc:
             raise transport_failure(exc, self.name, limits) from exc
 
+    @asynccontextmanager
+    async def exchange(self, call: Call) -> AsyncIterator[StreamResponse]:
+        """The request as it is (a multipart upload streams through), the answer as it comes."""
+        limits = call.limits or self._limits
+        body = call.upload.chunks(call.body["model"]) if call.upload is not None else orjson.dumps(call.body)
+        try:
+            async with self._transport.stream("POST", f"{self._base}/{call.endpoint}", limits=limits,
+                                              headers=self._headers(call), body=body) as response:
+                if response.status >= 400:
+                    raise self._error(call, response.status, await response.read(), response.headers)
+                yield response
+        except TransportError as exc:
+            raise transport_failure(exc, self.name, limits) from exc
+
     def _error(self, call: Call, status: int, body: bytes, headers: Any = None) -> GatewayError:
         error = upstream_error(status, body, self.name, headers)
-        if call.endpoint == EMBEDDINGS and status in (404, 405, 501) and error.body is None:
-            # The server has no embeddings route (a bare 404 page), as opposed to an unknown model.
-            return GatewayError("unsupported", f"backend {self.name!r} does not serve embeddings", param="model")
+        if call.endpoint not in (CHAT, COMPLETIONS) and status in (404, 405, 501) and error.body is None:
+            # The server has no such route (a bare 404 page), as opposed to an unknown model.
+            return unsupported(self.name, call.endpoint)
         return error
 
     async def list_models(self) -> list[ModelInfo]:

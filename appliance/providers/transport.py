@@ -33,6 +33,10 @@ class Timeout(TransportError):
     """The backend took longer than allowed."""
 
 
+# A request body: whole, or chunks as they come (sent once: see Transport._send).
+Body = bytes | AsyncIterable[bytes] | None
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     total_s: float
@@ -114,6 +118,7 @@ class Transport:
 
     async def _send(self, method: str, url: str, limits: Limits, headers: Mapping[str, str] | None,
                     body: Body, raw: bool = False) -> aiohttp.ClientResponse:
+        """Send; a body of chunks goes out as they come (with the caller's Content-Length, else chunked)."""
         timeout = self._timeout(limits)
         target: str | URL = URL(url, encoded=True) if raw else url
         skip = _AUTO_HEADERS if raw else ()
@@ -124,8 +129,8 @@ class Transport:
                     skip_auto_headers=skip,
                 )
             except aiohttp.ServerDisconnectedError:
-                if not (body is None or isinstance(body, bytes)):
-                    raise  # a streamed body is partly gone: it cannot be sent again
+                if body is not None and not isinstance(body, bytes):
+                    raise  # chunks may be gone with the socket: whether to try again is the caller's call
                 # A pooled keep-alive socket closed under us before any answer: one fresh attempt.
                 return await self._session.request(
                     method, target, data=body, headers=headers, timeout=timeout, allow_redirects=False,

@@ -21,6 +21,7 @@ from appliance.server.request import GatewayRequest
 from appliance.server.responses import GatewayErrorHandler
 from appliance.server.routes import anthropic as anthropic_routes
 from appliance.server.routes import batches as batches_routes
+from appliance.server.routes import extensions as extension_routes
 from appliance.server.routes import files as files_routes
 from appliance.server.routes import keys as keys_routes
 from appliance.server.routes import observability, ops, responses_ws
@@ -71,6 +72,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.ctx.reload_board = reload_board or reload.Board(1, shared=False)
     app.ctx.started_at = started_at or time.time()
     app.blueprint(openai_routes.bp)
+    app.blueprint(extension_routes.bp)
     app.blueprint(anthropic_routes.bp)
     app.blueprint(responses_routes.bp)
     app.blueprint(responses_ws.bp)

@@ -86,9 +86,12 @@ class SanicResponder:
         self.response = Response(body, status=status, headers=headers, content_type=JSON)
 
     async def start_stream(self, headers: dict[str, str]) -> None:
+        """Events, or (with a Content-Type among ``headers``) another body that goes out as it comes."""
+        content_type = headers.pop("Content-Type", SSE)
         headers.setdefault("Cache-Control", "no-cache")
         headers["X-Accel-Buffering"] = "no"  # a reverse proxy in front must not buffer the stream
-        self._stream = await self._request.respond(Response(status=200, headers=headers, content_type=SSE))
+        self._stream = await self._request.respond(Response(status=200, headers=headers,
+                                                            content_type=content_type))
 
     async def send(self, data: bytes) -> None:
         await self._stream.send(data)  # type: ignore[union-attr]
@@ -186,7 +189,7 @@ class GatewayErrorHandler(ErrorHandler):
         x = getattr(request.ctx, "exchange", None)
         gateway = getattr(request.app.ctx, "gateway", None)
         path = canonical(request.path)
-        if x is None and path.startswith((V1, PROXY)) and gateway is not None:
+        if x is None and path.startswith((V1, PROXY, "/rerank")) and gateway is not None:
             x = exchange(request)  # failed before its handler ran (e.g. body too large): still logged
         if x is not None and gateway is not None:
             accounting.record(gateway, x, error.status, error_code=error.code)

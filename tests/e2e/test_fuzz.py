@@ -53,7 +53,8 @@ OPERATIONS = sorted(operations.describe(vendored.load()))  # test_every_operatio
 # Models the fakes answer, each a different path through the gateway; None keeps the generated name.
 MODELS = (None, "fake-chat", "fake-tools", "fake-nousage", "fake-500", "fake-400", "fake-vllm-error",
           "fake-embed", "fake-reset", "chat", "llama3.2", "all-minilm", "down-model", "claude-fake",
-          "claude-fake-tools", "claude-fake-overloaded", "script-no-such-script")
+          "claude-fake-tools", "claude-fake-overloaded", "script-no-such-script", "fake-rerank", "fake-moderation",
+          "fake-image", "fake-whisper", "fake-tts")
 # Error codes of a backend's failure: 5xx the appliance reports, not makes.
 BACKEND_CODES = frozenset(("backend_unreachable", "backend_error", "backend_timeout", "no_healthy_backend",
                            "backend_overloaded"))
@@ -79,7 +80,8 @@ def target(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI, fa
     config = {
         "discovery": {"enabled": False},
         "backends": [
-            {"name": "fake", "url": fake_openai.url + "/v1", "api_key": "sk-backend-secret"},
+            {"name": "fake", "url": fake_openai.url + "/v1", "api_key": "sk-backend-secret",
+             "capabilities": ["chat", "completions", "embeddings", "rerank", "moderations", "images", "audio"]},
             {"name": "ollama", "type": "ollama", "url": fake_ollama.url},
             {"name": "anthropic", "type": "anthropic", "url": fake_anthropic.url, "api_key": ANTHROPIC_KEY},
             {"name": "down", "url": f"http://127.0.0.1:{free_port()}/v1", "discover": False,

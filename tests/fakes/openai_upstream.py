@@ -21,6 +21,9 @@ The model name picks the behaviour:
   fake-long         streams a chunk every 50 ms for 30 s; notes when the client went away
   fake-embed        embeddings (8 dims)
   org/fake-slash    a normal answer (a model id that contains a slash)
+  fake-rerank, fake-moderation, fake-image, fake-whisper, fake-tts
+                    names for the extension endpoints (tests/fakes/extensions.py: rerank and score,
+                    moderations, images, transcriptions and translations, speech); any name is answered there
 
 A request with an ``x-mock-script`` header (or a model named ``script-<name>``) gets a scripted answer
 instead: the conformance fixtures of tests/fakes/chat_scripts.py. ``GET /_mock/last_request`` answers the
@@ -43,11 +46,12 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes import chat_scripts
+from tests.fakes import chat_scripts, extensions
 from tests.support.threaded import ThreadedServer
 
 MODELS = ["fake-chat", "fake-tools", "fake-nousage", "fake-500", "fake-500-text", "fake-400", "fake-vllm-error",
-          "fake-404-bare", "fake-hang", "fake-reset", "fake-long", "fake-embed", "fake-slow-300", "org/fake-slash"]
+          "fake-404-bare", "fake-hang", "fake-reset", "fake-long", "fake-embed", "fake-slow-300", "org/fake-slash",
+          "fake-rerank", "fake-moderation", "fake-image", "fake-whisper", "fake-tts"]
 GARBAGE = b"\x00\xff\xfe\x81 not an event \xc3\x28\n\n"  # what a broken upstream might send mid-stream
 REPLY_TEXT = "Hello from the fake."
 STREAM_PIECES = ["Hello", " from", " the fake."]
@@ -70,12 +74,14 @@ class FakeOpenAI:
         self.failures: dict[str, int] = {}  # fake-fail-* name -> failures served so far
         self.batch_in_flight = 0
         self.batch_max_in_flight = 0
-        app = web.Application()
+        self.uploads: list[extensions.Upload] = []  # multipart bodies as received (extensions.py)
+        app = web.Application(client_max_size=1024**3)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/_mock/last_request", self.last_request)
+        extensions.add_routes(app, self)
         self.server = ThreadedServer(app)
 
     @property

@@ -134,6 +134,9 @@ _OWN_SUCCESS = {
     ("POST", "/v1/completions"): "text/event-stream is added: stream: true streams completion objects",
     ("DELETE", "/v1/responses/{response_id}"): "OpenAI documents no body; the appliance answers one",
     ("GET", "/v1/files/{file_id}/content"): "the bytes are application/octet-stream, not a JSON string",
+    ("POST", "/v1/audio/transcriptions"): "text/plain is added: response_format text, srt and vtt answer it",
+    ("POST", "/v1/audio/translations"): "text/plain is added: response_format text, srt and vtt answer it",
+    ("POST", "/v1/audio/speech"): "the audio's own media types beside octet-stream (what OpenAI and servers send)",
 }
 
 

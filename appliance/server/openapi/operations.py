@@ -135,7 +135,8 @@ def control_headers() -> list[Schema]:
 
 def describe(openai: OpenAISpec) -> dict[OperationKey, Operation]:
     """Every operation the appliance serves, keyed by (METHOD, OpenAPI path)."""
-    own = {**_openai_operations(openai), **_anthropic_operations(), **_admin_operations(), **_ops_operations(),
+    own = {**_openai_operations(openai), **_extension_operations(openai),
+           **_anthropic_operations(), **_admin_operations(), **_ops_operations(),
            **_proxy_operations()}
     return {**own, **_aliases(own)}
 
@@ -264,6 +265,58 @@ def _openai_operations(openai: OpenAISpec) -> dict[OperationKey, Operation]:
             operation_id="responsesWebSocket",
             description="A WebSocket (`ws://.../v1/responses`) that carries many responses over one connection; "
             "the key is checked on the handshake. Not an HTTP request/response operation."),
+    }
+
+
+BINARY = {"type": "string", "contentMediaType": "application/octet-stream"}
+STRING_SCHEMA = {"type": "string"}
+# The audio speech answers in (OpenAI's spec says octet-stream; OpenAI and local servers send the format's type).
+AUDIO_TYPES = ("audio/mpeg", "audio/ogg", "audio/opus", "audio/aac", "audio/flac", "audio/wav", "audio/x-wav",
+               "audio/pcm", "audio/L16", "application/octet-stream")
+_STREAMED_UPLOAD = ("Multipart: streamed to the backend as it arrives, never held whole; read only as far as the "
+                    "`model` field (held on disk when the file comes first). Not retried once the body began to "
+                    "flow. The backend's answer goes out as it comes, its content type kept.")
+
+
+def _extension_operations(openai: OpenAISpec) -> dict[OperationKey, Operation]:
+    proxied = "Proxied to a backend of the model that serves it (`unsupported` when none does); its answer unchanged."
+    rerank = _op("Rerank documents (Cohere/Jina shape)", "Rerank",
+                 {"200": ok("The backend's ranking.", ref("RerankResponse")), **errors(*_PROXIED)},
+                 body=json_body(ref("RerankRequest")), parameters=control_headers(), description=proxied)
+    transcription = openai.operation("post", "/v1/audio/transcriptions")["responses"]["200"]
+    transcription["content"]["text/plain"] = {"schema": STRING_SCHEMA}  # response_format text, srt, vtt
+    translation = openai.operation("post", "/v1/audio/translations")["responses"]["200"]
+    translation["content"]["text/plain"] = {"schema": STRING_SCHEMA}
+    speech = openai.operation("post", "/v1/audio/speech")["responses"]["200"]
+    speech["content"] = {media: {"schema": BINARY} for media in AUDIO_TYPES} | {
+        SSE: speech["content"][SSE]}
+    return {
+        ("POST", "/v1/rerank"): {**rerank, "operationId": "rerank"},
+        ("POST", "/rerank"): {**rerank, "operationId": "rerankUnversioned",
+                              "summary": "Rerank documents (the path vLLM and llama.cpp also serve)"},
+        ("POST", "/v1/score"): _op("Score text pairs (vLLM)", "Rerank",
+                                   {"200": ok("The backend's scores.", ref("ScoreResponse")), **errors(*_PROXIED)},
+                                   body=json_body(ref("ScoreRequest")), parameters=control_headers(),
+                                   description=proxied, operation_id="score"),
+        ("POST", "/v1/moderations"): _from_openai(
+            openai, "post", "/v1/moderations", "Classify text for moderation", _PROXIED,
+            more_parameters=control_headers(), description=proxied + " `model` is required here."),
+        ("POST", "/v1/images/generations"): _from_openai(
+            openai, "post", "/v1/images/generations", "Generate images", _PROXIED, stream_error=False,
+            more_parameters=control_headers(), description=proxied + " `model` is required here; a stream "
+            "passes as it comes."),
+        ("POST", "/v1/images/edits"): _from_openai(
+            openai, "post", "/v1/images/edits", "Edit images", _PROXIED, stream_error=False,
+            more_parameters=control_headers(), description=_STREAMED_UPLOAD + " `model` is required here."),
+        ("POST", "/v1/audio/transcriptions"): _from_openai(
+            openai, "post", "/v1/audio/transcriptions", "Transcribe audio", _PROXIED, ok_response=transcription,
+            stream_error=False, more_parameters=control_headers(), description=_STREAMED_UPLOAD),
+        ("POST", "/v1/audio/translations"): _from_openai(
+            openai, "post", "/v1/audio/translations", "Translate audio into English", _PROXIED,
+            ok_response=translation, more_parameters=control_headers(), description=_STREAMED_UPLOAD),
+        ("POST", "/v1/audio/speech"): _from_openai(
+            openai, "post", "/v1/audio/speech", "Generate speech", _PROXIED, ok_response=speech, stream_error=False,
+            more_parameters=control_headers(), description=proxied + " The audio streams as it comes."),
     }
 
 

@@ -201,5 +201,37 @@ def messages_schemas() -> dict[str, Schema]:
     }
 
 
+def rerank_schemas() -> dict[str, Schema]:
+    """Cohere's and Jina's rerank, vLLM's score: no OpenAI schema exists; these are the shapes the servers take."""
+    document = {"anyOf": [STRING, {"type": "object", "required": ["text"], "properties": {"text": STRING}}]}
+    texts = {"anyOf": [STRING, {"type": "array", "items": STRING}]}
+    return {
+        "RerankRequest": obj({
+            "model": {**STRING, "description": "The model or alias; routed like chat."},
+            "query": STRING,
+            "documents": {"type": "array", "items": document, "description": "Texts, or objects with a `text`."},
+            "top_n": {"type": "integer", "minimum": 0, "description": "Return the best so many."},
+            "return_documents": {**BOOLEAN, "description": "Echo each document in its result."},
+        }, required=("model", "query", "documents"),
+            description="Other fields pass through to the backend (e.g. Cohere's `max_tokens_per_doc`)."),
+        "RerankResponse": obj({
+            "results": {"type": "array", "items": obj({
+                "index": INTEGER, "relevance_score": NUMBER,
+                "document": {"type": "object", "properties": {"text": STRING}},
+            }, required=("index", "relevance_score"))},
+            "id": STRING, "model": STRING,
+            "usage": {"type": "object", "description": "As the backend reports it (vLLM, Jina: `total_tokens`)."},
+            "meta": {"type": "object", "description": "Cohere's (`billed_units`)."},
+        }, required=("results",), description="The backend's answer, unchanged."),
+        "ScoreRequest": obj({"model": STRING, "text_1": texts, "text_2": texts}, required=("model",),
+                            description="vLLM's score request; other fields pass through."),
+        "ScoreResponse": obj({
+            "data": {"type": "array", "items": obj({"index": INTEGER, "object": STRING, "score": NUMBER},
+                                                   required=("index", "score"))},
+            "id": STRING, "object": STRING, "created": INTEGER, "model": STRING, "usage": {"type": "object"},
+        }, required=("data",), description="The backend's answer, unchanged."),
+    }
+
+
 def own_schemas() -> dict[str, Schema]:
-    return {**error_schemas(), **ops_schemas(), **key_schemas(), **messages_schemas()}
+    return {**error_schemas(), **ops_schemas(), **key_schemas(), **messages_schemas(), **rerank_schemas()}

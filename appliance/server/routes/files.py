@@ -13,7 +13,8 @@ import orjson
 from sanic import Request
 from sanic.response import HTTPResponse
 
-from appliance.batches import files, multipart
+from appliance.batches import files
+from appliance.common import multipart
 from appliance.common.errors import GatewayError
 from appliance.server.query import query_args
 from appliance.server.responses import json_response, request_id

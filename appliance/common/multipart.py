@@ -25,6 +25,7 @@ class Part:
     name: str
     filename: str | None
     content_type: str | None
+    at: int = 0  # where its content starts, in bytes from the body's start
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +35,7 @@ class Data:
 
 @dataclass(frozen=True, slots=True)
 class PartEnd:
-    pass
+    at: int = 0  # where its content ended (the delimiter's CRLF), in bytes from the body's start
 
 
 Event = Part | Data | PartEnd
@@ -62,6 +63,11 @@ class MultipartParser:
         self._delimiter = b"\r\n--" + boundary
         self._buffer = bytearray()
         self._state = _PREAMBLE
+        self._offset = 0  # of the buffer's first byte in the body
+
+    def _consume(self, size: int) -> None:
+        del self._buffer[:size]
+        self._offset += size
 
     @property
     def done(self) -> bool:
@@ -85,12 +91,12 @@ class MultipartParser:
                     events.append(Data(chunk))
                 if not ended:
                     break
-                events.append(PartEnd())
+                events.append(PartEnd(self._offset - len(self._delimiter)))
             elif self._state == _AFTER_DELIMITER:
                 if not self._after_delimiter():
                     break
             else:
-                self._buffer.clear()  # the epilogue is ignored
+                self._consume(len(self._buffer))  # the epilogue is ignored
                 break
         return events
 
@@ -104,7 +110,7 @@ class MultipartParser:
             if len(self._buffer) > MAX_HEADER_BYTES:
                 raise MultipartError("no multipart boundary found at the start of the body")
             return False
-        del self._buffer[:at + len(self._first)]
+        self._consume(at + len(self._first))
         self._state = _AFTER_DELIMITER
         return True
 
@@ -121,7 +127,7 @@ class MultipartParser:
             return False
         if self._buffer[:end].strip(b" \t"):
             raise MultipartError("malformed multipart boundary line")
-        del self._buffer[:end + 2]
+        self._consume(end + 2)
         self._state = _HEADERS
         return True
 
@@ -132,7 +138,7 @@ class MultipartParser:
                 raise MultipartError("a multipart part's headers are too long")
             return None
         raw = bytes(self._buffer[:end]).decode("utf-8", "replace")
-        del self._buffer[:end + 4]
+        self._consume(end + 4)
         message = email.message.Message()
         for line in raw.split("\r\n"):
             name, colon, value = line.partition(":")
@@ -145,13 +151,13 @@ class MultipartParser:
             raise MultipartError("a multipart part has no field name")
         filename = message.get_filename()
         self._state = _BODY
-        return Part(name, filename, message.get("content-type"))
+        return Part(name, filename, message.get("content-type"), self._offset)
 
     def _body(self) -> tuple[bytes, bool]:
         at = self._buffer.find(self._delimiter)
         if at >= 0:
             chunk = bytes(self._buffer[:at])
-            del self._buffer[:at + len(self._delimiter)]
+            self._consume(at + len(self._delimiter))
             self._state = _AFTER_DELIMITER
             return chunk, True
         # Keep what could be the start of a delimiter split across two feeds.
@@ -159,5 +165,5 @@ class MultipartParser:
         if len(self._buffer) <= keep:
             return b"", False
         chunk = bytes(self._buffer[:-keep])
-        del self._buffer[:-keep]
+        self._consume(len(chunk))
         return chunk, False
