@@ -21,6 +21,7 @@ from appliance.core import reload
 from appliance.core.cache import ResponseCache
 from appliance.core.gateway import Gateway
 from appliance.core.resilience import Breakers
+from appliance.core.timings import RecentTimings
 from appliance.observe import metrics
 from appliance.providers.transport import Transport
 from appliance.server.responses import RequestIds
@@ -124,6 +125,7 @@ async def open_gateway(app: Sanic) -> None:
     gateway.start()
     app.ctx.gateway = gateway
     app.ctx.statsz = StatszCache(gateway, app.ctx.started_at)
+    app.ctx.timings = RecentTimings(db)  # /v1/providers
     metrics.worker_started()
     runner = BatchRunner(gateway, FileStore(settings.data_dir))  # acts only while it holds the lease
     runner.start()

@@ -60,7 +60,8 @@ BACKEND_CODES = frozenset(("backend_unreachable", "backend_error", "backend_time
 # Operations whose every field the appliance itself validates: a case the document calls invalid must get a
 # 4xx. Proxied requests are judged by their backend (unknown and invalid fields pass through, by design).
 OWN_VALIDATION = frozenset(("/admin/keys", "/admin/keys/{key_id}", "/admin/usage", "/admin/requests",
-                            "/v1/files", "/v1/batches", "/v1/responses/{response_id}/input_items"))
+                            "/v1/files", "/v1/batches", "/v1/responses/{response_id}/input_items",
+                            "/v1/providers"))
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +151,14 @@ def no_5xx_of_our_own(ctx: schemathesis.CheckContext, response: schemathesis.Res
 CHECKS = [no_5xx_of_our_own, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-def _steer(case: schemathesis.Case, model: str | None, use_existing: bool, existing: dict[str, str]) -> None:
-    """Point the case at a model the fakes answer and at objects that exist (some of the time)."""
+def _steer(case: schemathesis.Case, model: str | None, use_existing: bool, existing: dict[str, str],
+           positive: bool) -> None:
+    """Point the case at a model the fakes answer and at objects that exist (some of the time); a query's
+    model only in a valid case (an invalid one must stay invalid)."""
     if model is not None and isinstance(case.body, dict) and "model" in case.body:
         case.body["model"] = model
+    if model is not None and positive and case.query and "model" in case.query:
+        case.query["model"] = model
     if use_existing and case.path_parameters:
         for name in case.path_parameters:
             if name in existing:
@@ -178,7 +183,7 @@ def fuzz(operation: schemathesis.APIOperation, target: Appliance, existing: dict
 
     def send(case: schemathesis.Case, mode: schemathesis.GenerationMode, model: str | None,
              use_existing: bool) -> None:
-        _steer(case, model, use_existing, existing)
+        _steer(case, model, use_existing, existing, positive=mode is schemathesis.GenerationMode.POSITIVE)
         tally[mode.value] += 1
         # Streams too: schemathesis checks each event, and its data against the event's contentSchema.
         case.call_and_validate(base_url=target.url, headers=AUTH, checks=checks, timeout=30)

@@ -24,7 +24,7 @@ TAGS = (
     ("Chat", "OpenAI chat completions."),
     ("Completions", "OpenAI legacy completions."),
     ("Embeddings", "OpenAI embeddings."),
-    ("Models", "The models and aliases a key may use."),
+    ("Models", "The models and aliases a key may use, and the backends behind them."),
     ("Responses", "OpenAI Responses, over chat backends (HTTP, SSE and WebSocket)."),
     ("Anthropic", "Anthropic Messages, over chat or Anthropic backends."),
     ("Files", "OpenAI Files, stored in the data dir."),

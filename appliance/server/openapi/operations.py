@@ -133,7 +133,8 @@ def control_headers() -> list[Schema]:
 
 def describe(openai: OpenAISpec) -> dict[OperationKey, Operation]:
     """Every operation the appliance serves, keyed by (METHOD, OpenAPI path)."""
-    return {**_openai_operations(openai), **_anthropic_operations(), **_admin_operations(), **_ops_operations()}
+    return {**_openai_operations(openai), **_provider_operations(), **_anthropic_operations(), **_admin_operations(),
+            **_ops_operations()}
 
 
 def _op(summary: str, tag: str, responses: dict[str, Schema], *, security: list[dict[str, list[str]]] = KEY,
@@ -244,6 +245,21 @@ def _openai_operations(openai: OpenAISpec) -> dict[OperationKey, Operation]:
             operation_id="responsesWebSocket",
             description="A WebSocket (`ws://.../v1/responses`) that carries many responses over one connection; "
             "the key is checked on the handshake. Not an HTTP request/response operation."),
+    }
+
+
+def _provider_operations() -> dict[OperationKey, Operation]:
+    return {
+        ("GET", "/v1/providers"): _op(
+            "The backends behind the models: health, load, latency, prices", "Models",
+            {"200": ok("One entry per backend, or with `model` per backend the model's route may take.",
+                       ref("ProviderList")), **errors(400, 401, 403, 404)},
+            parameters=[query("model", {"type": "string", "minLength": 1},
+                              "A model, alias or `backend/model`: only where it can go, with prices and the "
+                              "route's first choice.")],
+            operation_id="listProviders",
+            description="A key restricted to some models sees only those and their backends (403 "
+            "`model_not_allowed` for another `model`); an unknown `model` is 404 `model_not_found`."),
     }
 
 
