@@ -16,6 +16,7 @@ from appliance.common.errors import GatewayError
 from appliance.providers.base import ModelInfo
 
 CAPABILITIES = ("chat", "completions", "embeddings", "tools", "vision", "reasoning")
+PROBE_STATES = {None: "starting", True: "ready", False: "unreachable"}  # a backend's latest probe: up?
 _LISTED_IN_ERRORS = 10
 
 # A key's model patterns as a test of one name (Principal.allows_model); None: the key may use any model.
@@ -56,7 +57,7 @@ class BackendState:
 
     @property
     def state(self) -> str:
-        return {None: "starting", True: "ready", False: "unreachable"}[self.up]
+        return PROBE_STATES[self.up]
 
 
 class Catalog:
@@ -184,6 +185,25 @@ class Catalog:
         except GatewayError:
             return False
         return bool(self.allowed(routes, may_use))
+
+    def served(self, may_use: MayUse) -> dict[str, list[str]]:
+        """Per backend (config order), the models on it a key may reach: every listed one for a key that
+        may use any model; else those the key may name (``backend/model`` included) and the targets of the
+        aliases it may use, and only backends with one."""
+        listed = {name: [info.id for info in state.models] for name, state in self.backends.items()}
+        if may_use is None:
+            return listed
+        found: dict[str, dict[str, None]] = {}  # ordered sets
+        for name, models in listed.items():
+            found[name] = {m: None for m in models if self._may_take(Route(f"{name}/{m}", name, m), may_use)}
+        for alias in self._aliases:
+            try:
+                routes = self.allowed(self.plan(alias).routes, may_use)
+            except GatewayError:  # its targets are served by no backend right now
+                continue
+            for route in routes:
+                found[route.backend][route.upstream_model] = None
+        return {name: list(models) for name, models in found.items() if models}
 
     def knows(self, name: str) -> bool:
         """Is ``name`` a configured alias, a listed model, or ``backend/model`` of a listed one? (Metrics

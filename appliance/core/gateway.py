@@ -18,9 +18,9 @@ from appliance.common.config import BackendSettings, Settings
 from appliance.common.errors import GatewayError
 from appliance.core import discovery
 from appliance.core.cache import ResponseCache
-from appliance.core.catalog import Catalog
+from appliance.core.catalog import Catalog, Plan
 from appliance.core.resilience import Breakers
-from appliance.core.routing import Selector
+from appliance.core.routing import Selector, Target
 from appliance.observe.accesslog import AccessLog
 from appliance.observe.metrics import Recorder
 from appliance.providers import registry
@@ -109,6 +109,19 @@ class Gateway:
         if not backend.discover and backend.models:
             catalog.update(backend.name, models=[ModelInfo(id=m) for m in backend.models])
             catalog.backends[backend.name].up = None  # listed from config; not probed yet
+
+    def order(self, plan: Plan, targets: list[Target], *, peek: bool = False) -> list[Target]:
+        """The plan's ``targets`` in the order its alias's strategy tries them, the pick first.
+
+        ``peek``: the order the next request would get, without moving the strategy on (/v1/providers).
+        """
+        alias = plan.alias
+        if alias is None:
+            return targets
+        return self.selector.order(plan.name, targets, alias.strategy, alias.weights, busy=self._busy, peek=peek)
+
+    def _busy(self, target: Target) -> float:
+        return self.breakers.busy(target.backend, target.model)
 
     # ------------------------------------------------------------------ reload
 

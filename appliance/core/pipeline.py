@@ -296,10 +296,8 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
     timeout_s = _timeout_s(gw, body, plan)
     stream = bool(body.get("stream"))
     first_token_s = plan.alias.first_token_timeout_s if plan.alias is not None else None
-    alias = plan.alias
     by_target = {Target(r.backend, r.upstream_model): r for r in plan.routes}
-    order = gw.selector.order(plan.name, list(by_target), alias.strategy if alias else "fallback",
-                              alias.weights if alias else None, busy=lambda t: gw.breakers.busy(t.backend, t.model))
+    order = gw.order(plan, list(by_target))
     last_error: GatewayError | None = None
     first_failed: Route | None = None
     skipped: list[str] = []

@@ -170,8 +170,9 @@ class BackendTable(SharedRows):
     def __init__(self, size: int = BACKEND_SLOTS, *, shared: bool = True) -> None:
         super().__init__(_Slot, size, shared=shared)
 
-    def find(self, name: str) -> Any:
-        """The row of ``name``, claimed if new (linear probing); None when the table is full.
+    def find(self, name: str, *, claim: bool = True) -> Any:
+        """The row of ``name``, claimed if new (linear probing); None when the table is full, or, without
+        ``claim``, when ``name`` has no row yet.
 
         Call under the lock.
         """
@@ -183,6 +184,8 @@ class BackendTable(SharedRows):
             if slot.tag == tag:
                 return slot
             if slot.tag == 0:
+                if not claim:
+                    return None
                 slot.tag = tag
                 return slot
         return None
@@ -213,21 +216,21 @@ class Breakers:
         """A reload's routing settings (the bucket width stays: routing.breaker_window_s needs a restart)."""
         self._settings = settings
 
-    def _row(self, name: str) -> Any:
+    def _row(self, name: str, *, claim: bool = True) -> Any:
         """Under the lock."""
         slot = self._rows.get(name)
         if slot is None:
-            slot = self._table.find(name)
+            slot = self._table.find(name, claim=claim)
             if slot is not None:
                 self._rows[name] = slot
         return slot
 
-    def _known(self, name: str) -> Any:
+    def _known(self, name: str, *, claim: bool = True) -> Any:
         """The row, taking the lock only the first time this process meets the name."""
         slot = self._rows.get(name)
         if slot is None:
             with self._table.lock:
-                slot = self._row(name)
+                slot = self._row(name, claim=claim)
         return slot
 
     def forget_worker(self) -> None:
@@ -415,8 +418,12 @@ class Breakers:
                 slot.inflight_sum -= 1
 
     def in_flight(self, backend: str, model: str | None = None) -> int:
-        """Requests in flight to ``backend`` (or to its ``model``), all workers together."""
-        slot = self._known(backend if model is None else f"{backend}/{model}")
+        """Requests in flight to ``backend`` (or to its ``model``), all workers together.
+
+        A read claims no row: any name a client writes may be asked about (/v1/providers), and rows are
+        never freed.
+        """
+        slot = self._known(backend if model is None else f"{backend}/{model}", claim=False)
         return slot.inflight_sum if slot is not None else 0
 
     def set_load(self, backend: str, load: Load) -> None:

@@ -86,25 +86,28 @@ class Selector:
 
     def order(self, route: str, targets: Sequence[Target], strategy: str = "fallback",
               weights: Sequence[float] | None = None,
-              busy: Callable[[Target], float] | None = None) -> list[Target]:
+              busy: Callable[[Target], float] | None = None, *, peek: bool = False) -> list[Target]:
         """All of ``targets``, in the order to try them: the pick first, then the failover order.
 
         ``weights`` (weighted) pair with the first ``len(weights)`` targets; targets past them (a
         request's own fallbacks) get weight 0: never picked, still tried on failover. No weights:
         equal weights. ``busy`` (least_busy) scores a target, lower is better; without it, config order.
+        ``peek``: the order the next request would get, leaving the rotation, weights and exploration
+        stamps as they are (least_latency: without its random exploration, the lowest EWMA first).
         """
         n = len(targets)
         if n < 2 or strategy == "fallback":
             return list(targets)
         if strategy == "round_robin":
             i = self._rotation.get(route, 0) % n
-            self._rotation[route] = (i + 1) % n
+            if not peek:
+                self._rotation[route] = (i + 1) % n
             return _front(targets, i)
         if strategy == "weighted":
-            i = self._weighted(route, targets, weights)
+            i = self._weighted(route, targets, weights, peek)
             return list(targets) if i < 0 else _front(targets, i)
         if strategy == "least_latency":
-            return self._least_latency(targets)
+            return self._least_latency(targets, peek)
         if strategy == "least_busy":
             if busy is None:
                 return list(targets)
@@ -112,7 +115,8 @@ class Selector:
             return [targets[i] for i in sorted(range(n), key=scores.__getitem__)]  # stable: ties in config order
         raise ValueError(f"unknown routing strategy {strategy!r}")
 
-    def _weighted(self, route: str, targets: Sequence[Target], weights: Sequence[float] | None) -> int:
+    def _weighted(self, route: str, targets: Sequence[Target], weights: Sequence[float] | None,
+                  peek: bool = False) -> int:
         """Smooth weighted round robin: the index to pick, or -1 when no target has a weight."""
         n = len(targets)
         if weights is None:
@@ -122,8 +126,10 @@ class Selector:
         key = (tuple(targets), w)
         entry = self._smooth.get(route)
         if entry is None or entry[0] != key:  # first use, or the targets or weights changed: start over
-            entry = self._smooth[route] = (key, [0.0] * n)
-        current = entry[1]
+            entry = (key, [0.0] * n)
+            if not peek:
+                self._smooth[route] = entry
+        current = list(entry[1]) if peek else entry[1]
         total, best = 0.0, -1
         for i, weight in enumerate(w):
             if weight <= 0:
@@ -136,7 +142,7 @@ class Selector:
             current[best] -= total
         return best
 
-    def _least_latency(self, targets: Sequence[Target]) -> list[Target]:
+    def _least_latency(self, targets: Sequence[Target], peek: bool = False) -> list[Target]:
         now = self._clock()
         n = len(targets)
         stats = self._latency
@@ -145,16 +151,19 @@ class Selector:
         for i, target in enumerate(targets):
             stat = stats.get(target)
             if stat is None:
-                stat = stats[target] = _Latency(now - self._explore_s)
+                stat = _Latency(now - self._explore_s)
+                if not peek:
+                    stats[target] = stat
             if stat.ewma is not None:
                 ewmas[i] = stat.ewma
             if due < 0 and now - stat.seen >= self._explore_s:
                 due = i
         ranked = sorted(range(n), key=ewmas.__getitem__)
         if due >= 0:
-            stats[targets[due]].seen = now  # one exploring request per explore_s, not a stampede
+            if not peek:
+                stats[targets[due]].seen = now  # one exploring request per explore_s, not a stampede
             pick = due
-        elif self._explore_p > 0 and self._rng.random() < self._explore_p:
+        elif not peek and self._explore_p > 0 and self._rng.random() < self._explore_p:
             pick = ranked[1 + self._rng.randrange(n - 1)]
         else:
             return [targets[i] for i in ranked]

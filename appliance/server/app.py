@@ -27,6 +27,7 @@ from appliance.server.routes import keys as keys_routes
 from appliance.server.routes import observability, ops, responses_ws
 from appliance.server.routes import openai as openai_routes
 from appliance.server.routes import openapi as openapi_routes
+from appliance.server.routes import providers as providers_routes
 from appliance.server.routes import proxy as proxy_routes
 from appliance.server.routes import responses as responses_routes
 
@@ -83,6 +84,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.blueprint(batches_routes.bp)
     app.blueprint(openapi_routes.bp)
     app.blueprint(proxy_routes.bp)
+    app.blueprint(providers_routes.bp)
     app.static("/static", static_dir(), name="static", use_content_range=True)  # HEAD gets Content-Length
     if settings.server.cors_origins:
         _add_cors(app, settings.server.cors_origins)  # first: a preflight carries no key

@@ -22,6 +22,7 @@ from appliance.core import reload
 from appliance.core.cache import ResponseCache
 from appliance.core.gateway import Gateway
 from appliance.core.resilience import Breakers
+from appliance.core.timings import RecentTimings
 from appliance.observe import metrics
 from appliance.observe.profiler import LoopProfiler
 from appliance.providers.transport import Transport
@@ -127,6 +128,7 @@ async def open_gateway(app: Sanic) -> None:
     app.ctx.gateway = gateway
     app.ctx.statsz = StatszCache(gateway, app.ctx.started_at)
     app.ctx.profiler = LoopProfiler()
+    app.ctx.timings = RecentTimings(db)  # /v1/providers
     metrics.worker_started()
     runner = BatchRunner(gateway, FileStore(settings.data_dir))  # acts only while it holds the lease
     runner.start()

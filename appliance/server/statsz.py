@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance import __version__
+from appliance.core import provider_catalog, timings
 from appliance.core.gateway import Gateway
 from appliance.observe import metrics
 from appliance.storage import batches_repo, stats_repo, usage_repo
 
-BACKEND_WINDOW_S = 300  # latency percentiles and error rates per backend
-LATENCY_SAMPLE = 5000  # percentiles over at most the newest this many requests of the window
 TRAFFIC_STEP_S = 60  # the traffic rollup's step (stats_repo.traffic_minute)
 TRAFFIC_STEPS = 60  # the sparkline: an hour, per minute
 RATE_STEPS = 5  # requests/s over the last five minutes
@@ -74,26 +73,18 @@ async def backends(ctx: StatsContext) -> dict[str, Any]:
     gw = ctx.gateway
     first_minute = int(ctx.now // TRAFFIC_STEP_S) - RATE_STEPS + 1
     counts = await stats_repo.backend_counts(gw.db, first_minute)
-    latencies: dict[str, list[float]] = {}
-    for backend, latency in await stats_repo.backend_latencies(gw.db, ctx.now - BACKEND_WINDOW_S, LATENCY_SAMPLE):
-        latencies.setdefault(backend, []).append(latency)
+    recent = await timings.recent(gw.db, ctx.now)
     out = []
     for name, local in gw.catalog.backends.items():
         shared = gw.breakers.state(name)
-        ordered = sorted(latencies.get(name, ()))
         requests, failed = counts.get(name, (0, 0))
-        up = shared["up"]
         out.append({
-            "name": name, "kind": local.kind, "up": up,
-            "state": {None: "starting", True: "ready", False: "unreachable"}[up],
-            "last_probe_at": shared["probed_at"], "last_error": local.last_error if up is False else None,
+            "name": name, "kind": local.kind, **provider_catalog.health(shared),
+            "last_probe_at": shared["probed_at"], "last_error": local.last_error if shared["up"] is False else None,
             "models": len(local.models), "inflight": shared["in_flight"],
-            "breaker": {"state": shared["state"], "consecutive_failures": shared["consecutive_failures"],
-                        "retry_after_s": shared["retry_after_s"]},
-            "latency_ms": {"p50": _percentile(ordered, 0.5), "p95": _percentile(ordered, 0.95)} if ordered else None,
-            "requests": requests, "error_rate": _rate(failed, requests),
+            "latency_ms": recent.of(name).latency_ms, "requests": requests, "error_rate": _rate(failed, requests),
         })
-    return {"backends": out, "backend_window_s": BACKEND_WINDOW_S}
+    return {"backends": out, "backend_window_s": timings.WINDOW_S}
 
 
 async def traffic(ctx: StatsContext) -> dict[str, Any]:
@@ -171,9 +162,3 @@ def _total(values: dict[str, dict[Any, float]], name: str) -> float:
 
 def _rate(part: float, whole: float) -> float | None:
     return round(part / whole, 4) if whole else None
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    """Nearest rank on a sorted list."""
-    index = max(0, math.ceil(q * len(ordered)) - 1)
-    return round(ordered[index], 3)

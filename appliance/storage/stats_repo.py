@@ -44,17 +44,21 @@ async def backend_counts(db: Database, first_minute: int) -> dict[str, tuple[int
     return {row[0]: (int(row[1]), int(row[2])) for row in rows}
 
 
-async def backend_latencies(db: Database, since: float, limit: int) -> list[tuple[str, float]]:
-    """(backend, latency ms) of the newest ``limit`` requests a backend answered since ``since``.
+# The newest first through the created_at index: a read costs its LIMIT in rows, whatever the traffic.
+TIMINGS = ("SELECT backend, backend_model, latency_ms, CASE WHEN stream THEN ttft_ms END FROM requests "
+           "WHERE created_at >= ? AND backend IS NOT NULL AND latency_ms IS NOT NULL "
+           "AND (cache IS NULL OR cache != 'HIT') AND status != 429 ORDER BY created_at DESC LIMIT ?")
+
+
+async def backend_timings(db: Database, since: float, limit: int) -> list[tuple[str, str | None, float, float | None]]:
+    """(backend, backend model, latency ms, time to first token ms of a stream) of the newest ``limit``
+    requests a backend answered since ``since``; the ttft is None for whole answers.
 
     Not cache hits (the backend never saw them) nor 429s: the gateway's own limits refuse before any
     backend is asked, and a backend's own 429 says it is up, as the circuit breaker sees it too.
     """
-    rows = await db.fetchall(
-        "SELECT backend, latency_ms FROM requests WHERE created_at >= ? AND backend IS NOT NULL "
-        "AND latency_ms IS NOT NULL AND (cache IS NULL OR cache != 'HIT') AND status != 429 "
-        "ORDER BY created_at DESC LIMIT ?", (since, limit))
-    return [(row[0], row[1]) for row in rows]
+    rows = await db.fetchall(TIMINGS, (since, limit))
+    return [(row[0], row[1], row[2], row[3]) for row in rows]
 
 
 async def sweep_traffic(db: Database, older_than: float) -> None:

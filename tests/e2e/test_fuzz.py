@@ -62,7 +62,7 @@ BACKEND_CODES = frozenset(("backend_unreachable", "backend_error", "backend_time
 # 4xx. Proxied requests are judged by their backend (unknown and invalid fields pass through, by design).
 OWN_VALIDATION = frozenset(("/admin/keys", "/admin/keys/{key_id}", "/admin/usage", "/admin/requests",
                             "/admin/debug/profile", "/v1/files", "/v1/batches",
-                            "/v1/responses/{response_id}/input_items"))
+                            "/v1/responses/{response_id}/input_items", "/v1/providers"))
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +155,15 @@ def no_5xx_of_our_own(ctx: schemathesis.CheckContext, response: schemathesis.Res
 CHECKS = [no_5xx_of_our_own, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-def _steer(case: schemathesis.Case, model: str | None, use_existing: bool, existing: dict[str, str]) -> None:
-    """Point the case at a model the fakes answer and at objects that exist (some of the time); keep a profile
-    that would be taken to its shortest (it answers after ``seconds``: up to a minute)."""
+def _steer(case: schemathesis.Case, model: str | None, use_existing: bool, existing: dict[str, str],
+           positive: bool) -> None:
+    """Point the case at a model the fakes answer and at objects that exist (some of the time); a query's
+    model only in a valid case (an invalid one must stay invalid); keep a profile that would be taken to its
+    shortest (it answers after ``seconds``: up to a minute)."""
     if model is not None and isinstance(case.body, dict) and "model" in case.body:
         case.body["model"] = model
+    if model is not None and positive and case.query and "model" in case.query:
+        case.query["model"] = model
     if case.path == "/admin/debug/profile" and isinstance(case.query, dict) and _waits(case.query.get("seconds")):
         case.query["seconds"] = 1
     if use_existing and case.path_parameters:
@@ -192,7 +196,7 @@ def fuzz(operation: schemathesis.APIOperation, target: Appliance, existing: dict
 
     def send(case: schemathesis.Case, mode: schemathesis.GenerationMode, model: str | None,
              use_existing: bool) -> None:
-        _steer(case, model, use_existing, existing)
+        _steer(case, model, use_existing, existing, positive=mode is schemathesis.GenerationMode.POSITIVE)
         tally[mode.value] += 1
         # Streams too: schemathesis checks each event, and its data against the event's contentSchema.
         case.call_and_validate(base_url=target.url, headers=AUTH, checks=checks, timeout=30)

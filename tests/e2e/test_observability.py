@@ -31,6 +31,7 @@ import pytest
 from appliance.observe import metricsdir
 from tests.support import browser
 from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.polling import eventually
 from tests.support.threaded import free_port
 
 pytestmark = pytest.mark.frozen
@@ -142,18 +143,6 @@ def samples(text: str, name: str) -> dict[str, float]:
 def total(text: str, name: str, **labels: str) -> float:
     wanted = [f'{k}="{v}"' for k, v in labels.items()]
     return sum(v for k, v in samples(text, name).items() if all(w in k for w in wanted))
-
-
-def eventually(check: Callable[[], Any], timeout: float = 10) -> Any:
-    """Retry ``check`` (its AssertionError) until it passes: buffered rows land within a flush interval."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def test_the_burst_reached_both_workers(burst: dict[str, Any]) -> None:

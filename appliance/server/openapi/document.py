@@ -24,7 +24,7 @@ TAGS = (
     ("Chat", "OpenAI chat completions."),
     ("Completions", "OpenAI legacy completions."),
     ("Embeddings", "OpenAI embeddings."),
-    ("Models", "The models and aliases a key may use."),
+    ("Models", "The models and aliases a key may use, and the backends behind them."),
     ("Responses", "OpenAI Responses, over chat backends (HTTP, SSE and WebSocket)."),
     ("Rerank", "Rerank (Cohere/Jina shape) and score (vLLM), routed by model."),
     ("Moderations", "OpenAI moderations, routed by model."),

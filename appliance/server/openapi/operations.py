@@ -135,7 +135,7 @@ def control_headers() -> list[Schema]:
 
 def describe(openai: OpenAISpec) -> dict[OperationKey, Operation]:
     """Every operation the appliance serves, keyed by (METHOD, OpenAPI path)."""
-    own = {**_openai_operations(openai), **_extension_operations(openai),
+    own = {**_openai_operations(openai), **_extension_operations(openai), **_provider_operations(),
            **_anthropic_operations(), **_admin_operations(), **_ops_operations(),
            **_proxy_operations()}
     return {**own, **_aliases(own)}
@@ -317,6 +317,21 @@ def _extension_operations(openai: OpenAISpec) -> dict[OperationKey, Operation]:
         ("POST", "/v1/audio/speech"): _from_openai(
             openai, "post", "/v1/audio/speech", "Generate speech", _PROXIED, ok_response=speech, stream_error=False,
             more_parameters=control_headers(), description=proxied + " The audio streams as it comes."),
+    }
+
+
+def _provider_operations() -> dict[OperationKey, Operation]:
+    return {
+        ("GET", "/v1/providers"): _op(
+            "The backends behind the models: health, load, latency, prices", "Models",
+            {"200": ok("One entry per backend, or with `model` per backend the model's route may take.",
+                       ref("ProviderList")), **errors(400, 401, 403, 404)},
+            parameters=[query("model", {"type": "string", "minLength": 1},
+                              "A model, alias or `backend/model`: only where it can go, with prices and the "
+                              "route's first choice.")],
+            operation_id="listProviders",
+            description="A key restricted to some models sees only those and their backends (403 "
+            "`model_not_allowed` for another `model`); an unknown `model` is 404 `model_not_found`."),
     }
 
 

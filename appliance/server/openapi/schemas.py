@@ -102,6 +102,44 @@ def ops_schemas() -> dict[str, Schema]:
     }
 
 
+def provider_schemas() -> dict[str, Schema]:
+    """GET /v1/providers (core/provider_catalog.py)."""
+    spread = nullable(obj({"p50": NUMBER, "p95": NUMBER, "samples": INTEGER}))
+    load = obj({"queue_waiting": NUMBER, "running": NUMBER, "slots_idle": nullable(INTEGER),
+                "slots_total": nullable(INTEGER), "age_s": NUMBER},
+               description="The backend's own latest load sample (vLLM /metrics, llama.cpp /slots).")
+    price = obj({"input_per_mtok": NUMBER, "output_per_mtok": NUMBER, "cached_input_per_mtok": NUMBER},
+                description="USD per million tokens, from [[models]].")
+    provider = obj({
+        "object": {"const": "provider"},
+        "backend": STRING,
+        "kind": {**STRING, "description": "openai, ollama, anthropic, or the server discovery found."},
+        "up": nullable(BOOLEAN),
+        "state": {"enum": ["starting", "ready", "unreachable"], "description": "The latest probe, by any worker."},
+        "breaker": obj({"state": {"enum": ["closed", "open", "half_open"]}, "consecutive_failures": INTEGER,
+                        "retry_after_s": NUMBER}),
+        "available": {**BOOLEAN, "description": "The breaker lets a request through now."},
+        "in_flight": {**INTEGER, "description": "Requests in flight to the backend, all workers."},
+        "load": nullable(load),
+        "latency_ms": {**spread, "description": "Over the window; with `model`, of that backend model."},
+        "ttft_ms": {**spread, "description": "Time to first token of streams, likewise."},
+        "models": {"type": "array", "items": STRING, "description": "Without `model`: the backend's models "
+                   "the key may reach."},
+        "model": {**STRING, "description": "With `model`: the backend's name for it."},
+        "first_choice": {**BOOLEAN, "description": "Where the next request for `model` goes."},
+        "rank": {**INTEGER, "description": "The place in the order the route's strategy tries its targets now."},
+        "model_in_flight": INTEGER,
+        "price": nullable(price),
+    }, required=("object", "backend", "kind", "up", "state", "breaker", "available", "in_flight", "load",
+                 "latency_ms", "ttft_ms"))
+    return {"ProviderList": list_of(provider, **{
+        "model": nullable(STRING),
+        "route": {**nullable(STRING), "description": "The alias (pattern) or model that `model` resolved to."},
+        "strategy": nullable({"enum": ["fallback", "round_robin", "weighted", "least_latency", "least_busy"]}),
+        "window_s": {**NUMBER, "description": "The window of `latency_ms` and `ttft_ms`, in seconds."},
+    })}
+
+
 def key_schemas() -> dict[str, Schema]:
     create = KeyFields.model_json_schema()
     create.pop("title", None)
@@ -234,4 +272,5 @@ def rerank_schemas() -> dict[str, Schema]:
 
 
 def own_schemas() -> dict[str, Schema]:
-    return {**error_schemas(), **ops_schemas(), **key_schemas(), **messages_schemas(), **rerank_schemas()}
+    return {**error_schemas(), **ops_schemas(), **provider_schemas(), **key_schemas(), **messages_schemas(),
+            **rerank_schemas()}
