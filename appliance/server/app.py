@@ -25,6 +25,7 @@ from appliance.server.routes import observability, ops, responses_ws
 from appliance.server.routes import openai as openai_routes
 from appliance.server.routes import openapi as openapi_routes
 from appliance.server.routes import responses as responses_routes
+from appliance.server.routes import router as router_routes
 
 APP_NAME = "appliance"
 # Sanic's own response timeout must never cut a backend call the settings still allow.
@@ -77,6 +78,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.blueprint(files_routes.bp)
     app.blueprint(batches_routes.bp)
     app.blueprint(openapi_routes.bp)
+    app.blueprint(router_routes.bp)
     app.static("/static", static_dir(), name="static", use_content_range=True)  # HEAD gets Content-Length
     if settings.server.cors_origins:
         _add_cors(app, settings.server.cors_origins)  # first: a preflight carries no key

@@ -52,7 +52,7 @@ async def backend_latencies(db: Database, since: float, limit: int) -> list[tupl
     """
     rows = await db.fetchall(
         "SELECT backend, latency_ms FROM requests WHERE created_at >= ? AND backend IS NOT NULL "
-        "AND latency_ms IS NOT NULL AND (cache IS NULL OR cache != 'HIT') AND status != 429 "
+        "AND latency_ms IS NOT NULL AND (cache IS NULL OR cache NOT IN ('HIT', 'HIT-SEMANTIC')) AND status != 429 "
         "ORDER BY created_at DESC LIMIT ?", (since, limit))
     return [(row[0], row[1]) for row in rows]
 

@@ -27,6 +27,7 @@ TAGS = (
     ("Models", "The models and aliases a key may use."),
     ("Responses", "OpenAI Responses, over chat backends (HTTP, SSE and WebSocket)."),
     ("Anthropic", "Anthropic Messages, over chat or Anthropic backends."),
+    ("Router", "The semantic router: a model chosen per request by meaning and price."),
     ("Files", "OpenAI Files, stored in the data dir."),
     ("Batch", "OpenAI Batches, run by the appliance on its own backends."),
     ("Keys", "A key's view of itself."),
