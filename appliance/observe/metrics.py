@@ -34,7 +34,7 @@ NONE = "none"
 
 # Paths that get their own endpoint label; anything else a client sends under /v1/ counts as "other".
 ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
-                       "/v1/messages/count_tokens", "/v1/responses"))
+                       "/v1/messages/count_tokens", "/v1/responses", "/v1/router"))
 _RESPONSE_ITEM = re.compile(r"/v1/responses/[^/]+(/input_items)?")
 
 # Seconds. LLM answers run from milliseconds (a cache hit) to minutes (a long local generation).
