@@ -231,7 +231,9 @@ class Router:
             if self._matrix is None:
                 from appliance.core import vectors
 
-                texts = [(i, text) for i, profile in enumerate(self.settings.profiles) for text in profile.texts]
+                longest = self._embedder.settings.max_input_chars
+                texts = [(i, text[:longest]) for i, profile in enumerate(self.settings.profiles)
+                         for text in profile.texts]
                 found = await self._embedder.embed([text for _, text in texts], purpose=ROUTER,
                                                    request_id=request_id)
                 self._groups = [i for i, _ in texts]

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.appliance import ADMIN_KEY, Appliance, toml
 
 pytestmark = pytest.mark.llamacpp
 
@@ -223,6 +223,20 @@ def test_an_exact_hit_makes_no_embedding_call(app):
     assert after_miss == before + 1  # the miss embedded its prompt (and stored the vector with the answer)
     assert chat(app, "faq", question).headers["x-cache"] == "HIT"
     assert embedded(app, "cache") == after_miss
+
+
+def test_a_reload_brings_new_profiles_embedded_on_first_use(app):
+    """Last in the module: it changes the running config."""
+    weather = {"name": "weather", "model": "chatty", "description": "Weather forecasts: rain, sun, temperature",
+               "examples": ["Will it rain in Paris tomorrow?"]}
+    config = {**app.config, "router": {"profiles": [*PROFILES, weather]}}
+    app.config_path.write_text(toml(config))
+    reloaded = post(app, "/admin/reload", {})
+    assert reloaded.status_code == 200 and reloaded.json()["workers_behind"] == [], reloaded.text
+    decision = post(app, "/v1/router", {"messages": user("Is it going to be sunny in Rome this weekend?"),
+                                        "execute": False}).json()
+    assert decision["profile"] == "weather"
+    assert {s["profile"] for s in decision["scores"]} == {"code", "chit-chat", "weather"}
 
 
 def logged(app: Appliance, request_id: str) -> sqlite3.Row:

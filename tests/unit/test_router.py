@@ -207,9 +207,9 @@ def test_the_most_similar_entry_of_the_context_answers(tmp_path):
 
 def test_router_and_semantic_cache_need_an_embedding_model():
     profile = {"name": "code", "model": "m", "examples": ["x"]}
-    with pytest.raises(ConfigError, match="embeddings.model"):
+    with pytest.raises(ConfigError, match=r"embeddings\.model"):
         load_settings(environ={}, overrides={"router": {"profiles": [profile]}})
-    with pytest.raises(ConfigError, match="embeddings.model"):
+    with pytest.raises(ConfigError, match=r"embeddings\.model"):
         load_settings(environ={}, overrides={"cache": {"semantic": True}})
     settings = load_settings(environ={}, overrides={"router": {"profiles": [profile]}, "embeddings": {"model": "e"}})
     assert settings.router.profiles[0].texts == ["x"]
