@@ -30,7 +30,7 @@ from cachetools import LRUCache
 
 from appliance.accounts.usage import Tokens
 from appliance.common.chat import content_text
-from appliance.common.config import CacheSettings
+from appliance.common.config import CacheSettings, RouteCacheSettings
 from appliance.common.errors import GatewayError
 from appliance.common.sse import DONE
 from appliance.storage import cache_repo
@@ -79,6 +79,22 @@ class Store(NamedTuple):
     ttl_s: float
     context: str | None = None
     vector: np.ndarray | None = None
+
+
+class Policy(NamedTuple):
+    """How a route's answers are cached: [cache], as the route's own ``cache`` overrides it."""
+
+    shared: bool  # entries are found by every key
+    semantic: bool
+    threshold: float  # the similarity a semantic hit needs
+
+
+def policy(settings: CacheSettings, own: RouteCacheSettings | None) -> Policy:
+    def pick(name: str) -> Any:
+        value = getattr(own, name) if own is not None else None
+        return getattr(settings, name) if value is None else value
+
+    return Policy(pick("shared"), pick("semantic"), pick("semantic_threshold"))
 
 
 class Similar(NamedTuple):

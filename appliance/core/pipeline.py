@@ -268,19 +268,17 @@ async def _look_up(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan,
     # One target: the backend model that answers; several: any of the route's targets may answer.
     route = plan.routes[0]
     served = f"{route.backend}/{route.upstream_model}" if len(plan.routes) == 1 else f"route:{plan.name}"
-    settings = gw.settings.cache
-    own = gw.catalog.configured(plan)
-    own = own.cache if own is not None else None
-    shared = own.shared if own is not None and own.shared is not None else settings.shared
-    scope = None if shared or x.principal is None else x.principal.key_id
+    entry = gw.catalog.configured(plan)
+    policy = cache.policy(gw.settings.cache, entry.cache if entry is not None else None)
+    scope = None if policy.shared or x.principal is None else x.principal.key_id
     store = cache.Store(cache.cache_key(endpoint, body, served, scope), ttl_s)
     hit = await gw.cache.get(store.key)
     if hit is not None:
         x.cache = "HIT"
         return store, hit
-    semantic = own.semantic if own is not None and own.semantic is not None else settings.semantic
     embedder = gw.embedder
-    text = cache.semantic_prompt(body, embedder.settings.max_input_chars) if endpoint == CHAT and semantic else None
+    text = cache.semantic_prompt(body, embedder.settings.max_input_chars) if (
+        endpoint == CHAT and policy.semantic) else None
     if text is None or embedder.model is None:
         return store, None
     try:
@@ -288,10 +286,9 @@ async def _look_up(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan,
     except GatewayError as exc:  # the cache never fails a request: answered as a miss
         log.warning("semantic cache lookup skipped: %s", exc.message)
         return store, None
-    store = store._replace(context=cache.context_key(body, served, scope, embedder.model), vector=vector)
-    threshold = own.semantic_threshold if own is not None and own.semantic_threshold is not None else (
-        settings.semantic_threshold)
-    found = await gw.cache.similar(store.context, vector, threshold)  # type: ignore[arg-type]
+    context = cache.context_key(body, served, scope, embedder.model)
+    store = store._replace(context=context, vector=vector)
+    found = await gw.cache.similar(context, vector, policy.threshold)
     if found is None:
         return store, None
     x.cache = "HIT-SEMANTIC"

@@ -7,10 +7,18 @@ import orjson
 import pytest
 
 from appliance.accounts.usage import Prices, Tokens
-from appliance.common.config import ConfigError, ModelSettings, RouterProfile, RouterSettings, load_settings
+from appliance.common.config import (
+    CacheSettings,
+    ConfigError,
+    ModelSettings,
+    RouteCacheSettings,
+    RouterProfile,
+    RouterSettings,
+    load_settings,
+)
 from appliance.common.errors import GatewayError
 from appliance.core import router, vectors
-from appliance.core.cache import context_key, semantic_prompt
+from appliance.core.cache import Policy, context_key, policy, semantic_prompt
 from appliance.core.catalog import Catalog
 from appliance.providers.base import ModelInfo
 from tests.unit.test_cache import ANSWER, CHAT, Clock, migrated, open_worker
@@ -149,6 +157,15 @@ def test_nearest_skips_vectors_of_another_length():
 
 
 # ------------------------------------------------------------------------------------------ semantic cache
+
+
+def test_a_route_overrides_the_cache_settings_it_names():
+    settings = CacheSettings(semantic_threshold=0.9)
+    assert policy(settings, None) == Policy(False, False, 0.9)
+    assert policy(settings, RouteCacheSettings(semantic=True)) == Policy(False, True, 0.9)
+    assert policy(CacheSettings(semantic=True, shared=True), RouteCacheSettings(semantic=False, shared=False,
+                                                                                 semantic_threshold=0.8)) == (
+        Policy(False, False, 0.8))
 
 
 def test_semantic_prompt_is_the_last_user_text_only():
