@@ -9,7 +9,7 @@ The semantic level (chat only, where a route turns it on) is asked only after th
 stored for a chat request also holds its context (the key of the request without its last user message:
 route, parameters, tools, the conversation before, the key's scope, the embedding model) and that message's
 vector. A request whose context matches is answered by the most similar of the newest entries of its
-context (read from SQLite, compared with numpy), if that one is similar enough.
+context (read from SQLite, compared with SimSIMD), if that one is similar enough.
 
 The hit path is kept cheap (one sha256, orjson only, no pydantic): see tests/perf/cache_hit.py.
 """
@@ -22,8 +22,9 @@ import logging
 import math
 import sqlite3
 import time
+from array import array
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 from cachetools import LRUCache
@@ -36,9 +37,6 @@ from appliance.common.sse import DONE
 from appliance.storage import cache_repo
 from appliance.storage.db import Database
 from appliance.storage.writer import BufferedWriter
-
-if TYPE_CHECKING:
-    import numpy as np
 
 log = logging.getLogger("appliance.core.cache")
 
@@ -78,7 +76,7 @@ class Store(NamedTuple):
     key: str
     ttl_s: float
     context: str | None = None
-    vector: np.ndarray | None = None
+    vector: array | None = None
 
 
 class Policy(NamedTuple):
@@ -222,7 +220,7 @@ class ResponseCache:
         cache_repo.touch(self._writer, key, now)
         return Hit(body, now - created_at, Tokens(prompt, completion, bool(estimated)))
 
-    async def similar(self, context: str, vector: np.ndarray, threshold: float) -> Similar | None:
+    async def similar(self, context: str, vector: array, threshold: float) -> Similar | None:
         """The live entry of ``context`` whose vector is nearest ``vector``, when at least ``threshold`` similar."""
         from appliance.core import vectors  # on first use: see vectors.py
 
@@ -238,7 +236,7 @@ class ResponseCache:
         return Similar(hit, found[1]) if hit is not None else None
 
     async def put(self, key: str, *, endpoint: str, scope: str | None, served: str, body: bytes, tokens: Tokens,
-                  ttl_s: float, context: str | None = None, vector: np.ndarray | None = None) -> None:
+                  ttl_s: float, context: str | None = None, vector: array | None = None) -> None:
         """Store an answer in this worker's LRU and, at once, in the shared table (with the semantic cache's
         ``context`` and ``vector`` when it has them)."""
         now = self._clock()

@@ -8,8 +8,9 @@ examples and repeated prompts are embedded once per worker.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cachetools import LRUCache
 
@@ -19,9 +20,6 @@ from appliance.core.catalog import Catalog
 from appliance.observe import metrics
 from appliance.providers.base import EMBEDDINGS, Call, Provider
 from appliance.providers.transport import Limits
-
-if TYPE_CHECKING:
-    import numpy as np
 
 ROUTER, CACHE = "router", "cache"  # purposes, as the metrics label them
 _CONNECT_TIMEOUT_S = 3.0
@@ -35,16 +33,16 @@ class Embedder:
     def __init__(self, settings: EmbeddingsSettings, backends: Backends) -> None:
         self.settings = settings
         self._backends = backends
-        self._memory: LRUCache[str, np.ndarray] | None = (
+        self._memory: LRUCache[str, array] | None = (
             LRUCache(settings.memory_entries) if settings.memory_entries else None)
 
     @property
     def model(self) -> str | None:
         return self.settings.model
 
-    async def embed(self, texts: Sequence[str], *, purpose: str, request_id: str) -> list[np.ndarray]:
+    async def embed(self, texts: Sequence[str], *, purpose: str, request_id: str) -> list[array]:
         """Unit vectors of ``texts``, in order; a GatewayError (a 5xx code) when the model cannot answer."""
-        found: dict[str, np.ndarray] = {}
+        found: dict[str, array] = {}
         missing: list[str] = []
         for text in dict.fromkeys(texts):
             vector = self._memory.get(text) if self._memory is not None else None
@@ -65,7 +63,7 @@ class Embedder:
         metrics.embedded(purpose, from_memory=len(found) - len(missing), from_backend=len(missing))
         return [found[text] for text in texts]
 
-    async def _fetch(self, texts: list[str], request_id: str) -> list[np.ndarray]:
+    async def _fetch(self, texts: list[str], request_id: str) -> list[array]:
         from appliance.core import vectors  # on first use: see vectors.py
 
         model = self.settings.model

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from appliance.accounts.usage import Prices
 from appliance.common.chat import content_text
@@ -26,9 +27,6 @@ from appliance.common.config import RouterProfile, RouterSettings
 from appliance.common.errors import GatewayError
 from appliance.core.catalog import Catalog, MayUse, Route
 from appliance.core.embeddings import ROUTER, Embedder
-
-if TYPE_CHECKING:
-    import numpy as np
 
 HEADER = "X-Appliance-Router-Profile"
 # Body fields that steer the router: never sent to a backend.
@@ -196,7 +194,7 @@ class Router:
     def __init__(self, settings: RouterSettings, embedder: Embedder) -> None:
         self.settings = settings
         self._embedder = embedder
-        self._matrix: np.ndarray | None = None
+        self._matrix: array | None = None
         self._groups: list[int] = []  # per matrix row: its profile's index
         self._lock = asyncio.Lock()
 
@@ -223,7 +221,7 @@ class Router:
                       cost_weight)
         return Decision(ranked[0].profile, ranked[0].model, cost_weight, ranked)
 
-    async def _profile_matrix(self, request_id: str) -> np.ndarray:
+    async def _profile_matrix(self, request_id: str) -> array:
         """Every profile text's vector, embedded in one call the first time a request needs them."""
         if self._matrix is not None:
             return self._matrix

@@ -192,8 +192,8 @@ def test_single_process(start_frozen, fake_openai, private_tmp):
 # ------------------------------------------------------------------------------------ stopping
 
 
-def test_numpy_loads_in_the_binary_for_the_router_and_the_semantic_cache(start_frozen, fake_openai):
-    """numpy's bundled OpenBLAS stops loading if the build strips it (build/appliance.spec)."""
+def test_the_router_and_the_semantic_cache_work_in_the_binary(start_frozen, fake_openai):
+    """SimSIMD (imported on first use, so the analysis must have followed it) compares their vectors."""
     config = {**fake_only(fake_openai), "embeddings": {"model": "fake/fake-embed"},
               "models": [{"name": "faq", "target": "fake/fake-chat", "cache": {"semantic": True}}],
               "router": {"profiles": [{"name": "any", "model": "faq", "description": "Anything."}]}}
@@ -202,7 +202,7 @@ def test_numpy_loads_in_the_binary_for_the_router_and_the_semantic_cache(start_f
     assert status == 200 and decision["profile"] == "any", decision
     body = {"model": "faq", "temperature": 0, "messages": HELLO}
     assert app.post("/v1/chat/completions", body)[2]["x-cache"] == "MISS"
-    # The fake's embeddings are all alike: another question is "similar" (what is checked is numpy, not meaning).
+    # The fake's embeddings are all alike: another question is "similar" (what is checked is SimSIMD, not meaning).
     again = app.post("/v1/chat/completions", {**body, "messages": [{"role": "user", "content": "Hello"}]})
     assert again[2]["x-cache"] == "HIT-SEMANTIC", app.log()[-3000:]
 

@@ -2,7 +2,6 @@
 
 import asyncio
 
-import numpy as np
 import orjson
 import pytest
 
@@ -137,14 +136,16 @@ def test_no_candidate_left_says_why(served, may_use, models, code):
 
 
 def test_unit_rows_and_best_per_group():
-    matrix = vectors.unit_rows([[3, 4], [0, 2], [1, 0], [0, 0]])
-    assert np.allclose(matrix[0], [0.6, 0.8]) and np.allclose(matrix[3], [0, 0])  # a zero row stays zero
+    rows = vectors.unit_rows([[3, 4], [0, 2], [1, 0], [0, 0]])
+    assert list(rows[0]) == pytest.approx([0.6, 0.8]) and list(rows[3]) == [0, 0]  # a zero row stays zero
     query = vectors.unit_rows([[0, 1]])[0]
-    assert vectors.best_per_group(matrix, query, [0, 0, 1, 1]) == pytest.approx([1.0, 0.0])
+    assert vectors.best_per_group(vectors.stack(rows), query, [0, 0, 1, 1]) == pytest.approx([1.0, 0.0])
     with pytest.raises(ValueError):
         vectors.unit_rows([[1, 2], [1]])
     with pytest.raises(ValueError):
         vectors.unit_rows([[float("nan")]])
+    with pytest.raises(ValueError):
+        vectors.unit_rows([["one"]])
 
 
 def test_nearest_skips_vectors_of_another_length():
