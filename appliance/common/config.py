@@ -97,6 +97,14 @@ class BackendSettings(_Model):
         return value.rstrip("/")
 
 
+class RouteCacheSettings(_Model):
+    semantic: bool | None = Field(None, description="Semantic cache for this route (default: [cache] semantic).")
+    semantic_threshold: float | None = Field(None, gt=0, le=1, description="Its similarity threshold (default: "
+                                             "[cache] semantic_threshold).")
+    shared: bool | None = Field(None, description="Share this route's cache entries across keys (default: "
+                                "[cache] shared).")
+
+
 class ModelSettings(_Model):
     name: str = Field(description="The model name clients send; may be a glob (`claude-*`): exact names win.")
     target: str | None = Field(None, description="`backend/model` or a model name this alias points to.")
@@ -116,6 +124,8 @@ class ModelSettings(_Model):
     rpm: int | None = Field(None, gt=0, description="Requests per minute for this model, all keys together.")
     tpm: int | None = Field(None, gt=0, description="Tokens per minute for this model, all keys together.")
     max_concurrent: int | None = Field(None, gt=0, description="Requests in flight for this model, all keys.")
+    cache: RouteCacheSettings | None = Field(None, description="This route's cache: semantic, semantic_threshold, "
+                                             "shared.")
 
     @model_validator(mode="after")
     def _one_way_to_target(self) -> ModelSettings:
@@ -162,6 +172,47 @@ class CacheSettings(_Model):
     memory_entries: int = Field(1024, ge=0, description="Per-worker in-memory entries in front of SQLite.")
     stream: bool = Field(False, description="Serve cached answers to streaming requests as a synthesized stream.")
     sweep_interval_s: float = Field(60, gt=0, description="How often expired entries are removed.")
+    semantic: bool = Field(False, description="Also answer chat requests from earlier ones whose last user message "
+                           "is similar (needs [embeddings] model); routes opt in or out with their own `cache`.")
+    semantic_threshold: float = Field(0.95, gt=0, le=1, description="Cosine similarity a semantic hit needs.")
+    semantic_candidates: int = Field(1000, ge=1, le=100_000, description="Most recent entries compared per "
+                                     "semantic lookup (same route, parameters, conversation and key).")
+
+
+class EmbeddingsSettings(_Model):
+    model: str | None = Field(None, description="The model the router and the semantic cache embed text with: an "
+                              "alias, a model or backend/model that serves /v1/embeddings.")
+    timeout_s: float = Field(10, gt=0, description="Time allowed per embedding call.")
+    max_input_chars: int = Field(1500, ge=16, description="Longest text embedded: the router embeds the start of "
+                                 "a longer message; the semantic cache matches longer ones exactly only.")
+    memory_entries: int = Field(4096, ge=0, description="Per-worker LRU of text -> vector.")
+
+
+class RouterProfile(_Model):
+    name: str = Field(description="The profile's name (X-Appliance-Router-Profile).")
+    model: str = Field(description="The model (alias, model or backend/model) this profile sends requests to.")
+    description: str | None = Field(None, description="What requests belong here, in a sentence.")
+    examples: list[str] = Field(default_factory=list, description="Example requests that belong here.")
+    cost: float | None = Field(None, ge=0, description="The profile's price in USD per million tokens (default: "
+                               "its model's input_per_mtok + output_per_mtok).")
+
+    @model_validator(mode="after")
+    def _something_to_compare(self) -> RouterProfile:
+        if not (self.description and self.description.strip()) and not any(e.strip() for e in self.examples):
+            raise ValueError("give a description or examples")
+        return self
+
+    @property
+    def texts(self) -> list[str]:
+        """What a request is compared with: the description and every example."""
+        return [t for t in (self.description, *self.examples) if t and t.strip()]
+
+
+class RouterSettings(_Model):
+    name: str = Field("router", min_length=1, description="The model name that asks for the router.")
+    cost_weight: float = Field(0, ge=0, le=1, description="Price against similarity when a request sends no "
+                               "cost_weight: 0 quality only, 1 price only.")
+    profiles: list[RouterProfile] = Field(default_factory=list, description="The choices ([[router.profiles]]).")
 
 
 class AuthSettings(_Model):
@@ -241,6 +292,8 @@ class Settings(_Model):
     status: StatusSettings = Field(default_factory=StatusSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    embeddings: EmbeddingsSettings = Field(default_factory=EmbeddingsSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     files: FilesSettings = Field(default_factory=FilesSettings)
     batches: BatchesSettings = Field(default_factory=BatchesSettings)
@@ -262,6 +315,20 @@ class Settings(_Model):
                 if name in seen:
                     raise ValueError(f"{kind}[{i}].name: duplicate name {name!r}")
                 seen.add(name)
+        return self
+
+    @model_validator(mode="after")
+    def _router_and_semantic_cache(self) -> Settings:
+        names = [p.name for p in self.router.profiles]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"router.profiles[{i}].name: duplicate name {name!r}")
+        if self.router.profiles and self.router.name in {m.name for m in self.models}:
+            raise ValueError(f"router.name: {self.router.name!r} is also a [[models]] name")
+        semantic = self.cache.semantic or any(m.cache and m.cache.semantic for m in self.models)
+        if (self.router.profiles or semantic) and not self.embeddings.model:
+            wanted = "router.profiles" if self.router.profiles else "the semantic cache"
+            raise ValueError(f"embeddings.model: {wanted} needs an embedding model")
         return self
 
     @property

@@ -1,9 +1,15 @@
-"""The exact-match response cache: what is cacheable, its key, and the two levels that hold answers.
+"""The response cache: what is cacheable, its key, and the two levels that hold answers.
 
 A worker looks in its own LRU first, then in the SQLite table every worker shares; an answer stored on a
 miss is written through the writer connection at once, so the other workers see it on their next lookup.
 Staleness is bounded by the TTL: an entry a worker holds in memory is served until it expires, even if
 another worker's sweep evicted its row for size meanwhile.
+
+The semantic level (chat only, where a route turns it on) is asked only after the exact key missed: an entry
+stored for a chat request also holds its context (the key of the request without its last user message:
+route, parameters, tools, the conversation before, the key's scope, the embedding model) and that message's
+vector. A request whose context matches is answered by the most similar of the newest entries of its
+context (read from SQLite, compared with SimSIMD), if that one is similar enough.
 
 The hit path is kept cheap (one sha256, orjson only, no pydantic): see tests/perf/cache_hit.py.
 """
@@ -16,6 +22,7 @@ import logging
 import math
 import sqlite3
 import time
+from array import array
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -23,7 +30,8 @@ import orjson
 from cachetools import LRUCache
 
 from appliance.accounts.usage import Tokens
-from appliance.common.config import CacheSettings
+from appliance.common.chat import content_text
+from appliance.common.config import CacheSettings, RouteCacheSettings
 from appliance.common.errors import GatewayError
 from appliance.common.sse import DONE
 from appliance.storage import cache_repo
@@ -60,6 +68,36 @@ class Hit(NamedTuple):
     body: bytes  # the answer as the backend sent it
     age_s: float
     tokens: Tokens
+
+
+class Store(NamedTuple):
+    """Where a request's answer goes once it came: its key and, for the semantic cache, context and vector."""
+
+    key: str
+    ttl_s: float
+    context: str | None = None
+    vector: array | None = None
+
+
+class Policy(NamedTuple):
+    """How a route's answers are cached: [cache], as the route's own ``cache`` overrides it."""
+
+    shared: bool  # entries are found by every key
+    semantic: bool
+    threshold: float  # the similarity a semantic hit needs
+
+
+def policy(settings: CacheSettings, own: RouteCacheSettings | None) -> Policy:
+    def pick(name: str) -> Any:
+        value = getattr(own, name) if own is not None else None
+        return getattr(settings, name) if value is None else value
+
+    return Policy(pick("shared"), pick("semantic"), pick("semantic_threshold"))
+
+
+class Similar(NamedTuple):
+    hit: Hit
+    similarity: float
 
 
 _NOT_CACHEABLE = Decision(False, False, 0.0)
@@ -113,6 +151,26 @@ def cache_key(endpoint: str, body: dict[str, Any], served: str, scope: str | Non
     return hashlib.sha256(orjson.dumps((endpoint, scope, fields), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def semantic_prompt(body: dict[str, Any], max_chars: int) -> str | None:
+    """The text the semantic cache compares: the last message, when it is the user's and only text (an image
+    or audio part could differ where the words agree), and not longer than ``max_chars``; else None."""
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return None
+    content = last.get("content")
+    if isinstance(content, list) and not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return None
+    text = content_text(content).strip()
+    return text if text and len(text) <= max_chars else None
+
+
+def context_key(body: dict[str, Any], served: str, scope: str | None, embedding_model: str) -> str:
+    """The semantic cache's key: the chat request without its last message (see cache_key), the embedding
+    model included (vectors of two models never compare)."""
+    return cache_key(f"semantic:{embedding_model}", {**body, "messages": body["messages"][:-1]}, served, scope)
+
+
 # ------------------------------------------------------------------------------------------ the two levels
 
 
@@ -162,16 +220,38 @@ class ResponseCache:
         cache_repo.touch(self._writer, key, now)
         return Hit(body, now - created_at, Tokens(prompt, completion, bool(estimated)))
 
+    async def similar(self, context: str, vector: array, threshold: float) -> Similar | None:
+        """The live entry of ``context`` whose vector is nearest ``vector``, when at least ``threshold`` similar."""
+        from appliance.core import vectors  # on first use: see vectors.py
+
+        try:
+            rows = await cache_repo.similar(self._db, context, self._clock(), self._settings.semantic_candidates)
+        except (sqlite3.Error, ValueError) as exc:
+            log.warning("semantic cache lookup failed, answering as a miss: %s", exc)
+            return None
+        found = vectors.nearest(vector, [blob for _, blob in rows])
+        if found is None or found[1] < threshold:
+            return None
+        hit = await self.get(rows[found[0]][0])
+        return Similar(hit, found[1]) if hit is not None else None
+
     async def put(self, key: str, *, endpoint: str, scope: str | None, served: str, body: bytes, tokens: Tokens,
-                  ttl_s: float) -> None:
-        """Store an answer in this worker's LRU and, at once, in the shared table."""
+                  ttl_s: float, context: str | None = None, vector: array | None = None) -> None:
+        """Store an answer in this worker's LRU and, at once, in the shared table (with the semantic cache's
+        ``context`` and ``vector`` when it has them)."""
         now = self._clock()
         body = bytes(body)
         expires_at = now + ttl_s
+        blob = None
+        if vector is not None:
+            from appliance.core import vectors  # on first use: see vectors.py
+
+            blob = vectors.to_bytes(vector)
         if self._memory is not None and len(body) <= MEMORY_MAX_BODY:
             self._memory[key] = (body, now, expires_at, tokens.prompt, tokens.completion, tokens.estimated)
         entry = cache_repo.CacheEntry(key, scope, endpoint, served, body, tokens.prompt, tokens.completion,
-                                      tokens.estimated, cache_repo.size_of(body), now, expires_at)
+                                      tokens.estimated, cache_repo.size_of(body, blob), now, expires_at,
+                                      context, blob)
         try:
             await cache_repo.put(self._db, entry)
         except (sqlite3.Error, ValueError) as exc:  # the answer went out already; only sharing it failed

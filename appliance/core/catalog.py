@@ -138,6 +138,11 @@ class Catalog:
                                param="model")
         return Plan(model, routes, alias)
 
+    def configured(self, plan: Plan) -> ModelSettings | None:
+        """The [[models]] entry that speaks for ``plan``: its alias, else an entry named as the request named the
+        model (one that only describes it)."""
+        return plan.alias if plan.alias is not None else self._overrides.get(plan.model)
+
     def _lookup(self, name: str) -> Route | None:
         prefix, slash, rest = name.partition("/")
         if slash and rest and prefix in self.backends:

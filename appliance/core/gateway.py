@@ -19,7 +19,9 @@ from appliance.common.errors import GatewayError
 from appliance.core import discovery
 from appliance.core.cache import ResponseCache
 from appliance.core.catalog import Catalog, Plan
+from appliance.core.embeddings import Embedder
 from appliance.core.resilience import Breakers
+from appliance.core.router import Router
 from appliance.core.routing import Selector, Target
 from appliance.observe.accesslog import AccessLog
 from appliance.observe.metrics import Recorder
@@ -70,6 +72,8 @@ class Gateway:
     upstreams: Upstreams = field(default_factory=Upstreams, init=False)
     draining: bool = field(default=False, init=False)
     metrics: Recorder = field(init=False)
+    embedder: Embedder = field(init=False)
+    router: Router = field(init=False)
     access_log: AccessLog | None = field(default=None, init=False)
     _discovered: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
@@ -86,6 +90,12 @@ class Gateway:
         self.model_scopes = ModelScopes(self.settings.models, first_slot=self.settings.limits.key_slots)
         self.metrics = Recorder(per_key=self.settings.metrics.per_key, known_model=self._knows)
         self.access_log = AccessLog(self.settings.log.access) if self.settings.log.access != "off" else None
+        # New with every config: the embedding model's routes may have changed, and with them its vectors.
+        self.embedder = Embedder(self.settings.embeddings, self._embedding_backends)
+        self.router = Router(self.settings.router, self.embedder)
+
+    def _embedding_backends(self) -> tuple[Catalog, dict[str, Provider]]:
+        return self.catalog, self.providers  # whichever generation is current
 
     def _knows(self, model: str) -> bool:
         return self.catalog.knows(model)  # whichever catalog is current

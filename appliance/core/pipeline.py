@@ -8,6 +8,7 @@ selector orders them by the alias's strategy; each is tried with retries while i
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -15,8 +16,9 @@ import orjson
 
 from appliance.accounts.usage import NO_COST
 from appliance.common.errors import GatewayError, retry_after_headers
-from appliance.core import cache, resilience
+from appliance.core import cache, resilience, router
 from appliance.core.catalog import Plan, Route
+from appliance.core.embeddings import CACHE
 from appliance.core.exchange import (
     CLIENT_CLOSED,
     Exchange,
@@ -49,10 +51,13 @@ from appliance.providers.base import (
     Call,
 )
 
+log = logging.getLogger("appliance.core.pipeline")
+
 # Body fields that steer the gateway and must not reach a backend.
 GATEWAY_FIELDS = ("fallbacks", "fallback", "provider", "timeout", "retries")
 MAX_RETRIES = 5
 TRUE = ("1", "true", "yes")
+SIMILARITY_HEADER = "X-Appliance-Cache-Similarity"
 
 # What a JSON body must hold besides its model (the rest is the backend's to judge), and which may stream.
 _REQUIRED = {CHAT: ("messages",), COMPLETIONS: ("prompt",), EMBEDDINGS: ("input",), RERANK: ("query", "documents"),
@@ -186,6 +191,58 @@ def _timeout_s(gw: Gateway, body: dict[str, Any], plan: Plan) -> float | None:
     return limit
 
 
+# ------------------------------------------------------------------------------------------ the router
+
+
+async def route(gw: Gateway, raw: bytes, x: Exchange, responder: Responder) -> None:
+    """POST /v1/router: the router's decision alone (``"execute": false``), or the chat served on its choice."""
+    try:
+        body = parse_body(raw)
+        if not gw.router.enabled:
+            raise GatewayError("not_found", "No router profiles are configured ([[router.profiles]]).")
+        x.body = body = {**body, "model": gw.router.settings.name}  # any model sent: the router chooses
+        validate(CHAT, body)
+        options = router.options(body, gw.router.settings)
+    except GatewayError as exc:
+        record(gw, x, exc.status, error_code=exc.code)
+        raise
+    if options.execute:
+        await serve(gw, CHAT, body, x, responder)
+        return
+    begin(gw, x)
+    try:
+        await gw.wait_discovered()
+        decision, chosen = await _decide(gw, x, body, options)
+        admit(gw, x, body, chosen.route, counts_tokens=False)  # an embedding call, no generation: rpm only
+        x.notes = {router.HEADER: decision.profile}
+        record(gw, x, 200)
+        await responder.complete(200, x.response_headers(), orjson.dumps(decision.as_dict()))
+    except GatewayError as exc:
+        record(gw, x, exc.status, error_code=exc.code)
+        raise
+    except asyncio.CancelledError:
+        record(gw, x, CLIENT_CLOSED, error_code="client_closed")
+        raise
+    except Exception:
+        record(gw, x, 500, error_code="internal_error")
+        raise
+
+
+async def _routed(gw: Gateway, x: Exchange, body: dict[str, Any]) -> dict[str, Any]:
+    """The body for the router's choice: its model, without the router's own fields."""
+    decision, _ = await _decide(gw, x, body, router.options(body, gw.router.settings))
+    x.notes = {**(x.notes or {}), router.HEADER: decision.profile}
+    return {**{k: v for k, v in body.items() if k not in router.FIELDS}, "model": decision.model}
+
+
+async def _decide(gw: Gateway, x: Exchange, body: dict[str, Any],
+                  options: router.Options) -> tuple[router.Decision, router.Candidate]:
+    routing = gw.router  # one config generation for the whole decision, whatever a reload does meanwhile
+    chosen_from = router.candidates(routing.settings.profiles, gw.catalog, gw.prices, may_use(x), options.models)
+    decision = await routing.decide(body, chosen_from, options.cost_weight, x.upstream_id)
+    return decision, next(c for c in chosen_from if c.profile.name == decision.profile)
+
+
 # ------------------------------------------------------------------------------------------ serving
 
 
@@ -223,23 +280,24 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
     begin(gw, x)
     try:
         await gw.wait_discovered()
+        if endpoint == CHAT and gw.router.serves(body.get("model")):
+            body = await _routed(gw, x, body)
         x.upstreams = gw.upstreams  # the plan's generation: no await between the two
         plan = plan_for(gw, x, body)
         plan = Plan(plan.model, allowed_routes(gw, x, plan.routes), plan.alias)
         x.route = plan.routes[0]
         x.route_name = plan.name if plan.alias is not None else None  # a model named directly is no route
         decision = cache.decide(endpoint, body, x.controls, gw.settings.cache)
-        key = None
+        store = None
         if decision.cacheable and surface.cacheable:
             x.cache = "BYPASS" if decision.bypass else "MISS"
             if not decision.bypass:
-                key = _cache_key(gw, endpoint, body, plan, x)
-                hit = await gw.cache.get(key)
+                store, hit = await _look_up(gw, endpoint, body, plan, x, decision.ttl_s)
                 if hit is not None:
                     await _serve_hit(gw, x, body, hit, responder)
                     return
         admit(gw, x, body, x.route)
-        await _dispatch(gw, endpoint, body, plan, x, responder, surface, key, decision.ttl_s)
+        await _dispatch(gw, endpoint, body, plan, x, responder, surface, store)
     except GatewayError as exc:
         record(gw, x, exc.status, error_code=exc.code)
         raise
@@ -251,21 +309,47 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
         raise
 
 
-def _cache_key(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan, x: Exchange) -> str:
+async def _look_up(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan, x: Exchange,
+                   ttl_s: float) -> tuple[cache.Store, cache.Hit | None]:
+    """The stored answer to this request (exact, else similar where the route asks for it), and where its
+    answer is to be stored otherwise. The embedding call happens only after the exact key missed."""
     # One target: the backend model that answers; several: any of the route's targets may answer.
     route = plan.routes[0]
     served = f"{route.backend}/{route.upstream_model}" if len(plan.routes) == 1 else f"route:{plan.name}"
-    # A key with its own upstream credentials never shares entries, even with [cache] shared: what it got was
+    entry = gw.catalog.configured(plan)
+    policy = cache.policy(gw.settings.cache, entry.cache if entry is not None else None)
+    # A key with its own upstream credentials never shares entries, even where the route shares: what it got was
     # served on its own account (and may differ), and what others got was not paid for by it.
     principal = x.principal
-    shared = principal is None or (gw.settings.cache.shared and not principal.upstream_keys)
+    shared = principal is None or (policy.shared and not principal.upstream_keys)
     scope = None if shared else principal.key_id  # type: ignore[union-attr]
-    return cache.cache_key(endpoint, body, served, scope)
+    store = cache.Store(cache.cache_key(endpoint, body, served, scope), ttl_s)
+    hit = await gw.cache.get(store.key)
+    if hit is not None:
+        x.cache = "HIT"
+        return store, hit
+    embedder = gw.embedder
+    text = cache.semantic_prompt(body, embedder.settings.max_input_chars) if (
+        endpoint == CHAT and policy.semantic) else None
+    if text is None or embedder.model is None:
+        return store, None
+    try:
+        (vector,) = await embedder.embed([text], purpose=CACHE, request_id=x.upstream_id)
+    except GatewayError as exc:  # the cache never fails a request: answered as a miss
+        log.warning("semantic cache lookup skipped: %s", exc.message)
+        return store, None
+    context = cache.context_key(body, served, scope, embedder.model)
+    store = store._replace(context=context, vector=vector)
+    found = await gw.cache.similar(context, vector, policy.threshold)
+    if found is None:
+        return store, None
+    x.cache = "HIT-SEMANTIC"
+    x.notes = {**(x.notes or {}), SIMILARITY_HEADER: f"{found.similarity:.3f}"}
+    return store, found.hit
 
 
 async def _serve_hit(gw: Gateway, x: Exchange, body: dict[str, Any], hit: cache.Hit, responder: Responder) -> None:
     """A stored answer: counts toward the key's rpm, not its tokens or budget, and costs nothing."""
-    x.cache = "HIT"
     admit(gw, x, body, x.route, counts_tokens=False)  # type: ignore[arg-type]
     headers = {**x.response_headers(), "X-Appliance-Cache-Age": str(int(hit.age_s)),
                "X-Appliance-Cost-Usd": f"{0:.9f}"}
@@ -290,7 +374,7 @@ async def _serve_hit(gw: Gateway, x: Exchange, body: dict[str, Any], hit: cache.
 
 
 async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan, x: Exchange,
-                    responder: Responder, surface: Surface, cache_key: str | None, cache_ttl_s: float) -> None:
+                    responder: Responder, surface: Surface, store: cache.Store | None) -> None:
     """Try the plan's targets in the strategy's order, with retries, until one answers."""
     retries = _retries(gw, x, body, plan)
     timeout_s = _timeout_s(gw, body, plan)
@@ -316,7 +400,7 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
             x.attempts += 1
             x.fallback_from = first_failed if first_failed is not None and first_failed != route else None
             error = await _attempt(gw, endpoint, body, route, target, x, responder, surface, timeout_s,
-                                   first_token_s, stream, cache_key, cache_ttl_s)
+                                   first_token_s, stream, store)
             if error is None:
                 return
             last_error = error
@@ -336,7 +420,7 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
 
 async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Route, target: Target, x: Exchange,
                    responder: Responder, surface: Surface, timeout_s: float | None, first_token_s: float | None,
-                   stream: bool, cache_key: str | None, cache_ttl_s: float) -> GatewayError | None:
+                   stream: bool, store: cache.Store | None) -> GatewayError | None:
     """One try against one target: None when it answered, the error when another try may help."""
     call = Call(endpoint, upstream_body(body, route), x.upstream_id, x.headers,
                 limits=upstreams(gw, x).limits_for(route.backend, timeout_s), api_key=upstream_key(x, route.backend),
@@ -349,10 +433,10 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
             failure = await surface.stream(gw, call, x, responder, first_token_s)
         else:
             original, tokens = await surface.answer(gw, call, x, responder)
-            if cache_key is not None:
-                await gw.cache.put(cache_key, endpoint=endpoint, scope=x.principal.key_id if x.principal else None,
+            if store is not None:
+                await gw.cache.put(store.key, endpoint=endpoint, scope=x.principal.key_id if x.principal else None,
                                    served=f"{route.backend}/{route.upstream_model}", body=original, tokens=tokens,
-                                   ttl_s=cache_ttl_s)
+                                   ttl_s=store.ttl_s, context=store.context, vector=store.vector)
     except GatewayError as exc:
         retry = resilience.retryable(exc)
         gw.breakers.record(route.backend, ok=not resilience.breaker_failure(exc))

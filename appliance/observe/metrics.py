@@ -38,7 +38,7 @@ NONE = "none"
 ENDPOINTS = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
                        "/v1/messages/count_tokens", "/v1/responses", "/v1/rerank", "/rerank", "/v1/score",
                        "/v1/moderations", "/v1/images/generations", "/v1/images/edits", "/v1/audio/transcriptions",
-                       "/v1/audio/translations", "/v1/audio/speech"))
+                       "/v1/audio/translations", "/v1/audio/speech", "/v1/router"))
 PROXY_LABEL = "proxy"
 _RESPONSE_ITEM = re.compile(r"/v1/responses/[^/]+(/input_items)?")
 
@@ -81,12 +81,17 @@ WRITE_QUEUE = Gauge("appliance_db_write_queue_depth", "Rows buffered for the dat
                     "each flush).", multiprocess_mode="livesum", registry=None)
 DB_WRITE_FAILURES = Counter("appliance_db_write_failures", "Database writes that failed (full disk, read-only "
                             "folder); the rows wait in memory and the journal.", registry=None)
+EMBEDDED_TEXTS = Counter("appliance_embedded_texts", "Texts the router and the semantic cache embedded (purpose: "
+                         "router or cache), by where the vector came from (source: memory or backend).",
+                         ("purpose", "source"), registry=None)
+EMBEDDING_FAILURES = Counter("appliance_embedding_failures", "Embedding calls that failed (purpose: router or "
+                             "cache).", ("purpose",), registry=None)
 WORKERS = Gauge("appliance_workers", "Worker processes serving.", multiprocess_mode="livesum", registry=None)
 BUILD_INFO = Gauge("appliance_build_info", "The running version (value 1).", ("version",),
                    multiprocess_mode="livemax", registry=None)
 
 _COMMON = (INFLIGHT, RETRIES, FALLBACKS, RATELIMIT_REJECTIONS, WRITE_QUEUE, DB_WRITE_FAILURES, WORKERS, BUILD_INFO,
-           REQUEST_SECONDS, UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS)
+           REQUEST_SECONDS, UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS, EMBEDDED_TEXTS, EMBEDDING_FAILURES)
 
 
 # ------------------------------------------------------------------------------------------ the folder
@@ -230,6 +235,18 @@ class Recorder:
     @staticmethod
     def write_failed() -> None:
         DB_WRITE_FAILURES.inc()
+
+
+def embedded(purpose: str, *, from_memory: int, from_backend: int) -> None:
+    """Texts embedded for the router or the semantic cache, by where their vectors came from."""
+    if from_memory:
+        EMBEDDED_TEXTS.labels(purpose, "memory").inc(from_memory)
+    if from_backend:
+        EMBEDDED_TEXTS.labels(purpose, "backend").inc(from_backend)
+
+
+def embedding_failed(purpose: str) -> None:
+    EMBEDDING_FAILURES.labels(purpose).inc()
 
 
 def shared_values(names: Iterable[str]) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

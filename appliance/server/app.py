@@ -30,6 +30,7 @@ from appliance.server.routes import openapi as openapi_routes
 from appliance.server.routes import providers as providers_routes
 from appliance.server.routes import proxy as proxy_routes
 from appliance.server.routes import responses as responses_routes
+from appliance.server.routes import router as router_routes
 
 APP_NAME = "appliance"
 # Sanic's own response timeout must never cut a backend call the settings still allow.
@@ -85,6 +86,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.blueprint(openapi_routes.bp)
     app.blueprint(proxy_routes.bp)
     app.blueprint(providers_routes.bp)
+    app.blueprint(router_routes.bp)
     app.static("/static", static_dir(), name="static", use_content_range=True)  # HEAD gets Content-Length
     if settings.server.cors_origins:
         _add_cors(app, settings.server.cors_origins)  # first: a preflight carries no key

@@ -27,11 +27,17 @@ class CacheEntry(NamedTuple):
     size: int
     created_at: float
     expires_at: float
+    context: str | None = None  # the semantic cache's: where the entry may be found by similarity
+    vector: bytes | None = None  # and what it is compared by
 
 
 _PUT = (
     "INSERT OR REPLACE INTO response_cache (key, scope, endpoint, model, body, prompt_tokens, completion_tokens, "
-    "estimated, size, created_at, expires_at, hits, last_hit_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL)"
+    "estimated, size, created_at, expires_at, context, vector, hits, last_hit_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL)"
+)
+_SIMILAR = (
+    "SELECT key, vector FROM response_cache WHERE context = ? AND expires_at > ? ORDER BY created_at DESC LIMIT ?"
 )
 _GET = (
     "SELECT body, created_at, expires_at, prompt_tokens, completion_tokens, estimated FROM response_cache "
@@ -46,8 +52,8 @@ _EVICT = (
 )
 
 
-def size_of(body: bytes) -> int:
-    return len(body) + ROW_OVERHEAD
+def size_of(body: bytes, vector: bytes | None = None) -> int:
+    return len(body) + len(vector or b"") + ROW_OVERHEAD
 
 
 async def get(db: Database, key: str, now: float) -> sqlite3.Row | None:
@@ -62,9 +68,15 @@ async def put(db: Database, entry: CacheEntry) -> None:
     async def work(conn: aiosqlite.Connection) -> None:
         await conn.execute(_PUT, (entry.key, entry.scope, entry.endpoint, entry.model, entry.body,
                                   entry.prompt_tokens, entry.completion_tokens, int(entry.estimated), entry.size,
-                                  entry.created_at, entry.expires_at))
+                                  entry.created_at, entry.expires_at, entry.context, entry.vector))
 
     await db.write(work)
+
+
+async def similar(db: Database, context: str, now: float, limit: int) -> list[tuple[str, bytes]]:
+    """(key, vector) of the newest ``limit`` live entries stored under ``context``."""
+    rows = await db.fetchall(_SIMILAR, (context, now, limit))
+    return [(row[0], bytes(row[1])) for row in rows]
 
 
 def touch(writer: BufferedWriter, key: str, now: float) -> None:

@@ -19,6 +19,9 @@ from appliance.storage.requests_repo import INSERT_BODIES, RequestRecord
 from appliance.storage.stats_repo import TRAFFIC
 from appliance.storage.usage_repo import ROLLUP, day_of
 
+# The request log's cache outcomes that no backend answered.
+CACHE_HITS = frozenset(("HIT", "HIT-SEMANTIC"))
+
 
 class Bodies(NamedTuple):
     request: bytes | None
@@ -93,11 +96,11 @@ def _rollups(rows: Iterable[RequestRecord]) -> tuple[dict[tuple[Any, ...], list[
             _add(usage, (day_of(row.created_at), row.key_id, row.model or "", row.backend or "",
                          row.backend_model or ""),
                  (1, int(failed), prompt, completion, row.cached_tokens or 0, row.cost_usd or 0.0,
-                  int(row.cache == "HIT")))
+                  int(row.cache in CACHE_HITS)))
         # The status page's traffic: every request, and per backend the ones it was asked to answer.
         minute = int(row.created_at // 60)
         _add(traffic, (minute, ""), (1, int(failed), prompt + completion))
-        if row.backend is not None and row.cache != "HIT" and row.status != 429:
+        if row.backend is not None and row.cache not in CACHE_HITS and row.status != 429:
             _add(traffic, (minute, row.backend), (1, int(failed), prompt + completion))
     return usage, traffic
 

@@ -47,7 +47,8 @@ async def backend_counts(db: Database, first_minute: int) -> dict[str, tuple[int
 # The newest first through the created_at index: a read costs its LIMIT in rows, whatever the traffic.
 TIMINGS = ("SELECT backend, backend_model, latency_ms, CASE WHEN stream THEN ttft_ms END FROM requests "
            "WHERE created_at >= ? AND backend IS NOT NULL AND latency_ms IS NOT NULL "
-           "AND (cache IS NULL OR cache != 'HIT') AND status != 429 ORDER BY created_at DESC LIMIT ?")
+           "AND (cache IS NULL OR cache NOT IN ('HIT', 'HIT-SEMANTIC')) AND status != 429 "
+           "ORDER BY created_at DESC LIMIT ?")
 
 
 async def backend_timings(db: Database, since: float, limit: int) -> list[tuple[str, str | None, float, float | None]]:

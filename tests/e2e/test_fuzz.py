@@ -88,6 +88,10 @@ def target(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI, fa
              "models": ["down-model"]},
         ],
         "models": [{"name": "chat", "target": "fake/fake-chat"}],
+        # The router decides (the fake's embeddings are all alike: price and order decide) and answers.
+        "embeddings": {"model": "fake/fake-embed"},
+        "router": {"profiles": [{"name": "chat", "model": "chat", "description": "Anything at all."},
+                                {"name": "tools", "model": "fake-tools", "examples": ["What is the weather?"]}]},
     }
     app = Appliance(tmp_path_factory.mktemp("fuzz"), config)
     app.start()

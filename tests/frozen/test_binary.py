@@ -192,6 +192,21 @@ def test_single_process(start_frozen, fake_openai, private_tmp):
 # ------------------------------------------------------------------------------------ stopping
 
 
+def test_the_router_and_the_semantic_cache_work_in_the_binary(start_frozen, fake_openai):
+    """SimSIMD (imported on first use, so the analysis must have followed it) compares their vectors."""
+    config = {**fake_only(fake_openai), "embeddings": {"model": "fake/fake-embed"},
+              "models": [{"name": "faq", "target": "fake/fake-chat", "cache": {"semantic": True}}],
+              "router": {"profiles": [{"name": "any", "model": "faq", "description": "Anything."}]}}
+    app = start_frozen(config, workers=1)
+    status, decision, _ = app.post("/v1/router", {"execute": False, "messages": HELLO})
+    assert status == 200 and decision["profile"] == "any", decision
+    body = {"model": "faq", "temperature": 0, "messages": HELLO}
+    assert app.post("/v1/chat/completions", body)[2]["x-cache"] == "MISS"
+    # The fake's embeddings are all alike: another question is "similar" (what is checked is SimSIMD, not meaning).
+    again = app.post("/v1/chat/completions", {**body, "messages": [{"role": "user", "content": "Hello"}]})
+    assert again[2]["x-cache"] == "HIT-SEMANTIC", app.log()[-3000:]
+
+
 def test_sigterm_to_the_launcher_drains_flushes_and_cleans_up(start_frozen, fake_openai, private_tmp):
     # A one-minute flush interval: only the final flush at stop can write the request log.
     app = start_frozen(fake_only(fake_openai, flush_interval_ms=60_000), workers=2)

@@ -31,6 +31,7 @@ TAGS = (
     ("Images", "OpenAI image generations and edits, routed by model."),
     ("Audio", "OpenAI transcriptions, translations (multipart, streamed through) and speech (streamed back)."),
     ("Anthropic", "Anthropic Messages, over chat or Anthropic backends."),
+    ("Router", "The semantic router: a model chosen per request by meaning and price."),
     ("Files", "OpenAI Files, stored in the data dir."),
     ("Batch", "OpenAI Batches, run by the appliance on its own backends."),
     ("Keys", "A key's view of itself."),

@@ -136,6 +136,7 @@ def control_headers() -> list[Schema]:
 def describe(openai: OpenAISpec) -> dict[OperationKey, Operation]:
     """Every operation the appliance serves, keyed by (METHOD, OpenAPI path)."""
     own = {**_openai_operations(openai), **_extension_operations(openai), **_provider_operations(),
+           **_router_operations(),
            **_anthropic_operations(), **_admin_operations(), **_ops_operations(),
            **_proxy_operations()}
     return {**own, **_aliases(own)}
@@ -353,6 +354,28 @@ def _anthropic_operations() -> dict[OperationKey, Operation]:
              **anthropic_errors()},
             security=ANTHROPIC_KEY, body=json_body(ref("AnthropicCountTokensRequest")),
             operation_id="countMessageTokens"),
+    }
+
+
+def _router_operations() -> dict[OperationKey, Operation]:
+    answer = ok("With `\"execute\": false` the decision; otherwise the chat completion of the chosen model (a "
+                "stream with `\"stream\": true`), with `X-Appliance-Router-Profile`.",
+                {"anyOf": [ref("RouterDecision"), ref("CreateChatCompletionResponse")]},
+                **{SSE: sse({"anyOf": [ref("CreateChatCompletionStreamResponse"), ref("ApplianceErrorResponse")]})})
+    answer["headers"] = {"X-Appliance-Router-Profile": {"description": "The profile the router chose.",
+                                                        "schema": {"type": "string"}}}
+    return {
+        ("POST", "/v1/router"): _op(
+            "Choose a model by meaning and price, and (by default) answer with it", "Router",
+            {"200": answer, **errors(*_PROXIED)}, body=json_body(ref("RouterRequest")),
+            parameters=control_headers(), operation_id="route",
+            description="A chat completions body plus `models`, `cost_weight` and `execute` (never sent to a "
+            "backend). 404 `not_found` when no `[[router.profiles]]` are configured; a failing embedding model is "
+            "a 5xx of the backend's kind."),
+        ("GET", "/v1/router/profiles"): _op(
+            "The router's profiles this key may be routed to", "Router",
+            {"200": ok("The profiles (no vectors).", ref("RouterProfileList")), **errors(401, 403)},
+            operation_id="listRouterProfiles"),
     }
 
 

@@ -271,6 +271,30 @@ def rerank_schemas() -> dict[str, Schema]:
     }
 
 
+def router_schemas() -> dict[str, Schema]:
+    """POST /v1/router and GET /v1/router/profiles (core/router.py builds the objects)."""
+    request = obj({
+        "messages": {"type": "array", "minItems": 1, "items": ref("ChatCompletionRequestMessage")},
+        "model": {**STRING, "description": "Ignored: the router chooses."},
+        "models": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
+                   "description": "Only profiles whose model is one of these."},
+        "cost_weight": {"type": "number", "minimum": 0, "maximum": 1,
+                        "description": "0: the most similar profile; 1: the cheapest (default [router] cost_weight)."},
+        "execute": {**BOOLEAN, "description": "false: answer with the decision only (default true)."},
+        "stream": BOOLEAN,
+    }, required=("messages",), description="A chat completions body (its other fields go to the chosen model).")
+    score = obj({"profile": STRING, "model": STRING, "similarity": NUMBER,
+                 "cost": {**NUMBER, "description": "The profile's price relative to the dearest candidate."},
+                 "score": {**NUMBER, "description": "(1 - cost_weight) * similarity - cost_weight * cost."}})
+    decision = obj({"object": {"const": "router.decision"}, "model": STRING, "profile": STRING,
+                    "cost_weight": NUMBER, "scores": {"type": "array", "items": score, "description": "Best first."}})
+    profile = obj({"object": {"const": "router.profile"}, "name": STRING, "model": STRING,
+                   "description": nullable(STRING), "examples": {"type": "array", "items": STRING},
+                   "cost": {**nullable(NUMBER), "description": "USD per million tokens."},
+                   "served": {**BOOLEAN, "description": "A backend serves its model right now."}})
+    return {"RouterRequest": request, "RouterDecision": decision, "RouterProfileList": list_of(profile)}
+
+
 def own_schemas() -> dict[str, Schema]:
     return {**error_schemas(), **ops_schemas(), **provider_schemas(), **key_schemas(), **messages_schemas(),
-            **rerank_schemas()}
+            **rerank_schemas(), **router_schemas()}

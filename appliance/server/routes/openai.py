@@ -9,7 +9,7 @@ from sanic import Request
 from sanic.response import HTTPResponse
 
 from appliance.accounts.auth import model_not_allowed
-from appliance.core import pipeline
+from appliance.core import pipeline, router
 from appliance.providers.base import CHAT, COMPLETIONS, EMBEDDINGS
 from appliance.server.responses import SanicResponder, exchange, json_response
 from appliance.server.routes import Routes
@@ -46,6 +46,9 @@ async def list_models(request: Request) -> HTTPResponse:
     may_use = request.ctx.principal.may_use
     if may_use is not None:  # a key sees the models it may use, by the rule its requests meet
         models = [m for m in models if gateway.catalog.usable(m["id"], may_use)]
+    routing = router.model_entry(gateway.router.settings, gateway.catalog, may_use)
+    if routing is not None:
+        models.append(routing)
     return json_response(orjson.dumps({"object": "list", "data": models}), request)
 
 
@@ -55,6 +58,11 @@ async def get_model(request: Request, model: str) -> HTTPResponse:
     await gateway.wait_discovered()
     model = unquote(model)  # SDKs percent-encode the '/' in ids like Qwen/Qwen2.5-7B-Instruct
     may_use = request.ctx.principal.may_use
+    if gateway.router.serves(model):
+        entry = router.model_entry(gateway.router.settings, gateway.catalog, may_use)
+        if entry is None:
+            raise model_not_allowed(model)
+        return json_response(orjson.dumps(entry), request)
     entry = gateway.catalog.describe(model)
     if entry is None:
         raise gateway.catalog.not_found(model, may_use)
