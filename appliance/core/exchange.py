@@ -5,6 +5,7 @@ Shared by every surface (chat, completions, embeddings, Messages, Responses) and
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -291,6 +292,16 @@ def record(
                                   gw.settings.log.max_body_kb * 1024)
     gw.writer.add_entry(ledger.Entry(row, bodies))
     observe(gw, x, row)
+
+
+def record_failure(gw: Gateway, x: Exchange, failure: BaseException) -> None:
+    """The ledger row of a request that ``failure`` ended: its error, the client leaving, or our own bug."""
+    if isinstance(failure, GatewayError):
+        record(gw, x, failure.status, error_code=failure.code)
+    elif isinstance(failure, asyncio.CancelledError):  # the client went away; the upstream call went with it
+        record(gw, x, CLIENT_CLOSED, error_code="client_closed")
+    else:
+        record(gw, x, 500, error_code="internal_error")
 
 
 def observe(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from appliance.common.errors import GatewayError
-from appliance.core.exchange import CLIENT_CLOSED, Exchange, admit_key, begin, ms, record, upstream_key, upstreams
+from appliance.core.exchange import Exchange, admit_key, begin, ms, record, record_failure, upstream_key, upstreams
 from appliance.core.gateway import Gateway
 from appliance.providers.base import transport_failure
 from appliance.providers.transport import Limits, TransportError
@@ -152,14 +152,8 @@ async def forward(gw: Gateway, x: Exchange, call: Call, responder: RawResponder)
     begin(gw, x)
     try:
         await _forward(gw, x, call, responder)
-    except GatewayError as exc:
-        record(gw, x, exc.status, error_code=exc.code)
-        raise
-    except asyncio.CancelledError:  # the client went away; the upstream call is cancelled with it
-        record(gw, x, CLIENT_CLOSED, error_code="client_closed")
-        raise
-    except Exception:
-        record(gw, x, 500, error_code="internal_error")
+    except (Exception, asyncio.CancelledError) as exc:
+        record_failure(gw, x, exc)
         raise
 
 

@@ -20,7 +20,6 @@ from appliance.core import cache, resilience, router
 from appliance.core.catalog import Plan, Route
 from appliance.core.embeddings import CACHE
 from appliance.core.exchange import (
-    CLIENT_CLOSED,
     Exchange,
     Responder,
     admit,
@@ -29,6 +28,7 @@ from appliance.core.exchange import (
     may_use,
     ms,
     record,
+    record_failure,
     upstream_key,
     upstreams,
     usage_extras,
@@ -217,14 +217,8 @@ async def route(gw: Gateway, raw: bytes, x: Exchange, responder: Responder) -> N
         x.notes = {router.HEADER: decision.profile}
         record(gw, x, 200)
         await responder.complete(200, x.response_headers(), orjson.dumps(decision.as_dict()))
-    except GatewayError as exc:
-        record(gw, x, exc.status, error_code=exc.code)
-        raise
-    except asyncio.CancelledError:
-        record(gw, x, CLIENT_CLOSED, error_code="client_closed")
-        raise
-    except Exception:
-        record(gw, x, 500, error_code="internal_error")
+    except (Exception, asyncio.CancelledError) as exc:
+        record_failure(gw, x, exc)
         raise
 
 
@@ -298,14 +292,8 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
                     return
         admit(gw, x, body, x.route)
         await _dispatch(gw, endpoint, body, plan, x, responder, surface, store)
-    except GatewayError as exc:
-        record(gw, x, exc.status, error_code=exc.code)
-        raise
-    except asyncio.CancelledError:  # the client went away; the upstream call was cancelled with it
-        record(gw, x, CLIENT_CLOSED, error_code="client_closed")
-        raise
-    except Exception:
-        record(gw, x, 500, error_code="internal_error")
+    except (Exception, asyncio.CancelledError) as exc:
+        record_failure(gw, x, exc)
         raise
 
 

@@ -94,12 +94,14 @@ class OpenAICompatProvider:
         self._listing_limits = Limits(min(settings.timeout_s, LISTING_TIMEOUT_S), settings.connect_timeout_s)
         self.credentials = ({"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key
                             else {})
-        self._capabilities = settings.capabilities
+        # Expanded once: supports() runs for every target of every request.
+        self._configured = (capabilities.of(settings.capabilities, self.kind)
+                            if settings.capabilities is not None else None)
 
     @property
     def capabilities(self) -> frozenset[str]:
         """As configured, else by kind (which the model list may tell only after start)."""
-        return capabilities.of(self._capabilities, self.kind)
+        return self._configured if self._configured is not None else capabilities.of(None, self.kind)
 
     def supports(self, endpoint: str) -> bool:
         return serves(self.capabilities, endpoint)  # a route the server lacks still answers 404: see _error
