@@ -13,6 +13,7 @@ from typing import Any
 import openai
 import pytest
 
+from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.appliance import ADMIN_KEY, Appliance
@@ -70,6 +71,14 @@ def fake_openai() -> Iterator[FakeOpenAI]:
 @pytest.fixture(scope="session")
 def fake_ollama() -> Iterator[FakeOllama]:
     fake = FakeOllama().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_anthropic() -> Iterator[FakeAnthropic]:
+    fake = FakeAnthropic()
+    fake.start()
     yield fake
     fake.stop()
 

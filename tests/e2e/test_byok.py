@@ -8,7 +8,6 @@ the log, the access log, the journal or the database files.
 from __future__ import annotations
 
 import stat
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,7 @@ from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.appliance import ADMIN_KEY, Appliance, toml
 from tests.support.batches import line, poll, upload
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.frozen  # the one-file build must carry PyNaCl
 
@@ -32,14 +32,6 @@ NEW_SECRET = "sk-byok-rotated-Hn5Tq8Wm2Zx7Kc4Vb9Lp3Rd6"
 BACKEND_SECRET = "sk-backend-secret"
 HELLO = [{"role": "user", "content": "hi"}]
 KEY_FILE = "upstream-keys.key"
-
-
-@pytest.fixture(scope="module")
-def fake_anthropic() -> Iterator[FakeAnthropic]:
-    fake = FakeAnthropic()
-    fake.start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +93,11 @@ def upstream_auth(fake: FakeOpenAI, response: httpx.Response) -> str:
     return fake.find(response.headers["x-request-id"]).headers["Authorization"]
 
 
-def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
+def arrives(change: Callable[[], bool]) -> None:
     """Key changes reach each worker within auth.cache_ttl_s: ask until they show."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    def check() -> None:
+        assert change()
+    eventually(check)
 
 
 # ------------------------------------------------------------------------------------------ use
@@ -212,14 +203,14 @@ def test_patch_replaces_and_removes_and_rotation_keeps(app: Appliance, answers: 
     key_id, key = response.json()["id"], response.json()["key"]
     response = admin(app, answers, "PATCH", f"/admin/keys/{key_id}", {"upstream_keys": {"fake": NEW_SECRET}})
     assert response.status_code == 200 and response.json()["upstream_keys"] == ["fake"]
-    eventually(lambda: upstream_auth(fake_openai, chat(app, key)) == f"Bearer {NEW_SECRET}")
+    arrives(lambda: upstream_auth(fake_openai, chat(app, key)) == f"Bearer {NEW_SECRET}")
     rotated = admin(app, answers, "POST", f"/admin/keys/{key_id}/rotate").json()
     assert rotated["upstream_keys"] == ["fake"]
-    eventually(lambda: chat(app, rotated["key"]).status_code == 200)
+    arrives(lambda: chat(app, rotated["key"]).status_code == 200)
     assert upstream_auth(fake_openai, chat(app, rotated["key"])) == f"Bearer {NEW_SECRET}"
     response = admin(app, answers, "PATCH", f"/admin/keys/{key_id}", {"upstream_keys": {"fake": None}})
     assert response.json()["upstream_keys"] == []
-    eventually(lambda: upstream_auth(fake_openai, chat(app, rotated["key"])) == f"Bearer {BACKEND_SECRET}")
+    arrives(lambda: upstream_auth(fake_openai, chat(app, rotated["key"])) == f"Bearer {BACKEND_SECRET}")
 
 
 def test_the_cli_reads_secrets_from_stdin_and_shows_only_names(app: Appliance, fake_openai: FakeOpenAI) -> None:
@@ -227,7 +218,7 @@ def test_the_cli_reads_secrets_from_stdin_and_shows_only_names(app: Appliance, f
     assert done.returncode == 0, done.stderr
     key = next(part.split()[-1] for part in done.stdout.splitlines() if part.startswith("key:"))
     key_id = next(part.split()[-1] for part in done.stdout.splitlines() if part.startswith("id:"))
-    eventually(lambda: chat(app, key).status_code == 200)
+    arrives(lambda: chat(app, key).status_code == 200)
     assert upstream_auth(fake_openai, chat(app, key)) == f"Bearer {SECRET}"
     shown = app.cli("keys", "show", key_id)
     assert '"upstream_keys": [\n    "fake"\n  ]' in shown.stdout

@@ -66,14 +66,6 @@ OWN_VALIDATION = frozenset(("/admin/keys", "/admin/keys/{key_id}", "/admin/usage
 
 
 @pytest.fixture(scope="module")
-def fake_anthropic() -> Iterator[FakeAnthropic]:
-    fake = FakeAnthropic()
-    fake.start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI, fake_ollama: FakeOllama,
            fake_anthropic: FakeAnthropic) -> Iterator[Appliance]:
     """Its own appliance: the fuzzer creates keys, files and batches the shared one should not see."""

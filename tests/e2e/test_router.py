@@ -8,7 +8,6 @@ fake only (its answers are fixed, so the fake's request count tells whether a ba
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 import uuid
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.appliance import ADMIN_KEY, Appliance, toml
+from tests.support.ledger import logged
 
 pytestmark = pytest.mark.llamacpp
 
@@ -239,14 +239,3 @@ def test_a_reload_brings_new_profiles_embedded_on_first_use(app):
     assert {s["profile"] for s in decision["scores"]} == {"code", "chit-chat", "weather"}
 
 
-def logged(app: Appliance, request_id: str) -> sqlite3.Row:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        conn = sqlite3.connect(app.data_dir / "appliance.db")
-        conn.row_factory = sqlite3.Row
-        row = conn.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
-        conn.close()
-        if row is not None:
-            return row
-        time.sleep(0.05)
-    raise AssertionError(f"no log row for {request_id}")
