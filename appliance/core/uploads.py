@@ -116,7 +116,8 @@ class Upload:
             self._memory += chunk
             return
         if self._spool is None:
-            self._spool = tempfile.TemporaryFile(dir=self._spool_dir, prefix="upload-")  # noqa: SIM115 - closed in close()
+            # Unbuffered: the prefix is read back with pread, which sees only what reached the file.
+            self._spool = tempfile.TemporaryFile(dir=self._spool_dir, prefix="upload-", buffering=0)  # noqa: SIM115 - closed in close()
             self._pending, self._memory = self._memory, bytearray()
         self._pending += chunk
         if len(self._pending) >= _SPOOL_FLUSH:
@@ -125,7 +126,7 @@ class Upload:
     async def _flush(self) -> None:
         if self._spool is not None and self._pending:
             pending, self._pending = bytes(self._pending), bytearray()
-            await asyncio.to_thread(self._spool.write, pending)
+            await asyncio.to_thread(_write_all, self._spool, pending)
 
     # ------------------------------------------------------------------ what goes upstream
 
@@ -175,8 +176,8 @@ class Upload:
         while at < end:
             size = min(_READ_CHUNK, end - at)
             piece = await asyncio.to_thread(_read_at, spool, at, size)
-            if not piece:
-                return
+            if not piece:  # never sent short: the backend would wait for what Content-Length promised
+                raise OSError(f"the upload's spool ended at {at} of {end} bytes")
             at += len(piece)
             yield piece
 
@@ -194,6 +195,12 @@ class Upload:
         if self._spool is not None:
             self._spool.close()
             self._spool = None
+
+
+def _write_all(handle: IO[bytes], data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[handle.write(view):]
 
 
 def _read_at(handle: IO[bytes], at: int, size: int) -> bytes:

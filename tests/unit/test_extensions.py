@@ -65,8 +65,10 @@ def test_multipart_parts_know_where_their_content_is():
 
 
 class _Source:
-    def __init__(self, data: bytes, size: int) -> None:
-        self._chunks = [data[i:i + size] for i in range(0, len(data), size)]
+    def __init__(self, data: bytes, size: int, cuts: tuple[int, ...] = ()) -> None:
+        """``data`` in pieces of ``size`` bytes, or cut at the offsets ``cuts``."""
+        edges = cuts or range(size, len(data), size)
+        self._chunks = [data[a:b] for a, b in zip((0, *edges), (*edges, len(data)), strict=True)]
         self.read_count = 0
 
     async def read(self) -> bytes | None:
@@ -98,6 +100,20 @@ def test_upload_replays_its_prefix_and_renames_the_model(tmp_path: Path, file_si
         renamed = body.replace(b"\r\n\r\nalias\r\n", b"\r\n\r\ntarget-name\r\n")
         assert await _sent(upload, "target-name") == renamed
         assert upload.replayable  # the model came last: the whole body was held, so it can go out again
+        assert await _sent(upload, "alias") == body
+        upload.close()
+
+    asyncio.run(run())
+
+
+def test_a_spooled_upload_sends_its_last_small_piece(tmp_path: Path):
+    """The spool takes the prefix in big writes, then the few bytes that end it: those too reach the backend
+    (a buffered spool once kept them back, and the backend waited for bytes its Content-Length promised)."""
+    async def run() -> None:
+        body = _body([("file", b"x" * (2 * 1024 * 1024)), ("model", b"alias")])
+        upload = uploads.Upload(_Source(body, 0, cuts=(len(body) - 100,)), "multipart/form-data; boundary=B",
+                                b"B", declared=len(body), max_bytes=10**9, spool_dir=tmp_path)
+        await upload.scan()
         assert await _sent(upload, "alias") == body
         upload.close()
 
