@@ -118,6 +118,10 @@ class ModelSettings(_Model):
     context_window: int | None = Field(None, gt=0, description="Overrides the discovered context window.")
     max_output_tokens: int | None = Field(None, gt=0, description="Advertised output limit.")
     capabilities: dict[str, bool] | None = Field(None, description="Overrides discovered capabilities.")
+    vision: bool | None = Field(None, description="Takes images (capabilities.vision); false: images are "
+                                "described in text first ([vision] describer). Default: as the backend says.")
+    system_role: bool | None = Field(None, description="false: system messages are merged into the first user "
+                                     "message (for chat templates that reject the system role).")
     input_per_mtok: float = Field(0, ge=0, description="USD per million prompt tokens.")
     output_per_mtok: float = Field(0, ge=0, description="USD per million completion tokens.")
     cached_input_per_mtok: float | None = Field(None, ge=0, description="USD per million cached prompt tokens.")
@@ -126,6 +130,19 @@ class ModelSettings(_Model):
     max_concurrent: int | None = Field(None, gt=0, description="Requests in flight for this model, all keys.")
     cache: RouteCacheSettings | None = Field(None, description="This route's cache: semantic, semantic_threshold, "
                                              "shared.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vision_is_a_capability(cls, data: Any) -> Any:
+        """``vision = x`` says ``capabilities.vision = x``: one place (the capabilities) for the catalog to read."""
+        if not isinstance(data, dict) or not isinstance(data.get("vision"), bool):
+            return data
+        said = data.get("capabilities") or {}
+        if not isinstance(said, dict):
+            return data  # pydantic names the mistake
+        if said.get("vision") is not None and said["vision"] != data["vision"]:
+            raise ValueError("vision and capabilities.vision disagree")
+        return {**data, "capabilities": {**said, "vision": data["vision"]}}
 
     @model_validator(mode="after")
     def _one_way_to_target(self) -> ModelSettings:

@@ -67,6 +67,7 @@ class Catalog:
         self._aliases = {m.name: m for m in routed if not _is_pattern(m.name)}
         self._patterns = [m for m in routed if _is_pattern(m.name)]  # config order: the first match wins
         self._overrides = {m.name: m for m in models}
+        self._said = _said_of(models)
         self._index: dict[str, tuple[str, str]] = {}  # model name -> (backend, upstream model)
         self._names: dict[tuple[str, str], tuple[str, ...]] = {}  # (backend, any name of a model) -> all its names
         self._first_seen: dict[str, int] = {}
@@ -301,6 +302,29 @@ class Catalog:
             entry["capabilities"] = {**entry["capabilities"], **override.capabilities}
         return entry
 
+    def said(self, route: Route, flag: str) -> bool | None:
+        """What ``[[models]]`` says of the model a route reaches (``system_role``, ``vision``; None: nothing).
+
+        As for ``capabilities``: an entry speaks for the model of its name and for each of its targets, so the
+        flag follows whichever target of a plan is being tried. A catalog where no entry sets ``flag`` answers
+        after one dict lookup.
+        """
+        names = self._said.get(flag)
+        if names is None:
+            return None
+        backend, model = route.backend, route.upstream_model
+        for name in self._names.get((backend, model), (model,)):
+            for key in (f"{backend}/{name}", name):
+                value = names.get(key)
+                if value is not None:
+                    return value
+        return None
+
+    def vision(self, route: Route) -> bool | None:
+        """Does the routed model take images: as configured, else as its backend says (None: unknown)."""
+        said = self.said(route, "vision")
+        return said if said is not None else self.capability(route, "vision")
+
     def capability(self, route: Route, name: str) -> bool | None:
         """A known capability of the routed model (None: unknown)."""
         for state_name, state in self.backends.items():
@@ -309,6 +333,18 @@ class Catalog:
                     if info.id == route.upstream_model:
                         return info.capabilities.get(name)
         return None
+
+
+def _said_of(models: list[ModelSettings]) -> dict[str, dict[str, bool]]:
+    """Per flag that some entry sets (system_role, vision): the names it speaks for (its own and its targets'),
+    with the value of the first entry (config order) that names each."""
+    out: dict[str, dict[str, bool]] = {}
+    for m in models:
+        for flag, value in (("system_role", m.system_role), ("vision", (m.capabilities or {}).get("vision"))):
+            if value is not None:
+                for name in (m.name, *m.route_targets):
+                    out.setdefault(flag, {}).setdefault(name, value)
+    return out
 
 
 def _is_pattern(name: str) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from appliance.accounts.usage import NO_COST
+from appliance.common import system_messages
 from appliance.common.errors import GatewayError, retry_after_headers
 from appliance.core import cache, resilience, router
 from appliance.core.catalog import Plan, Route
@@ -120,6 +121,18 @@ def validate_model(body: dict[str, Any]) -> None:
 def upstream_body(body: dict[str, Any], route: Route) -> dict[str, Any]:
     out = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
     out["model"] = route.upstream_model
+    return out
+
+
+def _for_target(gw: Gateway, x: Exchange, endpoint: str, body: dict[str, Any], route: Route) -> dict[str, Any]:
+    """The body one target gets: a chat body's system messages where its backend and model want them."""
+    out = upstream_body(body, route)
+    if endpoint == CHAT:
+        system_role = gw.catalog.said(route, "system_role")  # one dict lookup when no model sets it
+        if system_role is not None:
+            kind = upstreams(gw, x).providers[route.backend].kind
+            if system_messages.placement(kind, system_role) == "merged" and isinstance(out.get("messages"), list):
+                out["messages"] = system_messages.merged(out["messages"])
     return out
 
 
@@ -410,7 +423,7 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
                    responder: Responder, surface: Surface, timeout_s: float | None, first_token_s: float | None,
                    stream: bool, store: cache.Store | None) -> GatewayError | None:
     """One try against one target: None when it answered, the error when another try may help."""
-    call = Call(endpoint, upstream_body(body, route), x.upstream_id, x.headers,
+    call = Call(endpoint, _for_target(gw, x, endpoint, body, route), x.upstream_id, x.headers,
                 limits=upstreams(gw, x).limits_for(route.backend, timeout_s), api_key=upstream_key(x, route.backend),
                 upload=x.upload)
     started = time.perf_counter()

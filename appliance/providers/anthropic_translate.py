@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from appliance.common import system_messages
 from appliance.common.chat import tool_call_function
 from appliance.common.errors import GatewayError, retry_after_headers
 
@@ -112,17 +113,13 @@ def anthropic_messages(messages: Any) -> tuple[str, list[dict[str, Any]]]:
     """Chat messages as (system text, Anthropic turns)."""
     if not isinstance(messages, list):
         raise GatewayError("invalid_value", "'messages' must be an array of messages.", param="messages")
-    system: list[str] = []
-    turns: list[tuple[str, list[dict[str, Any]]]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise GatewayError("invalid_value", f"messages[{i}] must be an object.", param=f"messages.[{i}]")
+    system, rest = system_messages.split(messages)  # Anthropic takes it top-level (system_messages.placement)
+    turns: list[tuple[str, list[dict[str, Any]]]] = []
+    for i, message in rest:
         role = message.get("role")
-        if role in ("system", "developer"):
-            text = _text(message.get("content"), i)
-            if text:
-                system.append(text)
-            continue
         if role == "user":
             blocks = _user_blocks(message.get("content"), i)
         elif role == "assistant":
@@ -146,7 +143,7 @@ def anthropic_messages(messages: Any) -> tuple[str, list[dict[str, Any]]]:
             last.pop()
             if not last:
                 turns.pop()
-    return "\n".join(system), [_turn(role, blocks) for role, blocks in turns]
+    return system, [_turn(role, blocks) for role, blocks in turns]
 
 
 def _turn(role: str, blocks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -157,22 +154,6 @@ def _turn(role: str, blocks: list[dict[str, Any]]) -> dict[str, Any]:
     if len(blocks) == 1 and blocks[0]["type"] == "text":
         return {"role": role, "content": blocks[0]["text"]}
     return {"role": role, "content": blocks}
-
-
-def _text(content: Any, i: int) -> str:
-    """The text of a system, developer or tool message: a string or text parts."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise GatewayError("invalid_value", f"messages[{i}]: only text parts can be sent here.",
-                                   param=f"messages.[{i}].content")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise GatewayError("invalid_value", f"messages[{i}].content must be a string or an array of parts.",
-                       param=f"messages.[{i}].content")
 
 
 def _user_blocks(content: Any, i: int) -> list[dict[str, Any]]:
@@ -242,7 +223,7 @@ def _tool_result(message: dict[str, Any], i: int) -> dict[str, Any]:
         raise GatewayError("missing_field", f"messages[{i}]: a tool message needs its tool_call_id.",
                            param=f"messages.[{i}].tool_call_id")
     block = {"type": "tool_result", "tool_use_id": call_id}
-    text = _text(message.get("content"), i)
+    text = system_messages.text_of(message.get("content"), i)
     if text:  # content is optional, and Anthropic refuses empty text
         block["content"] = text
     return block
