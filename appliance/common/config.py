@@ -205,6 +205,21 @@ class EmbeddingsSettings(_Model):
     memory_entries: int = Field(4096, ge=0, description="Per-worker LRU of text -> vector.")
 
 
+DEFAULT_DESCRIBE_PROMPT = (
+    "Describe this image for someone who cannot see it: what it shows, any text in it (transcribed exactly), "
+    "numbers, charts and layout. Answer with the description only.")
+
+
+class VisionSettings(_Model):
+    describer: str | None = Field(None, description="The model that describes images for models without vision: an "
+                                  "alias, a model or backend/model that takes images.")
+    prompt: str = Field(DEFAULT_DESCRIBE_PROMPT, min_length=1, description="The instruction sent with each image.")
+    max_tokens: int = Field(300, ge=1, le=8192, description="Longest description, in tokens.")
+    timeout_s: float = Field(60, gt=0, description="Time allowed per description.")
+    memory_entries: int = Field(1024, ge=0, description="Per-worker LRU of image hash -> description, in front of "
+                                "the SQLite table all workers share.")
+
+
 class RouterProfile(_Model):
     name: str = Field(description="The profile's name (X-Appliance-Router-Profile).")
     model: str = Field(description="The model (alias, model or backend/model) this profile sends requests to.")
@@ -311,6 +326,7 @@ class Settings(_Model):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     embeddings: EmbeddingsSettings = Field(default_factory=EmbeddingsSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
+    vision: VisionSettings = Field(default_factory=VisionSettings)
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     files: FilesSettings = Field(default_factory=FilesSettings)
     batches: BatchesSettings = Field(default_factory=BatchesSettings)

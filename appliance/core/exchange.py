@@ -86,6 +86,8 @@ class Exchange:
     upstreams: Upstreams | None = None  # the backends of the config generation the request started in
     backend: str | None = None  # a /proxy call's backend (it has no route)
     upload: Upload | None = None  # a multipart body streamed through (core/uploads.py), sent instead of ``body``
+    side_tokens: int = 0  # what calls made for this request used (image descriptions): settled with it
+    side_cost: float = 0.0
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -253,7 +255,8 @@ def record(
     if cost is None:
         cost = price_of(gw, x, tokens) if tokens else NO_COST
     if x.admission is not None:
-        gw.limiter.settle(x.admission, tokens=tokens.total if tokens else 0, cost=cost.total)
+        gw.limiter.settle(x.admission, tokens=(tokens.total if tokens else 0) + x.side_tokens,
+                          cost=cost.total + x.side_cost)
     body = x.body or {}
     model = body.get("model")
     model = model if isinstance(model, str) else None
@@ -292,6 +295,23 @@ def record(
                                   gw.settings.log.max_body_kb * 1024)
     gw.writer.add_entry(ledger.Entry(row, bodies))
     observe(gw, x, row)
+
+
+def record_side_call(gw: Gateway, x: Exchange, route: Route, tokens: Tokens, seconds: float) -> None:
+    """A call the gateway made to another model for ``x`` (an image description): a ledger row of its own, under
+    the request's id and key, so the key's usage shows it; its tokens and cost also settle with the request's
+    own limits and budget (``record``)."""
+    cost = cost_of(gw.prices.of(route.backend, route.upstream_model), tokens)
+    x.side_tokens += tokens.total
+    x.side_cost += cost.total
+    row = requests_repo.RequestRecord(
+        request_id=x.request_id, created_at=time.time(), endpoint=x.path, model=route.model, backend=route.backend,
+        backend_model=route.upstream_model, status=200, error_code=None, stream=False,
+        latency_ms=round(seconds * 1000, 3), overhead_ms=None, ttft_ms=None, prompt_tokens=tokens.prompt,
+        completion_tokens=tokens.completion, estimated=False, key_id=x.principal.key_id if x.principal else None,
+        cached_tokens=None, input_cost_usd=cost.input, output_cost_usd=cost.output, cost_usd=cost.total, cache=None,
+        session_id=x.session(), batch_id=x.batch_id)
+    gw.writer.add_entry(ledger.Entry(row))
 
 
 def record_failure(gw: Gateway, x: Exchange, failure: BaseException) -> None:

@@ -23,6 +23,7 @@ from appliance.core.embeddings import Embedder
 from appliance.core.resilience import Breakers
 from appliance.core.router import Router
 from appliance.core.routing import Selector, Target
+from appliance.core.vision import Describer
 from appliance.observe.accesslog import AccessLog
 from appliance.observe.metrics import Recorder
 from appliance.providers import registry
@@ -73,6 +74,7 @@ class Gateway:
     draining: bool = field(default=False, init=False)
     metrics: Recorder = field(init=False)
     embedder: Embedder = field(init=False)
+    describer: Describer = field(init=False)
     router: Router = field(init=False)
     access_log: AccessLog | None = field(default=None, init=False)
     _discovered: asyncio.Event = field(default_factory=asyncio.Event, init=False)
@@ -93,8 +95,10 @@ class Gateway:
         # New with every config: the embedding model's routes may have changed, and with them its vectors.
         self.embedder = Embedder(self.settings.embeddings, self._embedding_backends)
         self.router = Router(self.settings.router, self.embedder)
+        # New with every config too: descriptions already made stay in the shared table (keyed by describer).
+        self.describer = Describer(self.settings.vision, self._embedding_backends, self.db, self.writer)
 
-    def _embedding_backends(self) -> tuple[Catalog, dict[str, Provider]]:
+    def _embedding_backends(self) -> tuple[Catalog, dict[str, Provider]]:  # the embedder's and the describer's
         return self.catalog, self.providers  # whichever generation is current
 
     def _knows(self, model: str) -> bool:

@@ -17,7 +17,7 @@ import orjson
 from appliance.accounts.usage import NO_COST
 from appliance.common import system_messages
 from appliance.common.errors import GatewayError, retry_after_headers
-from appliance.core import cache, resilience, router
+from appliance.core import cache, resilience, router, vision
 from appliance.core.catalog import Plan, Route
 from appliance.core.embeddings import CACHE
 from appliance.core.exchange import (
@@ -30,6 +30,7 @@ from appliance.core.exchange import (
     ms,
     record,
     record_failure,
+    record_side_call,
     upstream_key,
     upstreams,
     usage_extras,
@@ -386,12 +387,19 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
     last_error: GatewayError | None = None
     first_failed: Route | None = None
     skipped: list[str] = []
+    images = Images(body) if endpoint == CHAT and vision.has_images(body.get("messages")) else None
     for target in order:
         route = by_target[target]
         unsupported = _unsupported(gw, x, endpoint, route)
         if unsupported is not None:
             last_error = last_error or unsupported
             continue
+        sent = body
+        if images is not None and gw.catalog.vision(route) is False:
+            if gw.describer.model is None:
+                last_error = last_error or vision.no_describer(route)
+                continue  # another target may take the images as they are
+            sent = await images.described(gw, x)
         if not gw.breakers.allow(route.backend):
             skipped.append(route.backend)
             first_failed = first_failed or route  # skipped for failing: the client still learns of it
@@ -400,7 +408,7 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
             x.route = route
             x.attempts += 1
             x.fallback_from = first_failed if first_failed is not None and first_failed != route else None
-            error = await _attempt(gw, endpoint, body, route, target, x, responder, surface, timeout_s,
+            error = await _attempt(gw, endpoint, sent, route, target, x, responder, surface, timeout_s,
                                    first_token_s, stream, store)
             if error is None:
                 return
@@ -417,6 +425,25 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
         raise GatewayError("no_healthy_backend", f"Every backend for {plan.name!r} is failing "
                            f"({', '.join(skipped)}); try again in {wait:.0f} s.", headers=retry_after_headers(wait))
     raise last_error
+
+
+class Images:
+    """A request's images, described for targets without vision: once per request, whichever targets ask."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self._body = body
+        self._described: dict[str, Any] | None = None
+
+    async def described(self, gw: Gateway, x: Exchange) -> dict[str, Any]:
+        """The body with each image part replaced by its description; the describer's calls go in the ledger."""
+        if self._described is None:
+            messages = self._body["messages"]
+            urls = {url: vision.image_key(url, i) for i, url in vision.image_urls(messages)}
+            texts, spent = await gw.describer.describe(urls, x.upstream_id)
+            for call in spent:
+                record_side_call(gw, x, call.route, call.tokens, call.seconds)
+            self._described = {**self._body, "messages": vision.described(messages, texts)}
+        return self._described
 
 
 async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Route, target: Target, x: Exchange,
