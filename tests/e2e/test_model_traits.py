@@ -328,3 +328,51 @@ def test_a_describer_failure_fails_the_request(failing: Appliance, fake_openai: 
     request_id = caught.value.response.headers["x-request-id"]
     assert [seen.body["model"] for seen in fake_openai.chats() if seen.headers.get("X-Request-ID") == request_id] \
         == ["fake-500"]  # the text-only model never got the request
+
+
+# ------------------------------------------------------------------------------------------ the real server
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI, llamacpp_url: str) -> Iterator[Appliance]:
+    """The real llama.cpp server twice: as itself, and under a second name whose model lacks both traits."""
+    config = {"discovery": {"enabled": False, "interval_s": 300},
+              "backends": [{"name": "llamacpp", "url": llamacpp_url, "timeout_s": 120},
+                           {"name": "plain", "url": llamacpp_url, "timeout_s": 120, "discover": False,
+                            "models": ["tiny"]},
+                           {"name": "fake", "url": fake_openai.url + "/v1"}],
+              "models": [{"name": "plain/tiny", "system_role": False, "vision": False}],
+              "vision": {"describer": "fake/describer"}}
+    app = Appliance(tmp_path_factory.mktemp("real-traits"), config, workers=1)
+    app.start()
+    app.wait_ready()
+    yield app
+    app.stop()
+
+
+def prompt_tokens(app: Appliance, model: str, messages: list[dict[str, Any]]) -> int:
+    client = openai.OpenAI(base_url=app.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=120)
+    completion = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+    assert completion.choices[0].finish_reason in ("length", "stop")
+    assert completion.usage.completion_tokens > 0
+    return completion.usage.prompt_tokens
+
+
+@pytest.mark.llamacpp
+def test_the_real_model_gets_no_system_message(real: Appliance) -> None:
+    merged = prompt_tokens(real, "plain/tiny", [SYSTEM, HELLO])
+    # The prompt the server built is the one for the merged text sent by hand, not the one with a system turn.
+    assert merged == prompt_tokens(real, "llamacpp/tiny", [{"role": "user", "content": "Be brief.\n\nSay hello."}])
+    assert merged != prompt_tokens(real, "llamacpp/tiny", [SYSTEM, HELLO])
+
+
+@pytest.mark.llamacpp
+def test_the_real_text_only_model_answers_a_described_image(real: Appliance, fake_openai: FakeOpenAI) -> None:
+    client = openai.OpenAI(base_url=real.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=120)
+    raw = client.chat.completions.with_raw_response.create(model="plain/tiny", messages=look(new_image()),
+                                                           max_tokens=4, temperature=0)
+    completion = raw.parse()
+    assert completion.choices[0].finish_reason in ("length", "stop") and completion.usage.completion_tokens > 0
+    assert len(describer_calls(fake_openai, raw.headers["x-request-id"])) == 1
+    assert completion.usage.prompt_tokens == prompt_tokens(real, "llamacpp/tiny",
+                                                           [{"role": "user", "content": DESCRIBED}])
