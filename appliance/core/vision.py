@@ -30,6 +30,7 @@ from appliance.common.config import VisionSettings
 from appliance.common.errors import CODES, GatewayError
 from appliance.core.catalog import Route
 from appliance.core.embeddings import Backends
+from appliance.observe import metrics
 from appliance.providers.base import CHAT, Call
 from appliance.providers.transport import Limits
 from appliance.storage import vision_repo
@@ -160,14 +161,16 @@ class Describer:
         found: dict[str, str] = {}
         missing = []
         for key in by_key:
-            text = await self._stored(key)
+            text, source = await self._stored(key)
             if text is None:
                 missing.append(key)
             else:
                 found[key] = text
+                metrics.described_images(source, 1)
         spent: list[Spent] = []
         if missing:
             made = await asyncio.gather(*(self._call(by_key[key], request_id) for key in missing))
+            metrics.described_images("describer", len(missing))
             now = time.time()
             for key, (text, call) in zip(missing, made, strict=True):
                 found[key] = text
@@ -177,19 +180,20 @@ class Describer:
                 vision_repo.put(self._writer, key, self._made_by, text, now)
         return {url: found[key] for url, key in urls.items()}, spent
 
-    async def _stored(self, key: str) -> str | None:
+    async def _stored(self, key: str) -> tuple[str | None, str]:
+        """A description made before, and where it was found (memory or table)."""
         if self._memory is not None:
             text = self._memory.get(key)
             if text is not None:
-                return text
+                return text, "memory"
         try:
             text = await vision_repo.get(self._db, key, self._made_by)
         except (sqlite3.Error, ValueError) as exc:  # the table is a cache: a failing one means describing again
             log.warning("image description lookup failed, describing again: %s", exc)
-            return None
+            return None, "table"
         if text is not None and self._memory is not None:
             self._memory[key] = text
-        return text
+        return text, "table"
 
     async def _call(self, url: str, request_id: str) -> tuple[str, Spent]:
         model = self.settings.describer

@@ -86,12 +86,15 @@ EMBEDDED_TEXTS = Counter("appliance_embedded_texts", "Texts the router and the s
                          ("purpose", "source"), registry=None)
 EMBEDDING_FAILURES = Counter("appliance_embedding_failures", "Embedding calls that failed (purpose: router or "
                              "cache).", ("purpose",), registry=None)
+DESCRIBED_IMAGES = Counter("appliance_described_images", "Images described for models without vision, by where the "
+                           "description came from (source: memory, table or describer).", ("source",), registry=None)
 WORKERS = Gauge("appliance_workers", "Worker processes serving.", multiprocess_mode="livesum", registry=None)
 BUILD_INFO = Gauge("appliance_build_info", "The running version (value 1).", ("version",),
                    multiprocess_mode="livemax", registry=None)
 
 _COMMON = (INFLIGHT, RETRIES, FALLBACKS, RATELIMIT_REJECTIONS, WRITE_QUEUE, DB_WRITE_FAILURES, WORKERS, BUILD_INFO,
-           REQUEST_SECONDS, UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS, EMBEDDED_TEXTS, EMBEDDING_FAILURES)
+           REQUEST_SECONDS, UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS, EMBEDDED_TEXTS, EMBEDDING_FAILURES,
+           DESCRIBED_IMAGES)
 
 
 # ------------------------------------------------------------------------------------------ the folder
@@ -247,6 +250,12 @@ def embedded(purpose: str, *, from_memory: int, from_backend: int) -> None:
 
 def embedding_failed(purpose: str) -> None:
     EMBEDDING_FAILURES.labels(purpose).inc()
+
+
+def described_images(source: str, count: int) -> None:
+    """Distinct images of a request described for a model without vision: from memory, the table or the describer."""
+    if count:
+        DESCRIBED_IMAGES.labels(source).inc(count)
 
 
 def shared_values(names: Iterable[str]) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import sqlite3
 from collections.abc import Iterator
 from typing import Any
@@ -177,12 +178,21 @@ def test_the_same_image_again_is_described_from_the_cache(client: openai.OpenAI,
     first = client.chat.completions.with_raw_response.create(model="blind", messages=look(url))
     assert len(describer_calls(fake_openai, first.headers["x-request-id"])) == 1
     eventually(lambda: stored(app, url))  # in the shared table within a flush interval: then every worker finds it
+    cached_before = described_from_cache(app)
     for _ in range(3):  # whichever worker answers: its memory, or the table the other one wrote
         again = client.chat.completions.with_raw_response.create(model="blind", messages=look(url, "Again?"))
         request_id = again.headers["x-request-id"]
         assert describer_calls(fake_openai, request_id) == []
         assert sent_to(fake_openai, request_id, "fake-chat")["messages"][0]["content"] == \
             f"Again?\n[Image: {REPLY_TEXT}]"
+    assert described_from_cache(app) == cached_before + 3
+
+
+def described_from_cache(app: Appliance) -> float:
+    """appliance_described_images_total from memory or the table, all workers."""
+    text = httpx.get(app.url + "/metrics", timeout=10).text
+    pattern = r'^appliance_described_images_total{source="(?:memory|table)"} (\S+)$'
+    return sum(float(value) for value in re.findall(pattern, text, re.M))
 
 
 def test_two_images_one_described_once_across_targets_tried(client: openai.OpenAI, fake_openai: FakeOpenAI) -> None:
