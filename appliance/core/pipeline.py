@@ -394,16 +394,16 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
         if unsupported is not None:
             last_error = last_error or unsupported
             continue
+        if not gw.breakers.allow(route.backend):
+            skipped.append(route.backend)
+            first_failed = first_failed or route  # skipped for failing: the client still learns of it
+            continue
         sent = body
         if images is not None and gw.catalog.vision(route) is False:
             if gw.describer.model is None:
                 last_error = last_error or vision.no_describer(route)
                 continue  # another target may take the images as they are
             sent = await images.described(gw, x)
-        if not gw.breakers.allow(route.backend):
-            skipped.append(route.backend)
-            first_failed = first_failed or route  # skipped for failing: the client still learns of it
-            continue
         for attempt in range(retries + 1):
             x.route = route
             x.attempts += 1
