@@ -86,6 +86,10 @@ class Exchange:
     upstreams: Upstreams | None = None  # the backends of the config generation the request started in
     backend: str | None = None  # a /proxy call's backend (it has no route)
     upload: Upload | None = None  # a multipart body streamed through (core/uploads.py), sent instead of ``body``
+    # What the machines behind it cost: USD over every attempt on a backend with a cost_per_hour (None: none
+    # was), and the attempt still running on one: (backend, its share-clock mark, USD per busy second).
+    compute_cost: float | None = None
+    compute_open: tuple[str, float, float] | None = None
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -221,11 +225,35 @@ def _limit_of(refusal: GatewayError) -> str:
 
 
 def usage_extras(cost: Cost, x: Exchange, ttft_s: float | None) -> dict[str, Any]:
-    """What the gateway adds to a response's usage object (the names Lunar's API uses)."""
+    """What the gateway adds to a response's usage object (the names Lunar's API uses), and the compute cost
+    where a backend with a cost_per_hour ran the request (as ``compute_cost`` last closed it)."""
     extras: dict[str, Any] = cost.as_usage()
     extras["latency_ms"] = round((time.perf_counter() - x.started) * 1000, 3)
     extras["ttft_ms"] = round(ttft_s * 1000, 3) if ttft_s is not None else None
+    if x.compute_cost is not None:
+        extras["compute_cost_usd"] = round(x.compute_cost, 9)
     return extras
+
+
+def charge_from(gw: Gateway, x: Exchange, backend: str, mark: float) -> None:
+    """An attempt on ``backend`` began at share-clock ``mark`` (Breakers.begin): it is charged its share of the
+    backend's busy time until ``compute_cost`` closes it, when the backend has a cost_per_hour."""
+    per_s = gw.compute.per_second(backend)
+    if per_s:
+        x.compute_open = (backend, mark, per_s)
+        if x.compute_cost is None:
+            x.compute_cost = 0.0
+
+
+def compute_cost(gw: Gateway, x: Exchange) -> float | None:
+    """The compute cost so far, the running attempt's share charged up to now (and closed: the answer is being
+    accounted). None when no attempt ran on a backend with a cost_per_hour."""
+    running = x.compute_open
+    if running is not None:
+        x.compute_open = None
+        backend, mark, per_s = running
+        x.compute_cost = (x.compute_cost or 0.0) + gw.breakers.share_since(backend, mark) * per_s
+    return x.compute_cost
 
 
 def price_of(gw: Gateway, x: Exchange, tokens: Tokens) -> Cost:
@@ -252,8 +280,10 @@ def record(
     x.recorded = True
     if cost is None:
         cost = price_of(gw, x, tokens) if tokens else NO_COST
+    compute = compute_cost(gw, x)
     if x.admission is not None:
-        gw.limiter.settle(x.admission, tokens=tokens.total if tokens else 0, cost=cost.total)
+        gw.limiter.settle(x.admission, tokens=tokens.total if tokens else 0, cost=cost.total,
+                          compute_cost=compute or 0.0)
     body = x.body or {}
     model = body.get("model")
     model = model if isinstance(model, str) else None
@@ -285,6 +315,7 @@ def record(
         cache=x.cache,
         session_id=x.session(),
         batch_id=x.batch_id,
+        compute_cost_usd=round(compute, 9) if compute is not None else None,
     )
     bodies = None
     if gw.settings.log.store_bodies:

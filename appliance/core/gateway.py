@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from appliance.accounts.auth import Authenticator
 from appliance.accounts.limits import Limiter, ModelScopes
-from appliance.accounts.usage import Prices
+from appliance.accounts.usage import ComputeRates, Prices
 from appliance.common.config import BackendSettings, Settings
 from appliance.common.errors import GatewayError
 from appliance.core import discovery
@@ -66,6 +66,7 @@ class Gateway:
     cache: ResponseCache
     catalog: Catalog = field(init=False)
     prices: Prices = field(init=False)
+    compute: ComputeRates = field(init=False)  # beside prices: what a backend's busy seconds cost
     model_scopes: ModelScopes = field(init=False)
     selector: Selector = field(default_factory=Selector, init=False)
     rng: random.Random = field(default_factory=random.Random, init=False)  # retry jitter
@@ -87,6 +88,7 @@ class Gateway:
     def _derive(self) -> None:
         """What follows from the settings alone (at start and on each reload)."""
         self.prices = Prices(self.settings.models)
+        self.compute = ComputeRates(self.settings.backends)
         self.model_scopes = ModelScopes(self.settings.models, first_slot=self.settings.limits.key_slots)
         self.metrics = Recorder(per_key=self.settings.metrics.per_key, known_model=self._knows)
         self.access_log = AccessLog(self.settings.log.access) if self.settings.log.access != "off" else None
