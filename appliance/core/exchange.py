@@ -198,7 +198,7 @@ def admit(gw: Gateway, x: Exchange, body: dict[str, Any], route: Route, *, count
     shown = next((scope for scope in scopes if scope.rpm or scope.tpm), None)
     try:
         x.admission = gw.limiter.admit(scopes, tokens=prompt, cost=cost, counts_tokens=counts_tokens,
-                                       headers_for=shown)
+                                       headers_for=shown, compute=gw.compute.per_second(route.backend) > 0)
     except GatewayError as exc:
         gw.metrics.rejected(_limit_of(exc))
         raise
@@ -348,7 +348,7 @@ def observe(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
         latency_s=row.latency_ms / 1000, overhead_s=row.overhead_ms / 1000 if row.overhead_ms is not None else None,
         ttft_s=row.ttft_ms / 1000 if row.ttft_ms is not None else None, prompt_tokens=row.prompt_tokens or 0,
         completion_tokens=row.completion_tokens or 0, cost_usd=row.cost_usd or 0.0, retries=x.retries,
-        fell_back=x.fallback_from is not None)
+        fell_back=x.fallback_from is not None, compute_cost_usd=row.compute_cost_usd)
     if gw.access_log is not None:
         gw.access_log.write({**row._asdict(), "time": row.created_at, "path": row.endpoint, "method": x.method,
                              "client": x.client})
