@@ -54,6 +54,12 @@ class Upstreams:
         return Limits(min(settings.timeout_s, timeout_s), settings.connect_timeout_s)
 
 
+def _same_upstream(old: BackendSettings | None, new: BackendSettings) -> bool:
+    """The same backend for its provider: a reload that changes only its cost_per_hour (which the provider never
+    reads; gw.compute has it) keeps the provider and its health."""
+    return old is not None and (old == new or old.model_copy(update={"cost_per_hour": new.cost_per_hour}) == new)
+
+
 @dataclass
 class Gateway:
     settings: Settings
@@ -152,7 +158,7 @@ class Gateway:
             listed = {b.name for b in self.settings.backends}
             configured = [b for name, b in old.backends.items() if name not in listed]
         for backend in configured:
-            kept = old.backends.get(backend.name) == backend and backend.name in self.catalog.backends
+            kept = _same_upstream(old.backends.get(backend.name), backend) and backend.name in self.catalog.backends
             kind = old.providers[backend.name].kind if kept else backend.type
             upstreams.backends[backend.name] = backend
             upstreams.providers[backend.name] = (old.providers[backend.name] if kept
