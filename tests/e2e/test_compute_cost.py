@@ -1,8 +1,9 @@
 """What a local model costs, on a real appliance (2 workers): cost_per_hour turns busy time into compute_cost_usd.
 
-One private appliance serves the module: "gpu" is the fake behind a $3600/hour price ($1 a busy second), "free"
-the same fake with no price. The fake waits ``fake_delay_ms`` before answering, so a request takes measurable
-time; the tests assert relations (above zero, at most the request's own time, sums), never wall-clock amounts.
+One private appliance serves the module: "gpu" is the fake behind a $3600/hour price ($1 a busy second),
+"free" the same fake with no price, "llamacpp" the real server (tiny random weights) at gpu's price. The fake
+waits ``fake_delay_ms`` before answering, so a request takes measurable time; the tests assert relations
+(above zero, at most the request's own time, sums), never wall-clock amounts.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ SLOW = {"fake_delay_ms": 150}
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory, fake_openai: Any) -> Iterator[Appliance]:
+def app(tmp_path_factory: pytest.TempPathFactory, fake_openai: Any, llamacpp_port: int) -> Iterator[Appliance]:
     config = {
         "discovery": {"enabled": False, "interval_s": 2},
         "backends": [
             {"name": "gpu", "url": fake_openai.url + "/v1", "discover": False, "models": ["fake-chat"],
              "cost_per_hour": 3600 * PER_SECOND},
             {"name": "free", "url": fake_openai.url + "/v1", "discover": False, "models": ["fake-chat"]},
+            {"name": "llamacpp", "url": f"http://127.0.0.1:{llamacpp_port}/v1", "timeout_s": 120,
+             "discover": False, "models": ["tiny"], "cost_per_hour": 3600 * PER_SECOND},
         ],
     }
     app = Appliance(tmp_path_factory.mktemp("compute"), config)
@@ -162,3 +165,19 @@ def test_budget_counts_is_validated_and_settable_from_the_cli(app: Appliance) ->
     listed = app.cli("keys", "list", "--json")
     (row,) = [k for k in json.loads(listed.stdout) if k["name"] == "gpu-team"]
     assert row["budget_counts"] == "both"
+
+
+@pytest.mark.llamacpp
+def test_a_real_local_model_is_charged_its_busy_time(app: Appliance, llamacpp_url: str) -> None:
+    def ready() -> None:
+        assert app.get("/ready")[1]["backends"]["llamacpp"]["state"] == "ready"
+
+    eventually(ready, timeout=30)
+    raw = sdk(app).chat.completions.with_raw_response.create(
+        model="llamacpp/tiny", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
+    usage = raw.parse().usage.model_dump()
+    assert usage["completion_tokens"] > 0
+    assert 0 < usage["compute_cost_usd"] <= usage["latency_ms"] / 1000 * PER_SECOND
+    text = httpx.get(app.url + "/metrics", timeout=10).text
+    assert samples(text, "appliance_backend_busy_seconds_total")['backend="llamacpp"'] * PER_SECOND >= (
+        usage["compute_cost_usd"])
