@@ -82,6 +82,7 @@
       ["tokens in / out", `${num(t.prompt_tokens)} / ${num(t.completion_tokens)}`],
       ["cache hit rate", pct(t.cache_hit_rate)],
       ["cost", usd(t.cost_usd)],
+      ["compute cost", usd(t.compute_cost_usd)],
       ["limit rejections", num(d.limits?.rejections), d.limits?.rejections > 0 ? "warn" : ""],
       ["database size", bytes(d.db?.size_bytes)],
       ["write queue", num(d.db?.write_queue_depth), d.db?.write_queue_depth > 100 ? "warn" : ""],

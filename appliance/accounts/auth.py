@@ -68,6 +68,7 @@ class Principal:
     budget_usd: float | None = None
     budget_tokens: int | None = None
     budget_period: str | None = None
+    budget_counts: str = "price"  # what budget_usd counts: price, compute or both
     slot: int | None = None  # row of the live counters; None for the anonymous owner
     expires_at: float | None = None
     # The key's own secret per backend (BYOK), opened; None where it could not be (the request then fails
@@ -80,7 +81,8 @@ class Principal:
             key_id=row["id"], name=row["name"], role=row["role"], models=tuple(row["models"] or ("*",)),
             endpoints=tuple(row["endpoints"]) if row["endpoints"] is not None else None, rpm=row["rpm"],
             tpm=row["tpm"], max_concurrent=row["max_concurrent"], budget_usd=row["budget_usd"],
-            budget_tokens=row["budget_tokens"], budget_period=row["budget_period"], slot=row["slot"],
+            budget_tokens=row["budget_tokens"], budget_period=row["budget_period"],
+            budget_counts=row.get("budget_counts") or "price", slot=row["slot"],
             expires_at=row["expires_at"], upstream_keys=upstream_keys or {},
         )
 

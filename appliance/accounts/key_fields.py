@@ -30,6 +30,9 @@ class KeyFields(BaseModel):
     budget_usd: float | None = Field(None, ge=0)
     budget_tokens: int | None = Field(None, ge=0)
     budget_period: Literal["day", "week", "month"] | None = None
+    budget_counts: Literal["price", "compute", "both"] = Field(
+        "price", description="What budget_usd counts: token prices from [[models]] (price), the compute cost of "
+        "backends with a cost_per_hour (compute), or their sum (both).")
     metadata: dict[str, Any] = Field(default_factory=dict)
     upstream_keys: dict[BackendName, UpstreamSecret | None] = Field(
         default_factory=dict, max_length=64,

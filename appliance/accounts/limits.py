@@ -73,10 +73,23 @@ class Scope:
     budget_usd: float | None = None
     budget_tokens: int | None = None
     budget_period: str | None = None
+    budget_counts: str = "price"  # what budget_usd counts: price (token prices), compute, or both
 
     @property
     def tag(self) -> int:
         return _cached_tag(self.owner)
+
+    @property
+    def counts_price(self) -> bool:
+        return self.budget_counts != "compute"
+
+    @property
+    def counts_compute(self) -> bool:
+        return self.budget_counts != "price"
+
+    def charged(self, cost: float, compute_cost: float) -> float:
+        """What a request that cost ``cost`` in token prices and ``compute_cost`` in compute spends of budget_usd."""
+        return (cost if self.counts_price else 0.0) + (compute_cost if self.counts_compute else 0.0)
 
 
 @dataclass(slots=True)
@@ -214,9 +227,12 @@ class Limiter:
     # ---------------------------------------------------------------- the two operations
 
     def admit(self, scopes: tuple[Scope, ...], *, tokens: float, cost: float, counts_tokens: bool = True,
-              headers_for: Scope | None = None) -> Admission:
+              headers_for: Scope | None = None, compute: bool = False) -> Admission:
         """Check every scope and, only if all pass, count the request in all of them.
 
+        ``cost``: the token-price estimate, reserved against budgets that count prices. ``compute``: the
+        request goes to a backend with a cost_per_hour; its compute cost is known only at the end, so a budget
+        that counts compute admits it while something of the budget is left.
         Raises GatewayError 429 (rate_limit_exceeded or budget_exceeded) with Retry-After.
         """
         now = self._clock()
@@ -224,7 +240,8 @@ class Limiter:
             slots = [self._slot(scope, now) for scope in scopes]
             try:
                 for scope, slot in zip(scopes, slots, strict=True):
-                    self._check(scope, slot, tokens if counts_tokens else 0.0, cost if counts_tokens else 0.0, now)
+                    self._check(scope, slot, tokens if counts_tokens else 0.0, cost if counts_tokens else 0.0,
+                                counts_tokens and compute, now)
             except GatewayError as refused:
                 if headers_for is not None:  # a refusal shows the client's standing too, as OpenAI's does
                     shown = self._headers(headers_for, slots[scopes.index(headers_for)], now)
@@ -240,12 +257,12 @@ class Limiter:
                     slot.tok[bucket] += tokens
                     slot.tok_total += tokens
                     if scope.budget_period:
-                        slot.reserved_usd += cost
+                        slot.reserved_usd += cost if scope.counts_price else 0.0
                         slot.reserved_tokens += tokens
             headers = self._headers(headers_for, slots[scopes.index(headers_for)], now) if headers_for else {}
         return Admission(scopes, tokens, cost, counts_tokens, headers)
 
-    def _check(self, scope: Scope, slot: Any, tokens: float, cost: float, now: float) -> None:
+    def _check(self, scope: Scope, slot: Any, tokens: float, cost: float, compute: bool, now: float) -> None:
         who = "this key" if not scope.owner.startswith("model:") else f"the model {scope.owner[6:]!r}"
         if scope.rpm is not None and slot.req_total + 1 > scope.rpm:
             wait = self._freed_in(slot, "req", slot.req_total + 1 - scope.rpm, now)
@@ -264,8 +281,7 @@ class Limiter:
             raise _limited(f"Too many requests in flight for {who}: at most {scope.max_concurrent}.", 1.0,
                            "concurrency")
         if scope.budget_period:
-            if scope.budget_usd is not None and cost > 0 and \
-                    slot.spent_usd + slot.reserved_usd + cost > scope.budget_usd:
+            if scope.budget_usd is not None and _over(scope, slot, cost, compute):
                 raise _over_budget(f"Budget of ${scope.budget_usd:g} per {scope.budget_period} used up for {who}.")
             if scope.budget_tokens is not None and tokens and \
                     slot.spent_tokens + slot.reserved_tokens + tokens > scope.budget_tokens:
@@ -287,8 +303,9 @@ class Limiter:
             headers["x-ratelimit-reset-tokens"] = duration(self._last_expiry(slot, "tok", now))
         return headers
 
-    def settle(self, admission: Admission, *, tokens: float, cost: float) -> None:
-        """The request ended: replace the estimates with what it really used, release its place."""
+    def settle(self, admission: Admission, *, tokens: float, cost: float, compute_cost: float = 0.0) -> None:
+        """The request ended: replace the estimates with what it really used (token prices ``cost``, and
+        ``compute_cost`` for budgets that count compute), release its place."""
         if admission.settled:
             return
         admission.settled = True
@@ -308,9 +325,10 @@ class Limiter:
                 slot.tok[bucket] += delta
                 slot.tok_total = max(0.0, slot.tok_total + delta)
                 if scope.budget_period:
-                    slot.reserved_usd = max(0.0, slot.reserved_usd - admission.cost)
+                    reserved = admission.cost if scope.counts_price else 0.0
+                    slot.reserved_usd = max(0.0, slot.reserved_usd - reserved)
                     slot.reserved_tokens = max(0.0, slot.reserved_tokens - admission.tokens)
-                    slot.spent_usd += cost
+                    slot.spent_usd += scope.charged(cost, compute_cost)
                     slot.spent_tokens += tokens
 
     def preload(self, scope: Scope, *, spent_usd: float, spent_tokens: float) -> None:
@@ -348,6 +366,17 @@ def _limited(message: str, wait_s: float, limit: str) -> GatewayError:
                         extra={"retry_after": seconds, "limit": limit})
 
 
+def _over(scope: Scope, slot: Any, cost: float, compute: bool) -> bool:
+    """Would this request overrun the scope's budget_usd? A price estimate must fit what is left; a compute
+    cost (unknown until the end) needs something left. A request that costs nothing the budget counts
+    always passes (a $0 model never consumes or is blocked by a USD budget)."""
+    price = cost if scope.counts_price else 0.0
+    used = slot.spent_usd + slot.reserved_usd + price
+    if compute and scope.counts_compute:
+        return used >= scope.budget_usd  # type: ignore[operator]
+    return price > 0 and used > scope.budget_usd  # type: ignore[operator]
+
+
 def _over_budget(message: str) -> GatewayError:
     return GatewayError("budget_exceeded", message, status=429, type="rate_limit_error")
 
@@ -362,7 +391,7 @@ def key_scope(principal: Any) -> Scope | None:
                                       or principal.budget_period):
         return None
     return Scope(principal.key_id, principal.slot, principal.rpm, principal.tpm, principal.max_concurrent,
-                 principal.budget_usd, principal.budget_tokens, principal.budget_period)
+                 principal.budget_usd, principal.budget_tokens, principal.budget_period, principal.budget_counts)
 
 
 class ModelScopes:

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from appliance.accounts.auth import Principal, public_view
-from appliance.accounts.limits import Limiter, key_scope
+from appliance.accounts.limits import Limiter, key_scope, period_start_day
 from appliance.common.errors import GatewayError
 from appliance.storage import keys_repo, requests_repo, usage_repo
 from appliance.storage.db import Database
@@ -53,6 +53,17 @@ async def key_view(db: Database, limiter: Limiter, principal: Principal) -> dict
         "recent": await requests_repo.recent_for_key(db, principal.key_id, RECENT),
     }
     return view
+
+
+async def recount_budget(db: Database, limiter: Limiter, row: dict[str, Any]) -> None:
+    """A key's budget now counts something else (budget_counts changed): what its period already spent, counted
+    the new way, from the ledger (at most one flush interval behind), as at start."""
+    scope = key_scope(Principal.from_row(row))
+    if scope is None or not scope.budget_period:
+        return
+    usd, tokens = await usage_repo.spent(db, scope.owner, period_start_day(scope.budget_period, time.time()),
+                                         scope.budget_counts)
+    limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
 
 
 REQUESTS_LIMIT = 100

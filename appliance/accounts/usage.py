@@ -98,6 +98,21 @@ class Prices:
         return self._by_name.get(f"{backend}/{model}") or self._by_name.get(model) or FREE
 
 
+class ComputeRates:
+    """What a backend's busy time costs, from [[backends]] cost_per_hour: USD per second of its busy seconds.
+
+    A backend without one (or one discovery found) costs 0: it is charged nothing and reports no compute cost.
+    """
+
+    def __init__(self, backends: list[Any]) -> None:
+        self._per_s = {b.name: b.cost_per_hour / 3600 for b in backends if b.cost_per_hour > 0}
+
+    def per_second(self, backend: str) -> float:
+        if not self._per_s:
+            return 0.0
+        return self._per_s.get(backend, 0.0)
+
+
 def estimate_text(text: str) -> int:
     return -(-len(text) // _CHARS_PER_TOKEN) if text else 0
 

@@ -24,9 +24,10 @@ from appliance.storage import db as storage
 from appliance.storage.migrate import database_path, migrate
 
 EXIT_FAILED = 1
-_FIELDS = ("name", "role", "rpm", "tpm", "max_concurrent", "budget_usd", "budget_tokens", "budget_period")
+_FIELDS = ("name", "role", "rpm", "tpm", "max_concurrent", "budget_usd", "budget_tokens", "budget_period",
+           "budget_counts")
 _LISTED = ("id", "name", "role", "prefix", "enabled", "models", "rpm", "tpm", "budget_usd", "budget_period",
-           "expires_at", "upstream_keys")
+           "budget_counts", "expires_at", "upstream_keys")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -123,6 +123,8 @@ def _key_fields(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-usd", type=float, help="USD per budget period")
     parser.add_argument("--budget-tokens", type=int, help="tokens per budget period")
     parser.add_argument("--budget-period", choices=("day", "week", "month"))
+    parser.add_argument("--budget-counts", choices=("price", "compute", "both"),
+                        help="what --budget-usd counts: token prices (default), compute cost, or both")
     parser.add_argument("--metadata", metavar="JSON", help="a JSON object kept with the key")
     parser.add_argument("--upstream-key", action="append", metavar="BACKEND",
                         help="give the key its own API key for BACKEND, read from standard input (one line per "

@@ -71,6 +71,9 @@ class BackendSettings(_Model):
     capabilities: list[str] | None = Field(None, description="What it serves: chat, completions, embeddings, "
                                            "rerank, moderations, images, transcriptions, speech, audio "
                                            "(default: by its type, see README).")
+    cost_per_hour: float = Field(0, ge=0, allow_inf_nan=False, description="USD per hour of the machine or GPU "
+                                 "behind it: each request is charged its share of the busy time as "
+                                 "compute_cost_usd (0: off).")
 
     @field_validator("capabilities")
     @classmethod

@@ -88,6 +88,10 @@ class Exchange:
     upload: Upload | None = None  # a multipart body streamed through (core/uploads.py), sent instead of ``body``
     side_tokens: int = 0  # what calls made for this request used (image descriptions): settled with it
     side_cost: float = 0.0
+    # What the machines behind it cost: USD over every attempt on a backend with a cost_per_hour (None: none
+    # was), and the attempt still running on one: (backend, its share-clock mark, USD per busy second).
+    compute_cost: float | None = None
+    compute_open: tuple[str, float, float] | None = None
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -196,7 +200,7 @@ def admit(gw: Gateway, x: Exchange, body: dict[str, Any], route: Route, *, count
     shown = next((scope for scope in scopes if scope.rpm or scope.tpm), None)
     try:
         x.admission = gw.limiter.admit(scopes, tokens=prompt, cost=cost, counts_tokens=counts_tokens,
-                                       headers_for=shown)
+                                       headers_for=shown, compute=gw.compute.per_second(route.backend) > 0)
     except GatewayError as exc:
         gw.metrics.rejected(_limit_of(exc))
         raise
@@ -223,11 +227,35 @@ def _limit_of(refusal: GatewayError) -> str:
 
 
 def usage_extras(cost: Cost, x: Exchange, ttft_s: float | None) -> dict[str, Any]:
-    """What the gateway adds to a response's usage object (the names Lunar's API uses)."""
+    """What the gateway adds to a response's usage object (the names Lunar's API uses), and the compute cost
+    where a backend with a cost_per_hour ran the request (as ``compute_cost`` last closed it)."""
     extras: dict[str, Any] = cost.as_usage()
     extras["latency_ms"] = round((time.perf_counter() - x.started) * 1000, 3)
     extras["ttft_ms"] = round(ttft_s * 1000, 3) if ttft_s is not None else None
+    if x.compute_cost is not None:
+        extras["compute_cost_usd"] = round(x.compute_cost, 9)
     return extras
+
+
+def charge_from(gw: Gateway, x: Exchange, backend: str, mark: float) -> None:
+    """An attempt on ``backend`` began at share-clock ``mark`` (Breakers.begin): it is charged its share of the
+    backend's busy time until ``compute_cost`` closes it, when the backend has a cost_per_hour."""
+    per_s = gw.compute.per_second(backend)
+    if per_s:
+        x.compute_open = (backend, mark, per_s)
+        if x.compute_cost is None:
+            x.compute_cost = 0.0
+
+
+def compute_cost(gw: Gateway, x: Exchange) -> float | None:
+    """The compute cost so far, the running attempt's share charged up to now (and closed: the answer is being
+    accounted). None when no attempt ran on a backend with a cost_per_hour."""
+    running = x.compute_open
+    if running is not None:
+        x.compute_open = None
+        backend, mark, per_s = running
+        x.compute_cost = (x.compute_cost or 0.0) + gw.breakers.share_since(backend, mark) * per_s
+    return x.compute_cost
 
 
 def price_of(gw: Gateway, x: Exchange, tokens: Tokens) -> Cost:
@@ -254,9 +282,10 @@ def record(
     x.recorded = True
     if cost is None:
         cost = price_of(gw, x, tokens) if tokens else NO_COST
+    compute = compute_cost(gw, x)
     if x.admission is not None:
         gw.limiter.settle(x.admission, tokens=(tokens.total if tokens else 0) + x.side_tokens,
-                          cost=cost.total + x.side_cost)
+                          cost=cost.total + x.side_cost, compute_cost=compute or 0.0)
     body = x.body or {}
     model = body.get("model")
     model = model if isinstance(model, str) else None
@@ -288,6 +317,7 @@ def record(
         cache=x.cache,
         session_id=x.session(),
         batch_id=x.batch_id,
+        compute_cost_usd=round(compute, 9) if compute is not None else None,
     )
     bodies = None
     if gw.settings.log.store_bodies:
@@ -337,7 +367,7 @@ def observe(gw: Gateway, x: Exchange, row: requests_repo.RequestRecord) -> None:
         latency_s=row.latency_ms / 1000, overhead_s=row.overhead_ms / 1000 if row.overhead_ms is not None else None,
         ttft_s=row.ttft_ms / 1000 if row.ttft_ms is not None else None, prompt_tokens=row.prompt_tokens or 0,
         completion_tokens=row.completion_tokens or 0, cost_usd=row.cost_usd or 0.0, retries=x.retries,
-        fell_back=x.fallback_from is not None)
+        fell_back=x.fallback_from is not None, compute_cost_usd=row.compute_cost_usd)
     if gw.access_log is not None:
         gw.access_log.write({**row._asdict(), "time": row.created_at, "path": row.endpoint, "method": x.method,
                              "client": x.client})

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from appliance.accounts.auth import Authenticator
 from appliance.accounts.limits import Limiter, ModelScopes
-from appliance.accounts.usage import Prices
+from appliance.accounts.usage import ComputeRates, Prices
 from appliance.common.config import BackendSettings, Settings
 from appliance.common.errors import GatewayError
 from appliance.core import discovery
@@ -55,6 +55,12 @@ class Upstreams:
         return Limits(min(settings.timeout_s, timeout_s), settings.connect_timeout_s)
 
 
+def _same_upstream(old: BackendSettings | None, new: BackendSettings) -> bool:
+    """The same backend for its provider: a reload that changes only its cost_per_hour (which the provider never
+    reads; gw.compute has it) keeps the provider and its health."""
+    return old is not None and (old == new or old.model_copy(update={"cost_per_hour": new.cost_per_hour}) == new)
+
+
 @dataclass
 class Gateway:
     settings: Settings
@@ -67,6 +73,7 @@ class Gateway:
     cache: ResponseCache
     catalog: Catalog = field(init=False)
     prices: Prices = field(init=False)
+    compute: ComputeRates = field(init=False)  # beside prices: what a backend's busy seconds cost
     model_scopes: ModelScopes = field(init=False)
     selector: Selector = field(default_factory=Selector, init=False)
     rng: random.Random = field(default_factory=random.Random, init=False)  # retry jitter
@@ -89,6 +96,7 @@ class Gateway:
     def _derive(self) -> None:
         """What follows from the settings alone (at start and on each reload)."""
         self.prices = Prices(self.settings.models)
+        self.compute = ComputeRates(self.settings.backends)
         self.model_scopes = ModelScopes(self.settings.models, first_slot=self.settings.limits.key_slots)
         self.metrics = Recorder(per_key=self.settings.metrics.per_key, known_model=self._knows)
         self.access_log = AccessLog(self.settings.log.access) if self.settings.log.access != "off" else None
@@ -154,7 +162,7 @@ class Gateway:
             listed = {b.name for b in self.settings.backends}
             configured = [b for name, b in old.backends.items() if name not in listed]
         for backend in configured:
-            kept = old.backends.get(backend.name) == backend and backend.name in self.catalog.backends
+            kept = _same_upstream(old.backends.get(backend.name), backend) and backend.name in self.catalog.backends
             kind = old.providers[backend.name].kind if kept else backend.type
             upstreams.backends[backend.name] = backend
             upstreams.providers[backend.name] = (old.providers[backend.name] if kept

@@ -26,6 +26,8 @@ from appliance.core.exchange import (
     admit,
     allowed_routes,
     begin,
+    charge_from,
+    compute_cost,
     may_use,
     ms,
     record,
@@ -454,7 +456,7 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
                 limits=upstreams(gw, x).limits_for(route.backend, timeout_s), api_key=upstream_key(x, route.backend),
                 upload=x.upload)
     started = time.perf_counter()
-    gw.breakers.begin(route.backend, target.model)
+    charge_from(gw, x, route.backend, gw.breakers.begin(route.backend, target.model))
     failure = None
     try:
         if stream:
@@ -473,6 +475,7 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
             raise  # an answer began, or an upload's body went out and cannot be sent again
         return exc
     finally:
+        compute_cost(gw, x)  # an attempt that failed before its answer was accounted ran on the machine too
         gw.breakers.end(route.backend, target.model)
     # A stream that failed after its first byte is answered (the client got an error event, no retry can
     # follow), but the backend failed all the same.

@@ -21,6 +21,7 @@ from appliance.core.exchange import (
     CLIENT_CLOSED,
     Exchange,
     Responder,
+    compute_cost,
     ms,
     price_of,
     record,
@@ -46,6 +47,7 @@ async def answer_rendered(gw: Gateway, call: Call, x: Exchange, responder: Respo
     """
     reply = await upstreams(gw, x).providers[x.route.backend].send(call)  # type: ignore[union-attr]
     assert reply.data is not None  # providers parse every non-streaming answer
+    compute_cost(gw, x)  # the backend's part is done: its share of the busy time is this attempt's
     latency = time.perf_counter() - x.started
     tokens = count(reply.data, call.body)
     cost = price_of(gw, x, tokens)
@@ -94,8 +96,7 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
     if not client_wants_usage:  # ask anyway, to account the tokens; the meter drops it again
         call.body["stream_options"] = {**(stream_options if isinstance(stream_options, dict) else {}),
                                        "include_usage": True}
-    meter = StreamMeter(client_wants_usage=client_wants_usage,
-                        extras=lambda tokens: usage_extras(price_of(gw, x, tokens), x, _ttft(meter, x)))
+    meter = StreamMeter(client_wants_usage=client_wants_usage, extras=lambda tokens: _extras(gw, x, meter, tokens))
     route = x.route
     assert route is not None
     async with upstreams(gw, x).providers[route.backend].stream(call) as upstream:
@@ -146,6 +147,12 @@ async def first_events(events: AsyncIterator[list[bytes]], timeout_s: float | No
     except TimeoutError:
         raise GatewayError("backend_timeout", f"backend {backend!r} sent nothing within the first-token "
                            f"timeout ({timeout_s:g} s)") from None
+
+
+def _extras(gw: Gateway, x: Exchange, meter: StreamMeter, tokens: Tokens) -> dict[str, Any]:
+    """The final usage chunk's extras: the stream is ending, so the backend's share is charged up to now."""
+    compute_cost(gw, x)
+    return usage_extras(price_of(gw, x, tokens), x, _ttft(meter, x))
 
 
 def _ttft(meter: StreamMeter, x: Exchange) -> float | None:

@@ -10,6 +10,9 @@
   opens it again. A trial that never reports back expires after another cooldown.
 - Requests in flight per backend (one counter per worker) and the backend's own latest load sample,
   combined by ``Breakers.busy`` for least_busy routing.
+- The backend's busy time, shared out among the requests that ran together (processor sharing): each
+  request's share of the busy seconds (``begin`` gives a mark, ``share_since`` the share since it), which
+  ``cost_per_hour`` turns into a compute cost; and the total busy seconds, for /metrics.
 - Parsers for the load signals backends expose (vLLM and llama.cpp /metrics, llama.cpp /slots); the
   polling is done elsewhere.
 
@@ -157,6 +160,11 @@ class _Slot(ctypes.Structure):
         ("sampled_at", ctypes.c_double),  # 0: no load sample
         ("probe", ctypes.c_int32),  # the latest health probe, any worker: 0 none yet, 1 up, 2 down
         ("probed_at", ctypes.c_double),
+        # Processor sharing (what a local model costs): share_clock grows by dt / n while n >= 1 requests are
+        # in flight (all workers), so a request's share of the busy time is share_clock(end) - share_clock(start).
+        ("share_clock", ctypes.c_double),
+        ("clock_at", ctypes.c_double),  # wall time of the last advance
+        ("busy_s", ctypes.c_double),  # seconds with at least one request in flight
     ]
 
 
@@ -189,6 +197,21 @@ class BackendTable(SharedRows):
                 slot.tag = tag
                 return slot
         return None
+
+
+def _tick(slot: Any, now: float) -> None:
+    """Advance ``slot``'s share clock and busy time to ``now`` at the count in flight so far. Under the lock.
+
+    The clock is wall time read by several processes: a ``now`` behind the last advance adds nothing.
+    """
+    elapsed = now - slot.clock_at
+    if elapsed <= 0:
+        return
+    running = slot.inflight_sum
+    if running > 0:
+        slot.share_clock += elapsed / running
+        slot.busy_s += elapsed
+    slot.clock_at = now
 
 
 # ---------------------------------------------------------------------------------------- breakers
@@ -236,8 +259,10 @@ class Breakers:
     def forget_worker(self) -> None:
         """At worker start: whatever a dead predecessor in this column had in flight is gone."""
         with self._table.lock:
+            now = self._clock()
             for slot in self._table.slots:
                 if slot.tag:
+                    _tick(slot, now)  # the busy time until now was shared with the dead requests too
                     slot.inflight_sum -= slot.inflight[self._worker]
                     slot.inflight[self._worker] = 0
 
@@ -362,8 +387,9 @@ class Breakers:
             if slot is None:
                 return {"state": "closed", "consecutive_failures": 0, "opened_at": None, "retry_after_s": 0.0,
                         "window_ok": 0, "window_fail": 0, "in_flight": 0, "load": None, "up": None,
-                        "probed_at": None}
+                        "probed_at": None, "busy_s": 0.0}
             self._advance(slot, now)
+            _tick(slot, now)
             load = None
             if slot.sampled_at:
                 load = {"queue_waiting": slot.queue_waiting, "running": slot.running,
@@ -380,6 +406,7 @@ class Breakers:
                 "load": load,
                 "up": _PROBE_UP[slot.probe],
                 "probed_at": slot.probed_at or None,
+                "busy_s": slot.busy_s,
             }
 
     def set_probe(self, backend: str, up: bool, at: float | None = None) -> None:
@@ -393,17 +420,25 @@ class Breakers:
 
     # ------------------------------------------------------------------ in flight and load
 
-    def begin(self, backend: str, model: str | None = None) -> None:
-        """A request to ``backend`` (and its ``model``, counted apart too) starts; pair with ``end``."""
+    def begin(self, backend: str, model: str | None = None) -> float:
+        """A request to ``backend`` (and its ``model``, counted apart too) starts; pair with ``end``.
+
+        Returns the backend's share clock at this moment: the mark ``share_since`` measures this
+        request's share of the busy time from.
+        """
         target = f"{backend}/{model}" if model is not None else None
+        mark = 0.0
         with self._table.lock:
             slot = self._row(backend)
             if slot is not None:
+                _tick(slot, self._clock())  # before the count changes: until now, n was one less
+                mark = slot.share_clock
                 slot.inflight[self._worker] += 1
                 slot.inflight_sum += 1
             if target is not None and (slot := self._row(target)) is not None:
                 slot.inflight[self._worker] += 1
                 slot.inflight_sum += 1
+        return mark
 
     def end(self, backend: str, model: str | None = None) -> None:
         target = f"{backend}/{model}" if model is not None else None
@@ -411,11 +446,22 @@ class Breakers:
         with self._table.lock:
             slot = self._row(backend)
             if slot is not None and slot.inflight[worker] > 0:
+                _tick(slot, self._clock())
                 slot.inflight[worker] -= 1
                 slot.inflight_sum -= 1
             if target is not None and (slot := self._row(target)) is not None and slot.inflight[worker] > 0:
                 slot.inflight[worker] -= 1
                 slot.inflight_sum -= 1
+
+    def share_since(self, backend: str, mark: float) -> float:
+        """Busy seconds of ``backend`` that fell to one request in flight since ``mark`` (from ``begin``):
+        each moment's time divided by the requests in flight then, all workers together."""
+        with self._table.lock:
+            slot = self._row(backend, claim=False)
+            if slot is None:
+                return 0.0
+            _tick(slot, self._clock())
+            return max(0.0, slot.share_clock - mark)
 
     def in_flight(self, backend: str, model: str | None = None) -> int:
         """Requests in flight to ``backend`` (or to its ``model``), all workers together.

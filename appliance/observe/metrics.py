@@ -22,7 +22,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as _multiprocess
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from appliance import __version__
@@ -62,6 +62,8 @@ TOKENS_BY_KEY = Counter("appliance_tokens", "Tokens processed (type: prompt or c
 COST = Counter("appliance_cost_usd", "Cost of the answered requests, in USD.", ("model",), registry=None)
 COST_BY_KEY = Counter("appliance_cost_usd", "Cost of the answered requests, in USD.", ("model", *_KEY_LABELS),
                       registry=None)
+COMPUTE_COST = Counter("appliance_compute_cost_usd", "Compute cost charged to requests: their share of the "
+                       "busy seconds of backends with a cost_per_hour, in USD.", ("backend",), registry=None)
 REQUEST_SECONDS = Histogram("appliance_request_duration_seconds", "Time from request to the last byte sent.",
                             ("endpoint", "backend"), buckets=LATENCY_BUCKETS, registry=None)
 UPSTREAM_SECONDS = Histogram("appliance_upstream_duration_seconds", "Time spent waiting on the backend.",
@@ -94,7 +96,7 @@ BUILD_INFO = Gauge("appliance_build_info", "The running version (value 1).", ("v
 
 _COMMON = (INFLIGHT, RETRIES, FALLBACKS, RATELIMIT_REJECTIONS, WRITE_QUEUE, DB_WRITE_FAILURES, WORKERS, BUILD_INFO,
            REQUEST_SECONDS, UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS, EMBEDDED_TEXTS, EMBEDDING_FAILURES,
-           DESCRIBED_IMAGES)
+           DESCRIBED_IMAGES, COMPUTE_COST)
 
 
 # ------------------------------------------------------------------------------------------ the folder
@@ -125,12 +127,17 @@ class LiveCollector:
                                "0 when it did not; absent before the first probe.", labels=("backend",))
         circuit = GaugeMetricFamily("appliance_circuit_state", "The backend's circuit breaker: 0 closed, 1 open, "
                                     "2 half-open.", labels=("backend",))
+        busy = CounterMetricFamily("appliance_backend_busy_seconds", "Seconds the backend had at least one "
+                                   "request in flight from the appliance (all workers), since it started.",
+                                   labels=("backend",))
         for name, state in self._backends():
             if state.get("up") is not None:
                 up.add_metric((name,), 1.0 if state["up"] else 0.0)
             circuit.add_metric((name,), float(_CIRCUIT.get(state["state"], 0)))
+            busy.add_metric((name,), float(state.get("busy_s", 0.0)))
         yield up
         yield circuit
+        yield busy
 
 
 _CIRCUIT = {"closed": 0, "open": 1, "half_open": 2}
@@ -206,7 +213,7 @@ class Recorder:
     def request_finished(self, *, endpoint: str, model: str, backend: str | None, status: int, cache: str | None,
                          key: tuple[str, str] | None, latency_s: float, overhead_s: float | None,
                          ttft_s: float | None, prompt_tokens: int, completion_tokens: int, cost_usd: float,
-                         retries: int, fell_back: bool) -> None:
+                         retries: int, fell_back: bool, compute_cost_usd: float | None = None) -> None:
         backend = backend or NONE
         keys = (key or (NONE, NONE)) if self.per_key else ()
         labels = (endpoint, model, backend, status_class(status), cache.lower() if cache else NONE, *keys)
@@ -223,6 +230,8 @@ class Recorder:
             self._child(self._tokens, (model, backend, "completion", *keys)).inc(completion_tokens)
         if cost_usd:
             self._child(self._cost, (model, *keys)).inc(cost_usd)
+        if compute_cost_usd:
+            self._child(COMPUTE_COST, (backend,)).inc(compute_cost_usd)
         if retries:
             RETRIES.inc(retries)
         if fell_back:

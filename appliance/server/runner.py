@@ -185,7 +185,8 @@ async def prepare_keys(settings: Settings, table: SharedTable) -> None:
         for row in await auth.list_keys(db):
             scope = key_scope(auth.Principal.from_row(row))
             if scope is not None and scope.budget_period:
-                usd, tokens = await usage_repo.spent(db, scope.owner, period_start_day(scope.budget_period, now))
+                usd, tokens = await usage_repo.spent(db, scope.owner, period_start_day(scope.budget_period, now),
+                                                     scope.budget_counts)
                 limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
     finally:
         await db.close()

@@ -61,8 +61,10 @@ async def usage_today(ctx: StatsContext) -> dict[str, Any]:
     day = usage_repo.day_of(ctx.now)
     rows = await stats_repo.models_on(ctx.gateway.db, day, limit=None)
     totals = {name: sum(row[name] or 0 for row in rows) for name in
-              ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "cache_hits")}
+              ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
+               "compute_cost_usd", "cache_hits")}
     totals["cost_usd"] = round(totals["cost_usd"], 9)
+    totals["compute_cost_usd"] = round(totals["compute_cost_usd"], 9)
     totals["cache_hit_rate"] = _rate(totals["cache_hits"], totals["requests"])
     models = [{**row, "cache_hit_rate": _rate(row["cache_hits"], row["requests"])} for row in rows[:MODELS_SHOWN]]
     return {"day": day, "totals": totals, "models": models}

@@ -13,7 +13,7 @@ from appliance.storage.db import Database
 
 # Columns a caller may change after creation (the hash and slot change only through rotate/create).
 EDITABLE = ("name", "role", "models", "endpoints", "expires_at", "enabled", "rpm", "tpm", "max_concurrent",
-            "budget_usd", "budget_tokens", "budget_period", "metadata")
+            "budget_usd", "budget_tokens", "budget_period", "budget_counts", "metadata")
 _JSON = ("models", "endpoints", "metadata", "upstream_keys")
 
 

@@ -96,7 +96,7 @@ def _rollups(rows: Iterable[RequestRecord]) -> tuple[dict[tuple[Any, ...], list[
             _add(usage, (day_of(row.created_at), row.key_id, row.model or "", row.backend or "",
                          row.backend_model or ""),
                  (1, int(failed), prompt, completion, row.cached_tokens or 0, row.cost_usd or 0.0,
-                  int(row.cache in CACHE_HITS)))
+                  int(row.cache in CACHE_HITS), row.compute_cost_usd or 0.0))
         # The status page's traffic: every request, and per backend the ones it was asked to answer.
         minute = int(row.created_at // 60)
         _add(traffic, (minute, ""), (1, int(failed), prompt + completion))

@@ -17,7 +17,8 @@ async def models_on(db: Database, day: str, limit: int | None = None) -> list[di
     rows = await db.fetchall(
         "SELECT model, sum(requests) AS requests, sum(errors) AS errors, sum(prompt_tokens) AS prompt_tokens, "
         "sum(completion_tokens) AS completion_tokens, sum(cached_tokens) AS cached_tokens, "
-        "round(sum(cost_usd), 9) AS cost_usd, sum(cache_hits) AS cache_hits FROM usage_daily WHERE day = ? "
+        "round(sum(cost_usd), 9) AS cost_usd, round(sum(compute_cost_usd), 9) AS compute_cost_usd, "
+        "sum(cache_hits) AS cache_hits FROM usage_daily WHERE day = ? "
         "GROUP BY model ORDER BY requests DESC, model LIMIT ?", (day, -1 if limit is None else limit))
     return [dict(row) for row in rows]
 

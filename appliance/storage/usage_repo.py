@@ -10,13 +10,14 @@ from appliance.storage.db import Database
 
 ROLLUP = (
     "INSERT INTO usage_daily (day, key_id, model, backend, backend_model, requests, errors, prompt_tokens, "
-    "completion_tokens, cached_tokens, cost_usd, cache_hits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "completion_tokens, cached_tokens, cost_usd, cache_hits, compute_cost_usd) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (day, key_id, model, backend, backend_model) DO UPDATE SET "
     "requests = requests + excluded.requests, errors = errors + excluded.errors, "
     "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = completion_tokens + excluded.completion_tokens, "
     "cached_tokens = cached_tokens + excluded.cached_tokens, cost_usd = cost_usd + excluded.cost_usd, "
-    "cache_hits = cache_hits + excluded.cache_hits"
+    "cache_hits = cache_hits + excluded.cache_hits, compute_cost_usd = compute_cost_usd + excluded.compute_cost_usd"
 )
 
 
@@ -46,14 +47,19 @@ async def report(db: Database, *, key_id: str | None = None, model: str | None =
             params.append(value)
     sql = (f"SELECT {column} AS {group_by}, sum(requests) AS requests, sum(errors) AS errors, "
            "sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, "
-           "sum(cached_tokens) AS cached_tokens, round(sum(cost_usd), 9) AS cost_usd FROM usage_daily"
+           "sum(cached_tokens) AS cached_tokens, round(sum(cost_usd), 9) AS cost_usd, "
+           "round(sum(compute_cost_usd), 9) AS compute_cost_usd FROM usage_daily"
            + (" WHERE " + " AND ".join(where) if where else "") + f" GROUP BY {column} ORDER BY {column}")
     return [dict(row) for row in await db.fetchall(sql, params)]
 
 
-async def spent(db: Database, key_id: str, day_from: str) -> tuple[float, int]:
-    """(USD, tokens) a key used from ``day_from`` (YYYY-MM-DD, inclusive) on."""
+# What a key's budget counts (its budget_counts): token prices, compute, or both.
+_SPENT = {"price": "sum(cost_usd)", "compute": "sum(compute_cost_usd)", "both": "sum(cost_usd + compute_cost_usd)"}
+
+
+async def spent(db: Database, key_id: str, day_from: str, counts: str = "price") -> tuple[float, int]:
+    """(USD, tokens) a key used from ``day_from`` (YYYY-MM-DD, inclusive) on; the USD as ``counts`` reckons it."""
     rows = await db.fetchall(
-        "SELECT sum(cost_usd), sum(prompt_tokens + completion_tokens) FROM usage_daily "
+        f"SELECT {_SPENT[counts]}, sum(prompt_tokens + completion_tokens) FROM usage_daily "
         "WHERE key_id = ? AND day >= ?", (key_id, day_from))
     return float(rows[0][0] or 0), int(rows[0][1] or 0)

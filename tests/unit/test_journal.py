@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from appliance.common.resources import migrations_dir
@@ -222,3 +223,29 @@ def test_unwritable_journal_keeps_entries_in_memory(tmp_path: Path) -> None:
 
 async def _no_sleep(_seconds: float) -> None:
     return None
+
+
+def test_a_journal_line_written_before_compute_cost_still_parses_and_counts(tmp_path: Path) -> None:
+    # A line from a worker of the previous version: its row ends at batch_id (no compute_cost_usd).
+    old = entry(1)
+    line = ledger.encode(7, old)
+    fields = orjson.loads(line)
+    assert fields[-2] is None and len(fields) == len(RequestRecord._fields) + 2  # seq, the row, bodies
+    legacy = orjson.dumps([fields[0], *fields[1:-2], fields[-1]]) + b"\n"  # without the last field
+    assert ledger.decode(legacy) == (7, old)
+    assert old.row.compute_cost_usd is None
+
+    charged = ledger.Entry(old.row._replace(request_id="req-2", compute_cost_usd=0.25))
+    assert ledger.decode(ledger.encode(8, charged)) == (8, charged)
+
+    async def test(folder: Path, db: Database) -> None:
+        writer = BufferedWriter(db, 60, Journal(folder))
+        writer.add_entry(ledger.decode(legacy)[1])
+        writer.add_entry(charged)
+        await writer.flush()
+        assert await table(db, "SELECT request_id, compute_cost_usd FROM requests ORDER BY request_id") == [
+            ("req-1", None), ("req-2", 0.25)]
+        assert await table(db, "SELECT requests, round(cost_usd, 9), compute_cost_usd FROM usage_daily") == [
+            (2, 0.006, 0.25)]
+
+    run(tmp_path, test)

@@ -125,6 +125,48 @@ def test_usd_budget_reserves_then_settles_and_free_requests_always_pass() -> Non
     assert state["spent_usd"] == 0.9 and state["remaining_usd"] == pytest.approx(0.1)
 
 
+def test_a_compute_budget_counts_compute_cost_not_token_prices() -> None:
+    clock = Clock()
+    lim = limiter(clock)
+    scope = Scope("key_c", 0, budget_usd=1.0, budget_period="day", budget_counts="compute")
+    # The token-price estimate is neither reserved nor checked: $5 of tokens passes a $1 compute budget.
+    first = lim.admit((scope,), tokens=10, cost=5.0, compute=True)
+    lim.settle(first, tokens=10, cost=5.0, compute_cost=0.4)
+    assert lim.budget_state(scope)["spent_usd"] == pytest.approx(0.4)
+    second = lim.admit((scope,), tokens=10, cost=5.0, compute=True)  # $0.6 left: compute is unknown, admitted
+    lim.settle(second, tokens=10, cost=5.0, compute_cost=0.7)  # it ran over: what it used is spent all the same
+    error = refused(lambda: lim.admit((scope,), tokens=10, cost=0.0, compute=True))
+    assert error.code == "budget_exceeded" and error.status == 429
+    # A backend without a cost_per_hour costs this budget nothing: never blocked by it.
+    lim.admit((scope,), tokens=10, cost=5.0, compute=False)
+    assert lim.budget_state(scope)["remaining_usd"] == 0
+
+
+def test_a_budget_that_counts_both_adds_prices_and_compute() -> None:
+    clock = Clock()
+    lim = limiter(clock)
+    scope = Scope("key_b", 0, budget_usd=1.0, budget_period="day", budget_counts="both")
+    admission = lim.admit((scope,), tokens=10, cost=0.3, compute=True)
+    refused(lambda: lim.admit((scope,), tokens=10, cost=0.8, compute=False))  # 0.3 reserved + 0.8 > 1
+    lim.settle(admission, tokens=10, cost=0.3, compute_cost=0.2)
+    assert lim.budget_state(scope)["spent_usd"] == pytest.approx(0.5)
+    refused(lambda: lim.admit((scope,), tokens=10, cost=0.6, compute=False))
+    third = lim.admit((scope,), tokens=10, cost=0.4, compute=True)  # its price fits, $0.1 left for compute
+    lim.admit((scope,), tokens=10, cost=0.0, compute=True)  # something is left: a compute-only request passes
+    lim.settle(third, tokens=10, cost=0.4, compute_cost=0.2)
+    refused(lambda: lim.admit((scope,), tokens=10, cost=0.0, compute=True))  # $1.1 spent
+
+
+def test_a_price_budget_ignores_compute_cost() -> None:
+    clock = Clock()
+    lim = limiter(clock)
+    scope = Scope("key_p", 0, budget_usd=1.0, budget_period="day")
+    admission = lim.admit((scope,), tokens=10, cost=0.5, compute=True)
+    lim.settle(admission, tokens=10, cost=0.5, compute_cost=100.0)
+    assert lim.budget_state(scope)["spent_usd"] == pytest.approx(0.5)
+    lim.admit((scope,), tokens=10, cost=0.0, compute=True)  # free tokens: a price budget never blocks
+
+
 def test_budgets_reset_with_the_calendar_period() -> None:
     clock = Clock(dt.datetime(2026, 3, 31, 23, 59, tzinfo=dt.UTC).timestamp())
     lim = limiter(clock)

@@ -155,3 +155,27 @@ def test_a_reload_swaps_backends_and_routes_while_a_request_keeps_its_own() -> N
             await transport.close()
 
     asyncio.run(run())
+
+
+def test_a_reload_of_cost_per_hour_reprices_busy_time_and_keeps_the_provider() -> None:
+    async def run() -> None:
+        transport = await Transport.open()
+        try:
+            gpu = {"name": "gpu", "url": f"http://127.0.0.1:{free_port()}/v1", "discover": False, "models": ["m"]}
+            first = _settings([gpu], [])
+            breakers = Breakers(BackendTable(shared=False), first.routing)
+            gateway = Gateway(first, transport, None, None, None, None, breakers,  # type: ignore[arg-type]
+                              ResponseCache(None, None, first.cache))  # type: ignore[arg-type]
+            provider = gateway.providers["gpu"]
+            assert gateway.compute.per_second("gpu") == 0
+            gateway.reconfigure(_settings([{**gpu, "cost_per_hour": 7.2}], []))
+            assert gateway.compute.per_second("gpu") == 7.2 / 3600
+            assert gateway.providers["gpu"] is provider and gateway.upstreams.backends["gpu"].cost_per_hour == 7.2
+            gateway.reconfigure(_settings([{**gpu, "cost_per_hour": 7.2, "timeout_s": 5}], []))
+            assert gateway.providers["gpu"] is not provider  # what the provider reads changed: a new one
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                await task
+        finally:
+            await transport.close()
+
+    asyncio.run(run())

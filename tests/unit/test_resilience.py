@@ -414,3 +414,104 @@ def test_llamacpp_slots() -> None:
     assert parse_llamacpp_slots([]) is None
     assert parse_llamacpp_slots({"error": {"code": 501, "message": "This server does not support slots endpoint."}}) \
         is None
+
+
+# ---------------------------------------------------------------------------------------- busy time shared out
+
+
+def test_a_request_alone_pays_all_of_its_time() -> None:
+    clock = Clock()
+    br = breakers(clock)
+    mark = br.begin("gpu", "m")
+    clock.now += 2
+    assert br.share_since("gpu", mark) == pytest.approx(2.0)
+    br.end("gpu", "m")
+    assert br.state("gpu")["busy_s"] == pytest.approx(2.0)
+
+
+def test_two_overlapping_requests_each_pay_half_of_the_overlap() -> None:
+    # A runs 0..3, B runs 1..2 (on another worker): A pays 1 + 0.5 + 1, B pays 0.5; the backend was busy 3 s.
+    clock, table = Clock(), BackendTable(16, shared=False)
+    one, two = breakers(clock, table, 0), breakers(clock, table, 1)
+    a = one.begin("gpu")
+    clock.now += 1
+    b = two.begin("gpu")
+    clock.now += 1
+    b_share = two.share_since("gpu", b)
+    two.end("gpu")
+    clock.now += 1
+    a_share = one.share_since("gpu", a)
+    one.end("gpu")
+    assert b_share == pytest.approx(0.5)
+    assert a_share == pytest.approx(2.5)
+    assert a_share + b_share == pytest.approx(one.state("gpu")["busy_s"]) == pytest.approx(3.0)
+
+
+def test_three_staggered_requests_share_what_they_overlap() -> None:
+    # A 0..4, B 1..3, C 2..5: [0,1) A alone; [1,2) A+B; [2,3) A+B+C; [3,4) A+C; [4,5) C alone.
+    clock = Clock()
+    br = breakers(clock)
+    a = br.begin("gpu")
+    clock.now += 1
+    b = br.begin("gpu")
+    clock.now += 1
+    c = br.begin("gpu")
+    clock.now += 1
+    shares = {"b": br.share_since("gpu", b)}
+    br.end("gpu")
+    clock.now += 1
+    shares["a"] = br.share_since("gpu", a)
+    br.end("gpu")
+    clock.now += 1
+    shares["c"] = br.share_since("gpu", c)
+    br.end("gpu")
+    assert shares["a"] == pytest.approx(1 + 1 / 2 + 1 / 3 + 1 / 2)
+    assert shares["b"] == pytest.approx(1 / 2 + 1 / 3)
+    assert shares["c"] == pytest.approx(1 / 3 + 1 / 2 + 1)
+    assert sum(shares.values()) == pytest.approx(5.0) == pytest.approx(br.state("gpu")["busy_s"])
+
+
+def test_idle_gaps_cost_nothing_and_are_not_busy() -> None:
+    clock = Clock()
+    br = breakers(clock)
+    first = br.begin("gpu")
+    clock.now += 1
+    assert br.share_since("gpu", first) == pytest.approx(1.0)
+    br.end("gpu")
+    clock.now += 100  # idle
+    second = br.begin("gpu")
+    clock.now += 0.5
+    assert br.share_since("gpu", second) == pytest.approx(0.5)
+    br.end("gpu")
+    clock.now += 10
+    assert br.state("gpu")["busy_s"] == pytest.approx(1.5)
+    assert br.share_since("gpu", second) == pytest.approx(0.5)  # nothing accrues once it ended
+
+
+def test_a_worker_forgotten_mid_flight_stops_sharing_from_then_on() -> None:
+    # A (worker 0) and B (worker 1) from 0; worker 1 dies; at 2 its replacement forgets B; A runs alone to 3.
+    clock, table = Clock(), BackendTable(16, shared=False)
+    one, two = breakers(clock, table, 0), breakers(clock, table, 1)
+    a = one.begin("gpu")
+    two.begin("gpu")
+    clock.now += 2
+    breakers(clock, table, 1).forget_worker()
+    clock.now += 1
+    assert one.share_since("gpu", a) == pytest.approx(1 + 1)
+    one.end("gpu")
+    assert one.state("gpu")["busy_s"] == pytest.approx(3.0)
+
+
+def test_a_clock_behind_the_last_advance_adds_nothing() -> None:
+    clock = Clock()
+    br = breakers(clock)
+    mark = br.begin("gpu")
+    clock.now += 1
+    assert br.share_since("gpu", mark) == pytest.approx(1.0)
+    clock.now -= 0.5  # another process's reading, a moment older
+    assert br.share_since("gpu", mark) == pytest.approx(1.0)
+    assert br.state("gpu")["busy_s"] == pytest.approx(1.0)
+
+
+def test_share_of_an_unknown_backend_is_zero() -> None:
+    assert breakers(Clock()).share_since("nowhere", 0.0) == 0.0

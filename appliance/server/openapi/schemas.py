@@ -156,6 +156,7 @@ def key_schemas() -> dict[str, Schema]:
     usage_row = obj({
         "requests": INTEGER, "errors": INTEGER, "prompt_tokens": INTEGER, "completion_tokens": INTEGER,
         "cached_tokens": INTEGER, "cost_usd": NUMBER,
+        "compute_cost_usd": {**NUMBER, "description": "The share of busy time of backends with a cost_per_hour."},
     }, description="One group's totals, plus the group's own column: day, model or key.")
     recent = obj({
         "request_id": STRING, "created_at": NUMBER, "endpoint": STRING, "model": nullable(STRING),
@@ -168,7 +169,7 @@ def key_schemas() -> dict[str, Schema]:
                                                 "cache")},
         "status": INTEGER, "stream": BOOLEAN, "estimated": BOOLEAN,
         **{name: nullable(NUMBER) for name in ("latency_ms", "overhead_ms", "ttft_ms", "input_cost_usd",
-                                                "output_cost_usd", "cost_usd")},
+                                                "output_cost_usd", "cost_usd", "compute_cost_usd")},
         **{name: nullable(INTEGER) for name in ("prompt_tokens", "completion_tokens", "cached_tokens")},
         "request_body": {"description": "The stored request (JSON, or text when cut short); null unless "
                          "[log] store_bodies."},

@@ -52,7 +52,11 @@ async def get_key(request: Request, key_id: str) -> HTTPResponse:
 
 @bp.patch("/admin/keys/<key_id>")
 async def update_key(request: Request, key_id: str) -> HTTPResponse:
-    row = await auth.update_key(request.app.ctx.gateway.db, key_id, parse_body(request.body), **_upstream(request))
+    gateway = request.app.ctx.gateway
+    before = await auth.get_key(gateway.db, key_id)
+    row = await auth.update_key(gateway.db, key_id, parse_body(request.body), **_upstream(request))
+    if row["budget_counts"] != before["budget_counts"]:
+        await reports.recount_budget(gateway.db, gateway.limiter, row)
     return _json(request, auth.public_view(row))
 
 
