@@ -86,6 +86,7 @@ class Exchange:
     upstreams: Upstreams | None = None  # the backends of the config generation the request started in
     backend: str | None = None  # a /proxy call's backend (it has no route)
     upload: Upload | None = None  # a multipart body streamed through (core/uploads.py), sent instead of ``body``
+    template: str | None = None  # "id@version" of the prompt template the request used (core/templates.py)
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -285,6 +286,7 @@ def record(
         cache=x.cache,
         session_id=x.session(),
         batch_id=x.batch_id,
+        template=x.template,
     )
     bodies = None
     if gw.settings.log.store_bodies:
