@@ -259,8 +259,8 @@ def template_schemas() -> dict[str, Schema]:
                  "additionalProperties": nullable(variable)}
     version_fields = {
         "messages": {"type": "array", "minItems": 1, "items": message},
-        "variables": variables,
-        "description": {"type": "string", "maxLength": 2000},
+        "variables": nullable(variables),
+        "description": nullable({"type": "string", "maxLength": 2000}),
     }
     version = obj({
         "object": {"const": "template.version"}, "id": STRING, "version": INTEGER, "latest_version": INTEGER,
