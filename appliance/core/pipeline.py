@@ -212,6 +212,8 @@ async def route(gw: Gateway, raw: bytes, x: Exchange, responder: Responder) -> N
             raise GatewayError("not_found", "No router profiles are configured ([[router.profiles]]).")
         x.body = body = {**body, "model": gw.router.settings.name}  # any model sent: the router chooses
         validate(CHAT, body)
+        if "template" in body:  # the router judges the prompt as the model will see it
+            body = await _templated(gw, CHAT, x, body)
         options = router.options(body, gw.router.settings)
     except GatewayError as exc:
         record(gw, x, exc.status, error_code=exc.code)

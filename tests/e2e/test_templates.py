@@ -45,6 +45,8 @@ def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                                                 "models": [TEXT_MODEL]}]
     config["templates"] = {"cache_ttl_s": 0.5}
     config["batches"] = {"poll_interval_s": 0.1}
+    config["embeddings"] = {"model": "fake/fake-embed"}
+    config["router"] = {"profiles": [{"name": "anything", "model": "chat", "description": "Anything at all."}]}
     app = Appliance(tmp_path_factory.mktemp("templates"), config)
     request.addfinalizer(app.stop)
     app.start()
@@ -278,6 +280,28 @@ def test_messages_errors_in_anthropic_shape(app: Appliance, support: str) -> Non
     with pytest.raises(anthropic.BadRequestError) as caught:
         claude.messages.create(model="chat", max_tokens=50, messages=QUESTION, extra_body={"template": {"id": support}})
     assert "product" in str(caught.value)
+
+
+def test_the_router_judges_the_rendered_prompt(app: Appliance, fake_openai: FakeOpenAI, support: str) -> None:
+    use = {"id": support, "variables": {"product": "Routed"}}
+    decision = httpx.post(app.url + "/v1/router", headers=ADMIN, timeout=30,
+                          json={"template": use, "execute": False})  # no messages: the template's alone
+    assert decision.status_code == 200, decision.text
+    assert decision.json()["profile"] == "anything"
+    answered = httpx.post(app.url + "/v1/router", headers=ADMIN, timeout=30,
+                          json={"template": use, "messages": QUESTION})
+    assert answered.status_code == 200, answered.text
+    system = {"role": "system", "content": "You support Routed. Answer in English."}
+    assert fake_openai.last_chat()["messages"][0] == system
+    assert logged(app, answered.headers["x-request-id"])["template"] == "support@1"
+
+
+def test_count_tokens_counts_the_template(app: Appliance, support: str) -> None:
+    claude = anthropic.Anthropic(base_url=app.url, api_key=ADMIN_KEY, max_retries=0)
+    bare = claude.messages.count_tokens(model="chat", messages=QUESTION)
+    templated = claude.messages.count_tokens(model="chat", messages=QUESTION, extra_body={
+        "template": {"id": support, "variables": {"product": "Widget"}}})
+    assert templated.input_tokens > bare.input_tokens
 
 
 def test_responses(client: openai.OpenAI, fake_openai: FakeOpenAI, support: str) -> None:

@@ -231,7 +231,8 @@ def messages_schemas() -> dict[str, Schema]:
         "stop_reason": nullable(STRING), "stop_sequence": nullable(STRING), "usage": usage,
     })
     count = obj({"model": STRING, "messages": {"type": "array", "items": message}, "system": system,
-                 "tools": {"type": "array", "items": {"type": "object"}}, "thinking": {"type": "object"}},
+                 "tools": {"type": "array", "items": {"type": "object"}}, "thinking": {"type": "object"},
+                 "template": {**ref("TemplateUse"), "description": "Counted with its messages, as on /v1/messages."}},
                 required=("model", "messages"))
     return {
         "AnthropicMessagesRequest": request,
@@ -333,6 +334,7 @@ def router_schemas() -> dict[str, Schema]:
         "cost_weight": {"type": "number", "minimum": 0, "maximum": 1,
                         "description": "0: the most similar profile; 1: the cheapest (default [router] cost_weight)."},
         "execute": {**BOOLEAN, "description": "false: answer with the decision only (default true)."},
+        "template": {**ref("TemplateUse"), "description": "Rendered before the router judges the prompt."},
         "stream": BOOLEAN,
     }, required=("messages",), description="A chat completions body (its other fields go to the chosen model).")
     score = obj({"profile": STRING, "model": STRING, "similarity": NUMBER,

@@ -50,6 +50,9 @@ async def count_tokens(request: Request) -> HTTPResponse:
     """
     gateway = request.app.ctx.gateway
     body = pipeline.parse_body(request.body)
+    if "template" in body:  # counted as the model would see the prompt
+        _, rendered = await templates.rendered_for(gateway.templates, body["template"])
+        body = templates.as_messages_body(body, rendered)
     estimate = messages_request.count_tokens(body)  # validates, whoever counts
     await gateway.wait_discovered()
     x = exchange(request)
