@@ -95,7 +95,14 @@ def validate(endpoint: str, body: dict[str, Any]) -> None:
         if body.get(required) is None:
             raise GatewayError("missing_field", f"Missing required parameter: '{required}'.", param=required)
     if endpoint == CHAT:
-        _validate_messages(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            _no_messages(body, messages)
+        else:
+            for i, message in enumerate(messages):
+                if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                    raise GatewayError("invalid_value", f"messages[{i}] must be an object with a 'role'.",
+                                       param=f"messages.[{i}].role")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise GatewayError("invalid_value", "'stream' must be a boolean.", param="stream")
@@ -103,20 +110,13 @@ def validate(endpoint: str, body: dict[str, Any]) -> None:
         raise GatewayError("invalid_value", f"/v1/{endpoint} answers cannot be streamed.", param="stream")
 
 
-def _validate_messages(body: dict[str, Any]) -> None:
-    """Chat messages: a non-empty array of objects with a role; none, or none yet, with a template."""
-    messages = body.get("messages")
-    if messages is None or messages == []:
-        if "template" in body:
-            return  # the template's messages come first; the request may add none
-        if messages is None:
-            raise GatewayError("missing_field", "Missing required parameter: 'messages'.", param="messages")
-    if not isinstance(messages, list) or not messages:
-        raise GatewayError("invalid_value", "'messages' must be a non-empty array.", param="messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise GatewayError("invalid_value", f"messages[{i}] must be an object with a 'role'.",
-                               param=f"messages.[{i}].role")
+def _no_messages(body: dict[str, Any], messages: Any) -> None:
+    """A chat body without messages: fine with a template (its messages come first), else a 400."""
+    if (messages is None or messages == []) and "template" in body:
+        return
+    if messages is None:
+        raise GatewayError("missing_field", "Missing required parameter: 'messages'.", param="messages")
+    raise GatewayError("invalid_value", "'messages' must be a non-empty array.", param="messages")
 
 
 def validate_model(body: dict[str, Any]) -> None:
