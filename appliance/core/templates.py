@@ -255,13 +255,15 @@ def as_messages_body(body: dict[str, Any], rendered: list[dict[str, Any]]) -> di
     turns = [{"role": m["role"], "content": m["content"]} for m in rendered if m["role"] not in SYSTEM_ROLES]
     out = {k: v for k, v in body.items() if k != "template"}
     own = body.get("messages")
-    out["messages"] = [*turns, *(own if isinstance(own, list) else ())]
-    if system:
-        given = body.get("system")
-        if isinstance(given, list):  # text blocks: the client's stay blocks (with any cache_control)
-            out["system"] = [*({"type": "text", "text": text} for text in system), *given]
-        else:
-            out["system"] = "\n\n".join([*system, *([given] if isinstance(given, str) and given else [])])
+    if own is None or isinstance(own, list):  # anything else stays, for the translation to refuse by name
+        out["messages"] = [*turns, *(own or ())]
+    given = body.get("system")
+    if not system or not (given is None or isinstance(given, str | list)):
+        return out
+    if isinstance(given, list):  # text blocks: the client's stay blocks (with any cache_control)
+        out["system"] = [*({"type": "text", "text": text} for text in system), *given]
+    else:
+        out["system"] = "\n\n".join([*system, *([given] if given else [])])
     return out
 
 

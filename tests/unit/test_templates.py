@@ -159,6 +159,8 @@ def test_messages_body_takes_system_top_level() -> None:
                                 {"type": "text", "text": "R", "cache_control": {}}]
     bare = templates.as_messages_body({"model": "m", "template": {}}, rendered)
     assert bare["system"] == "T-sys\n\nT-dev" and bare["messages"] == [{"role": "user", "content": "T-user"}]
+    for wrong in ({"system": 5}, {"messages": "hi"}):  # left for the translation to refuse, by name
+        assert templates.as_messages_body({**body, **wrong}, rendered).items() >= wrong.items()
 
 
 def test_a_chat_body_with_a_template_may_leave_out_messages() -> None:
