@@ -1,4 +1,4 @@
-"""The keys, usage, batches and backup commands: the admin API's operations, on the data dir directly.
+"""The keys, templates, usage, batches and backup commands: the admin API's operations, on the data dir directly.
 
 They work while the server runs (SQLite in WAL mode; key changes reach the workers within
 ``auth.cache_ttl_s``). Errors print the same messages the admin API returns.
@@ -17,6 +17,7 @@ from typing import Any
 from appliance.accounts import auth, reports
 from appliance.accounts.credentials import Vault
 from appliance.cli import batches as batches_cli
+from appliance.cli import templates as templates_cli
 from appliance.common.config import Settings
 from appliance.common.errors import GatewayError
 from appliance.common.resources import migrations_dir
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"backed up {path} to {args.target}")
         return 0
     try:
-        fields = _fields(args) if getattr(args, "action", None) in ("create", "update") else {}
+        fields = _fields(args) if args.command == "keys" and args.action in ("create", "update") else {}
         return asyncio.run(_run(args, settings, fields))
     except GatewayError as exc:
         where = f" ({exc.param})" if exc.param else ""
@@ -60,6 +61,8 @@ async def _run(args: argparse.Namespace, settings: Settings, fields: dict[str, A
             return 0
         if args.command == "batches":
             return await batches_cli.run(db, args)
+        if args.command == "templates":
+            return await templates_cli.run(db, args)
         return await _keys(db, args, settings, fields)
     finally:
         await db.close()

@@ -1,4 +1,4 @@
-"""The command line: serve, check-config, reload, keys, usage, batches, backup, version.
+"""The command line: serve, check-config, reload, keys, templates, usage, batches, backup, version.
 
 Thin on purpose: parse arguments, build Settings, call into the layers below. Heavy imports (the web
 server) happen only once a command needs them, so `appliance --help` stays fast, frozen too.
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
+from appliance.cli import templates as templates_cli
 
 if TYPE_CHECKING:
     from appliance.common.config import Settings
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--json", action="store_true", help="print JSON")
 
     _add_batch_commands(commands)
+    templates_cli.add_commands(commands, _common)
 
     backup = commands.add_parser("backup", help="copy the database to FILE, safely, also while serving")
     backup.add_argument("target", metavar="FILE")

@@ -256,6 +256,16 @@ class AuthSettings(_Model):
                                description="How long a worker trusts a looked-up key; bounds revocation delay.")
 
 
+class TemplatesSettings(_Model):
+    cache_ttl_s: float = Field(5.0, gt=0, le=300, description="How long a worker trusts the latest version of a "
+                               "template it looked up; bounds how long a new version takes to reach requests "
+                               "that name none.")
+    version_ttl_s: float = Field(300.0, gt=0, le=86_400, description="How long a worker keeps a numbered version "
+                                 "(versions never change; this bounds how long a deleted template still serves).")
+    cache_entries: int = Field(1024, ge=1, le=1_000_000, description="Template versions each worker keeps in "
+                               "memory.")
+
+
 class LimitsSettings(_Model):
     window_s: float = Field(60, gt=0, description="The rate-limit window (rpm/tpm count over this).")
     key_slots: int = Field(1024, ge=16, le=1_000_000, description="Keys that can hold live limit counters.")
@@ -321,6 +331,7 @@ class Settings(_Model):
     models: list[ModelSettings] = Field(default_factory=list)
     discovery: DiscoverySettings = Field(default_factory=DiscoverySettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    templates: TemplatesSettings = Field(default_factory=TemplatesSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)

@@ -48,6 +48,7 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_file_purpose": (400, "invalid_request_error"),
     "storage_quota_exceeded": (400, "invalid_request_error"),
     "batch_not_cancellable": (409, "invalid_request_error"),
+    "already_exists": (409, "invalid_request_error"),  # POST /admin/templates with an id that is taken
     "profile_in_progress": (409, "invalid_request_error"),  # GET /admin/debug/profile: one at a time per worker
     "file_too_large": (413, "invalid_request_error"),
     "batch_limit_exceeded": (429, "rate_limit_error"),

@@ -46,7 +46,8 @@ CHAT, COMPLETIONS, EMBEDDINGS = "chat/completions", "completions", "embeddings"
 _ENDPOINTS = frozenset((CHAT, COMPLETIONS, EMBEDDINGS))
 
 # Body fields that do not change the answer: who asks, how it is delivered, what the gateway does with it
-# (the last five are pipeline.GATEWAY_FIELDS). `safety_identifier` succeeds `user`; `prompt_cache_key`
+# (the last five are pipeline.GATEWAY_FIELDS; its `template` is gone by then, its rendered messages in the body
+# instead). `safety_identifier` succeeds `user`; `prompt_cache_key`
 # only steers the backend's prompt cache.
 _NOT_ANSWER = frozenset(("user", "safety_identifier", "stream", "stream_options", "metadata", "store",
                          "service_tier", "prompt_cache_key",

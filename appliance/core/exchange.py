@@ -92,6 +92,7 @@ class Exchange:
     # was), and the attempt still running on one: (backend, its share-clock mark, USD per busy second).
     compute_cost: float | None = None
     compute_open: tuple[str, float, float] | None = None
+    template: str | None = None  # "id@version" of the prompt template the request used (core/templates.py)
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -318,6 +319,7 @@ def record(
         session_id=x.session(),
         batch_id=x.batch_id,
         compute_cost_usd=round(compute, 9) if compute is not None else None,
+        template=x.template,
     )
     bodies = None
     if gw.settings.log.store_bodies:

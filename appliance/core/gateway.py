@@ -23,6 +23,7 @@ from appliance.core.embeddings import Embedder
 from appliance.core.resilience import Breakers
 from appliance.core.router import Router
 from appliance.core.routing import Selector, Target
+from appliance.core.templates import Library
 from appliance.core.vision import Describer
 from appliance.observe.accesslog import AccessLog
 from appliance.observe.metrics import Recorder
@@ -83,6 +84,7 @@ class Gateway:
     embedder: Embedder = field(init=False)
     describer: Describer = field(init=False)
     router: Router = field(init=False)
+    templates: Library = field(init=False)
     access_log: AccessLog | None = field(default=None, init=False)
     _discovered: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
@@ -105,6 +107,7 @@ class Gateway:
         self.router = Router(self.settings.router, self.embedder)
         # New with every config too: descriptions already made stay in the shared table (keyed by describer).
         self.describer = Describer(self.settings.vision, self._embedding_backends, self.db, self.writer)
+        self.templates = Library(self.db, self.settings.templates)  # anew: a reload may change its bounds
 
     def _embedding_backends(self) -> tuple[Catalog, dict[str, Provider]]:  # the embedder's and the describer's
         return self.catalog, self.providers  # whichever generation is current

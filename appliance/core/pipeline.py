@@ -17,7 +17,7 @@ import orjson
 from appliance.accounts.usage import NO_COST
 from appliance.common import system_messages
 from appliance.common.errors import GatewayError, retry_after_headers
-from appliance.core import cache, resilience, router, vision
+from appliance.core import cache, resilience, router, templates, vision
 from appliance.core.catalog import Plan, Route
 from appliance.core.embeddings import CACHE
 from appliance.core.exchange import (
@@ -58,13 +58,13 @@ from appliance.providers.base import (
 log = logging.getLogger("appliance.core.pipeline")
 
 # Body fields that steer the gateway and must not reach a backend.
-GATEWAY_FIELDS = ("fallbacks", "fallback", "provider", "timeout", "retries")
+GATEWAY_FIELDS = ("fallbacks", "fallback", "provider", "timeout", "retries", "template")
 MAX_RETRIES = 5
 TRUE = ("1", "true", "yes")
 SIMILARITY_HEADER = "X-Appliance-Cache-Similarity"
 
 # What a JSON body must hold besides its model (the rest is the backend's to judge), and which may stream.
-_REQUIRED = {CHAT: ("messages",), COMPLETIONS: ("prompt",), EMBEDDINGS: ("input",), RERANK: ("query", "documents"),
+_REQUIRED = {CHAT: (), COMPLETIONS: ("prompt",), EMBEDDINGS: ("input",), RERANK: ("query", "documents"),
              SCORE: (), MODERATIONS: ("input",), IMAGES: ("prompt",), SPEECH: ("input",)}
 _STREAMS = frozenset((CHAT, COMPLETIONS, IMAGES, SPEECH))
 # The endpoints whose answers are OpenAI's chat, completion or embedding JSON (usage added, cacheable).
@@ -99,18 +99,28 @@ def validate(endpoint: str, body: dict[str, Any]) -> None:
         if body.get(required) is None:
             raise GatewayError("missing_field", f"Missing required parameter: '{required}'.", param=required)
     if endpoint == CHAT:
-        messages = body["messages"]
+        messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise GatewayError("invalid_value", "'messages' must be a non-empty array.", param="messages")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise GatewayError("invalid_value", f"messages[{i}] must be an object with a 'role'.",
-                                   param=f"messages.[{i}].role")
+            _no_messages(body, messages)
+        else:
+            for i, message in enumerate(messages):
+                if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                    raise GatewayError("invalid_value", f"messages[{i}] must be an object with a 'role'.",
+                                       param=f"messages.[{i}].role")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise GatewayError("invalid_value", "'stream' must be a boolean.", param="stream")
     if stream and endpoint not in _STREAMS:
         raise GatewayError("invalid_value", f"/v1/{endpoint} answers cannot be streamed.", param="stream")
+
+
+def _no_messages(body: dict[str, Any], messages: Any) -> None:
+    """A chat body without messages: fine with a template (its messages come first), else a 400."""
+    if (messages is None or messages == []) and "template" in body:
+        return
+    if messages is None:
+        raise GatewayError("missing_field", "Missing required parameter: 'messages'.", param="messages")
+    raise GatewayError("invalid_value", "'messages' must be a non-empty array.", param="messages")
 
 
 def validate_model(body: dict[str, Any]) -> None:
@@ -218,6 +228,8 @@ async def route(gw: Gateway, raw: bytes, x: Exchange, responder: Responder) -> N
             raise GatewayError("not_found", "No router profiles are configured ([[router.profiles]]).")
         x.body = body = {**body, "model": gw.router.settings.name}  # any model sent: the router chooses
         validate(CHAT, body)
+        if "template" in body:  # the router judges the prompt as the model will see it
+            body = await _templated(gw, CHAT, x, body)
         options = router.options(body, gw.router.settings)
     except GatewayError as exc:
         record(gw, x, exc.status, error_code=exc.code)
@@ -289,6 +301,8 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
     x.body = x.body or body
     begin(gw, x)
     try:
+        if "template" in body:  # the one cost to a request without a template
+            body = await _templated(gw, endpoint, x, body)
         await gw.wait_discovered()
         if endpoint == CHAT and gw.router.serves(body.get("model")):
             body = await _routed(gw, x, body)
@@ -311,6 +325,17 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
     except (Exception, asyncio.CancelledError) as exc:
         record_failure(gw, x, exc)
         raise
+
+
+async def _templated(gw: Gateway, endpoint: str, x: Exchange, body: dict[str, Any]) -> dict[str, Any]:
+    """The body with its template's rendered messages ahead of its own (templates.combine), ``template`` gone."""
+    if endpoint != CHAT:
+        raise GatewayError("invalid_value", f"'template' is for chat requests; /v1/{endpoint} takes none.",
+                           param="template")
+    x.template, rendered = await templates.rendered_for(gw.templates, body["template"])
+    out = {k: v for k, v in body.items() if k != "template"}
+    out["messages"] = templates.combine(rendered, body.get("messages") or [])
+    return out
 
 
 async def _look_up(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan, x: Exchange,

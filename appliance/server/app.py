@@ -31,6 +31,7 @@ from appliance.server.routes import providers as providers_routes
 from appliance.server.routes import proxy as proxy_routes
 from appliance.server.routes import responses as responses_routes
 from appliance.server.routes import router as router_routes
+from appliance.server.routes import templates as templates_routes
 
 APP_NAME = "appliance"
 # Sanic's own response timeout must never cut a backend call the settings still allow.
@@ -79,6 +80,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.blueprint(responses_routes.bp)
     app.blueprint(responses_ws.bp)
     app.blueprint(keys_routes.bp)
+    app.blueprint(templates_routes.bp)
     app.blueprint(ops.bp)
     app.blueprint(observability.bp)
     app.blueprint(files_routes.bp)

@@ -62,7 +62,8 @@ BACKEND_CODES = frozenset(("backend_unreachable", "backend_error", "backend_time
 # 4xx. Proxied requests are judged by their backend (unknown and invalid fields pass through, by design).
 OWN_VALIDATION = frozenset(("/admin/keys", "/admin/keys/{key_id}", "/admin/usage", "/admin/requests",
                             "/admin/debug/profile", "/v1/files", "/v1/batches",
-                            "/v1/responses/{response_id}/input_items", "/v1/providers"))
+                            "/v1/responses/{response_id}/input_items", "/v1/providers", "/admin/templates",
+                            "/admin/templates/{template_id}", "/admin/templates/{template_id}/versions"))
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,9 @@ def existing(target: Appliance) -> dict[str, str]:
                                                            "endpoint": "/v1/chat/completions"})),
             "response_id": made(http.post("/v1/responses", json={"model": "fake-chat", "input": "Hi"})),
             "key_id": made(http.post("/admin/keys", json={"name": "fuzzed", "role": "user"})),
+            "template_id": made(http.post("/admin/templates", json={
+                "id": "fuzzed", "messages": [{"role": "system", "content": "About {{topic}}."}],
+                "variables": {"topic": {"default": "anything"}}})),
             "model": "fake-chat",
             "backend": "fake",  # /proxy/{backend}/{path}: a path the fake serves
             "path": "v1/chat/completions",

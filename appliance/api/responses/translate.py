@@ -63,7 +63,7 @@ def chat_request(body: dict[str, Any], history: Sequence[dict[str, Any]] = ()) -
     _check_fields(body)
     items = input_items(body, history)
     conversation = chat_messages([*history, *items])
-    if not conversation:
+    if not conversation and "template" not in body:  # a template's messages may be the whole prompt
         if body.get("input") is None:
             raise _missing("input")
         raise _invalid("input", "'input' must hold at least one message or tool item.")
@@ -71,6 +71,8 @@ def chat_request(body: dict[str, Any], history: Sequence[dict[str, Any]] = ()) -
     messages = [{"role": "system", "content": instructions}, *conversation] if instructions else conversation
     stream = bool(body.get("stream"))
     out: dict[str, Any] = {"model": body["model"], "messages": messages, "stream": stream}
+    if "template" in body:
+        out["template"] = body["template"]  # rendered by the pipeline, ahead of these messages
     if stream:
         out["stream_options"] = {"include_usage": True}  # the terminal event needs usage
     _add_tools(out, body)

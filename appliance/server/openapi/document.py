@@ -125,8 +125,11 @@ def _components(openai: OpenAISpec) -> dict[str, Any]:
     clash = sorted(set(ours) & set(openai.components["schemas"]))
     if clash:
         raise ValueError(f"schema names taken by OpenAI's spec: {clash}")
+    theirs = dict(openai.components["schemas"])
+    for name in schemas.TEMPLATED_REQUESTS:
+        theirs[name] = schemas.with_template(theirs[name])
     return {
-        "schemas": {**openai.components["schemas"], **ours},
+        "schemas": {**theirs, **ours},
         "responses": {**openai.components.get("responses", {}), **operations.response_components()},
         "headers": operations.header_components(),
         "securitySchemes": operations.security_schemes(),

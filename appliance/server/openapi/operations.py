@@ -137,7 +137,7 @@ def describe(openai: OpenAISpec) -> dict[OperationKey, Operation]:
     """Every operation the appliance serves, keyed by (METHOD, OpenAPI path)."""
     own = {**_openai_operations(openai), **_extension_operations(openai), **_provider_operations(),
            **_router_operations(),
-           **_anthropic_operations(), **_admin_operations(), **_ops_operations(),
+           **_anthropic_operations(), **_admin_operations(), **_template_operations(), **_ops_operations(),
            **_proxy_operations()}
     return {**own, **_aliases(own)}
 
@@ -450,6 +450,42 @@ def _admin_operations() -> dict[OperationKey, Operation]:
         ("GET", "/v1/key"): _op("This key: its limits, budget left and usage", "Keys",
                                 {"200": ok("The key's own view.", ref("KeyView")), **errors(401, 403)},
                                 operation_id="ownKey"),
+    }
+
+
+def _template_operations() -> dict[OperationKey, Operation]:
+    template_id = path_param("template_id", "The template's id.")
+    return {
+        ("POST", "/admin/templates"): _op(
+            "Create a prompt template", "Admin", {"201": ok("Its version 1.", ref("TemplateVersion")),
+                                                  **errors(400, 401, 403, 409, 413)},
+            body=json_body(ref("TemplateCreateRequest")), operation_id="createTemplate",
+            description="Admin keys only. 409 `already_exists` for an id that is taken; 400 naming any "
+            "placeholder the messages use without declaring it in `variables`."),
+        ("GET", "/admin/templates"): _op(
+            "List prompt templates", "Admin", {"200": ok("Every template: its latest version and times.",
+                                                         ref("TemplateList")), **errors(401, 403)},
+            operation_id="listTemplates"),
+        ("GET", "/admin/templates/{template_id}"): _op(
+            "Retrieve a template's version", "Admin", {"200": ok("The latest version, or the one asked for.",
+                                                                 ref("TemplateVersion")),
+                                                       **errors(400, 401, 403, 404)},
+            parameters=[template_id, query("version", {"type": "integer", "minimum": 1}, "This version.")],
+            operation_id="getTemplate"),
+        ("GET", "/admin/templates/{template_id}/versions"): _op(
+            "List a template's versions", "Admin", {"200": ok("Every version, oldest first.",
+                                                              ref("TemplateVersionList")), **errors(401, 403, 404)},
+            parameters=[template_id], operation_id="listTemplateVersions"),
+        ("POST", "/admin/templates/{template_id}/versions"): _op(
+            "Add a template's next version", "Admin", {"201": ok("The new version (versions never change).",
+                                                                 ref("TemplateVersion")),
+                                                       **errors(400, 401, 403, 404, 413)},
+            parameters=[template_id], body=json_body(ref("TemplateVersionRequest")),
+            operation_id="addTemplateVersion"),
+        ("DELETE", "/admin/templates/{template_id}"): _op(
+            "Delete a template and all its versions", "Admin", {"200": ok("Deleted.", ref("TemplateDeleted")),
+                                                                **errors(401, 403, 404)},
+            parameters=[template_id], operation_id="deleteTemplate"),
     }
 
 

@@ -167,6 +167,7 @@ def key_schemas() -> dict[str, Schema]:
         "id": INTEGER, "request_id": STRING, "created_at": NUMBER, "endpoint": STRING,
         **{name: nullable(STRING) for name in ("model", "backend", "backend_model", "error_code", "key_id",
                                                 "cache")},
+        "template": {**nullable(STRING), "description": "The prompt template used, as `id@version`."},
         "status": INTEGER, "stream": BOOLEAN, "estimated": BOOLEAN,
         **{name: nullable(NUMBER) for name in ("latency_ms", "overhead_ms", "ttft_ms", "input_cost_usd",
                                                 "output_cost_usd", "cost_usd", "compute_cost_usd")},
@@ -219,6 +220,8 @@ def messages_schemas() -> dict[str, Schema]:
         "tool_choice": {"type": "object"},
         "thinking": {"type": "object"},
         "metadata": {"type": "object"},
+        "template": {**ref("TemplateUse"), "description": "Its system and developer messages go ahead of `system`, "
+                     "the others ahead of `messages` (which may then be empty)."},
     }, required=("model", "max_tokens", "messages"))
     usage = obj({"input_tokens": INTEGER, "output_tokens": INTEGER,
                  "cache_creation_input_tokens": nullable(INTEGER), "cache_read_input_tokens": nullable(INTEGER)},
@@ -229,7 +232,8 @@ def messages_schemas() -> dict[str, Schema]:
         "stop_reason": nullable(STRING), "stop_sequence": nullable(STRING), "usage": usage,
     })
     count = obj({"model": STRING, "messages": {"type": "array", "items": message}, "system": system,
-                 "tools": {"type": "array", "items": {"type": "object"}}, "thinking": {"type": "object"}},
+                 "tools": {"type": "array", "items": {"type": "object"}}, "thinking": {"type": "object"},
+                 "template": {**ref("TemplateUse"), "description": "Counted with its messages, as on /v1/messages."}},
                 required=("model", "messages"))
     return {
         "AnthropicMessagesRequest": request,
@@ -237,6 +241,55 @@ def messages_schemas() -> dict[str, Schema]:
         "AnthropicStreamEvent": {"type": "object", "required": ["type"], "properties": {"type": STRING}},
         "AnthropicCountTokensRequest": count,
         "AnthropicTokenCount": obj({"input_tokens": INTEGER}),
+    }
+
+
+def template_schemas() -> dict[str, Schema]:
+    """/admin/templates and a request's ``template`` field (core/templates.py checks and builds them)."""
+    slug = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.-]{0,63}$",
+            "description": "A slug: lower-case letters, digits, `_`, `.` and `-`."}
+    part = obj({"type": {"const": "text"}, "text": STRING}, additionalProperties=False)
+    message = obj({
+        "role": {"enum": ["system", "developer", "user", "assistant"]},
+        "content": {"anyOf": [STRING, {"type": "array", "minItems": 1, "items": part}],
+                    "description": "Text that may hold `{{name}}` placeholders of declared variables."},
+        "name": STRING,
+    }, required=("role", "content"), additionalProperties=False)
+    variable = obj({"default": {**STRING, "description": "Absent: the variable is required."},
+                    "description": STRING}, required=(), additionalProperties=False)
+    variables = {"type": "object", "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$"},
+                 "additionalProperties": nullable(variable)}
+    version_fields = {
+        "messages": {"type": "array", "minItems": 1, "items": message},
+        "variables": nullable(variables),
+        "description": nullable({"type": "string", "maxLength": 2000}),
+    }
+    version = obj({
+        "object": {"const": "template.version"}, "id": STRING, "version": INTEGER, "latest_version": INTEGER,
+        "description": nullable(STRING), "messages": {"type": "array", "items": message}, "variables": variables,
+        "created_at": INTEGER,
+    })
+    summary = obj({"object": {"const": "template"}, "id": STRING, "latest_version": INTEGER,
+                   "description": nullable(STRING), "created_at": INTEGER, "updated_at": INTEGER})
+    return {
+        "TemplateCreateRequest": obj({"id": slug, **version_fields}, required=("id", "messages"),
+                                     additionalProperties=False,
+                                     description="400 names any placeholder the messages use undeclared."),
+        "TemplateVersionRequest": obj(version_fields, required=("messages",), additionalProperties=False,
+                                      description="400 names any placeholder the messages use undeclared."),
+        "TemplateVersion": version,
+        "TemplateVersionList": list_of(version),
+        "TemplateList": list_of(summary),
+        "TemplateDeleted": obj({"id": STRING, "object": {"const": "template"}, "deleted": {"const": True},
+                                "versions": INTEGER}),
+        "TemplateUse": obj({
+            "id": slug,
+            "version": {"type": "integer", "minimum": 1, "description": "Absent: the latest version."},
+            "variables": {"type": "object", "additionalProperties": {"anyOf": [STRING, NUMBER]},
+                          "description": "A value for each variable without a default, and any others to set."},
+        }, required=("id",), additionalProperties=False, description="A prompt template whose rendered messages go "
+            "ahead of the request's own (which may then be left out). 404 `not_found` for an unknown id or "
+            "version; 400 naming missing or undeclared variables (param `template.variables`)."),
     }
 
 
@@ -282,6 +335,7 @@ def router_schemas() -> dict[str, Schema]:
         "cost_weight": {"type": "number", "minimum": 0, "maximum": 1,
                         "description": "0: the most similar profile; 1: the cheapest (default [router] cost_weight)."},
         "execute": {**BOOLEAN, "description": "false: answer with the decision only (default true)."},
+        "template": {**ref("TemplateUse"), "description": "Rendered before the router judges the prompt."},
         "stream": BOOLEAN,
     }, required=("messages",), description="A chat completions body (its other fields go to the chosen model).")
     score = obj({"profile": STRING, "model": STRING, "similarity": NUMBER,
@@ -298,4 +352,12 @@ def router_schemas() -> dict[str, Schema]:
 
 def own_schemas() -> dict[str, Schema]:
     return {**error_schemas(), **ops_schemas(), **provider_schemas(), **key_schemas(), **messages_schemas(),
-            **rerank_schemas(), **router_schemas()}
+            **rerank_schemas(), **router_schemas(), **template_schemas()}
+
+
+# OpenAI's request bodies that take a ``template`` besides their own fields (their $ref stays OpenAI's).
+TEMPLATED_REQUESTS = ("CreateChatCompletionRequest", "CreateResponse")
+
+
+def with_template(schema: Schema) -> Schema:
+    return {"allOf": [schema, {"type": "object", "properties": {"template": ref("TemplateUse")}}]}

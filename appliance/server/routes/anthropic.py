@@ -10,7 +10,7 @@ from appliance.api import surfaces
 from appliance.api.messages import native as messages_native
 from appliance.api.messages import request as messages_request
 from appliance.common.errors import GatewayError
-from appliance.core import pipeline
+from appliance.core import pipeline, templates
 from appliance.core.exchange import DROPPED_TOOLS_HEADER, allowed_routes, may_use
 from appliance.providers.base import CHAT
 from appliance.server.responses import SanicResponder, exchange, json_response
@@ -23,6 +23,9 @@ bp = Routes("anthropic")
 async def create_message(request: Request) -> HTTPResponse | None:
     x = exchange(request)  # a refused body is logged by the error handler, with this exchange
     x.body = body = pipeline.parse_body(request.body)
+    if "template" in body:  # rendered in Messages' own shape, so a backend that speaks it gets them too
+        x.template, rendered = await templates.rendered_for(request.app.ctx.gateway.templates, body["template"])
+        body = templates.as_messages_body(body, rendered)
     try:
         chat = messages_request.chat_request(body)  # validated and translated even when it may pass through
     except GatewayError as exc:  # maybe only a chat backend could not take it (a PDF document, say)
@@ -47,6 +50,9 @@ async def count_tokens(request: Request) -> HTTPResponse:
     """
     gateway = request.app.ctx.gateway
     body = pipeline.parse_body(request.body)
+    if "template" in body:  # counted as the model would see the prompt
+        _, rendered = await templates.rendered_for(gateway.templates, body["template"])
+        body = templates.as_messages_body(body, rendered)
     estimate = messages_request.count_tokens(body)  # validates, whoever counts
     await gateway.wait_discovered()
     x = exchange(request)
