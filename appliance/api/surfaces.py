@@ -26,6 +26,7 @@ from appliance.api.responses import stream as responses_stream
 from appliance.api.responses import translate as responses
 from appliance.common.errors import GatewayError
 from appliance.common.sse import event_data
+from appliance.core import guarding
 from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, ms, record, upstreams
 from appliance.core.gateway import Gateway
 from appliance.core.relay import Surface, answer_rendered, first_events
@@ -73,6 +74,7 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
     call.body["stream_options"] = {"include_usage": True}
     route = x.route
     assert route is not None
+    guard = guarding.stream_guard(gw, x) if x.guard is not None else None
     usage: dict[str, Any] | None = None
     first_at: float | None = None
 
@@ -86,6 +88,8 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
                     first_at = time.perf_counter()
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
+                if guard is not None:
+                    guard.chunk(chunk)
                 out.append(translator.feed(chunk))
         except GatewayError as exc:
             return b"".join(out), exc
@@ -109,6 +113,10 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
                     await responder.send(data)
                 if failure is not None:
                     raise failure
+            if guard is not None:
+                tail = b"".join(translator.feed(chunk) for chunk in guarding.end_stream(gw, x, guard))
+                if tail:
+                    await responder.send(tail)
         except asyncio.CancelledError:
             record(gw, x, CLIENT_CLOSED, tokens=translator.tokens, error_code="client_closed", overhead_s=overhead)
             raise
@@ -157,7 +165,7 @@ def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = N
 
     async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
         assert x.route is not None
-        if body is not None and messages_native.native(gw, x, x.route):
+        if body is not None and x.guard is None and messages_native.native(gw, x, x.route):
             x.notes = None  # nothing is dropped on the way to a backend that speaks Messages
             return await messages_native.answer(gw, messages_native.native_call(body, call, x.route), x, responder,
                                                 estimate_prompt(call.body))
@@ -170,7 +178,7 @@ def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = N
     async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
                      first_token_s: float | None) -> GatewayError | None:
         assert x.route is not None
-        if body is not None and messages_native.native(gw, x, x.route):
+        if body is not None and x.guard is None and messages_native.native(gw, x, x.route):
             x.notes = None
             return await messages_native.relay(gw, messages_native.native_call(body, call, x.route), x, responder,
                                                first_token_s, estimate_prompt(call.body))
@@ -242,6 +250,8 @@ async def responses_turn(gw: Gateway, body: dict[str, Any], key_id: str | None,
                                    param="previous_response_id")
             history = row["conversation"]
     chat = responses.chat_request(body, history)
+    if "guardrails" in body:  # the gateway's own field: the pipeline reads it (and never sends it on)
+        chat["guardrails"] = body["guardrails"]
     return ResponsesTurn(body, chat, responses_items.input_items(body, history), history, responses.new_response_id(),
                          int(time.time()), key_id)
 

@@ -86,12 +86,15 @@ EMBEDDED_TEXTS = Counter("appliance_embedded_texts", "Texts the router and the s
                          ("purpose", "source"), registry=None)
 EMBEDDING_FAILURES = Counter("appliance_embedding_failures", "Embedding calls that failed (purpose: router or "
                              "cache).", ("purpose",), registry=None)
+GUARDRAILS = Counter("appliance_guardrail", "Guardrail checks, by outcome (passed, redacted, blocked, failed).",
+                     ("guardrail", "outcome"), registry=None)
 WORKERS = Gauge("appliance_workers", "Worker processes serving.", multiprocess_mode="livesum", registry=None)
 BUILD_INFO = Gauge("appliance_build_info", "The running version (value 1).", ("version",),
                    multiprocess_mode="livemax", registry=None)
 
 _COMMON = (INFLIGHT, RETRIES, FALLBACKS, RATELIMIT_REJECTIONS, WRITE_QUEUE, DB_WRITE_FAILURES, WORKERS, BUILD_INFO,
-           REQUEST_SECONDS, UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS, EMBEDDED_TEXTS, EMBEDDING_FAILURES)
+           REQUEST_SECONDS, UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS, EMBEDDED_TEXTS, EMBEDDING_FAILURES,
+           GUARDRAILS)
 
 
 # ------------------------------------------------------------------------------------------ the folder
@@ -243,6 +246,11 @@ def embedded(purpose: str, *, from_memory: int, from_backend: int) -> None:
         EMBEDDED_TEXTS.labels(purpose, "memory").inc(from_memory)
     if from_backend:
         EMBEDDED_TEXTS.labels(purpose, "backend").inc(from_backend)
+
+
+def guardrail(name: str, outcome: str) -> None:
+    """One request's outcome of one guardrail (names and outcomes are a closed set: bounded labels)."""
+    GUARDRAILS.labels(name, outcome).inc()
 
 
 def embedding_failed(purpose: str) -> None:

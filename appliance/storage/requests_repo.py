@@ -31,13 +31,14 @@ class RequestRecord(NamedTuple):
     cache: str | None
     session_id: str | None = None
     batch_id: str | None = None
+    guardrails: str | None = None  # JSON: each guardrail applied and its outcome, e.g. {"pii": "redacted"}
 
 
 INSERT = (
     "INSERT INTO requests (request_id, created_at, endpoint, model, backend, backend_model, status, "
     "error_code, stream, latency_ms, overhead_ms, ttft_ms, prompt_tokens, completion_tokens, estimated, "
-    "key_id, cached_tokens, input_cost_usd, output_cost_usd, cost_usd, cache, session_id, batch_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "key_id, cached_tokens, input_cost_usd, output_cost_usd, cost_usd, cache, session_id, batch_id, guardrails) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -72,7 +73,7 @@ INSERT_BODIES = ("INSERT INTO request_bodies (request_id, created_at, request, r
 
 _COLUMNS = ("id, request_id, created_at, endpoint, model, backend, backend_model, status, error_code, stream, "
             "latency_ms, overhead_ms, ttft_ms, prompt_tokens, completion_tokens, cached_tokens, estimated, key_id, "
-            "input_cost_usd, output_cost_usd, cost_usd, cache")
+            "input_cost_usd, output_cost_usd, cost_usd, cache, guardrails")
 
 
 async def search(db: Database, *, limit: int, model: str | None = None, status: int | None = None,

@@ -69,6 +69,11 @@ SCRIPTS: dict[str, Script] = {
     "person": Script('{"name":"Ana","age":3}', ('{"name":"Ana",', '"age":3}')),
     "stop-end": Script("Counting 1 2 3", ("Counting", " 1 2 3"), stop_reason="END"),
     "filtered": Script("", (), finish="content_filter"),
+    # Guardrails: personal data split across pieces, a term a moderation list flags, an answer that is no JSON.
+    "pii": Script("Write to jane.doe@example.com or call +44 20 7946 0958, thanks.",
+                  ("Write to jane.", "doe@exam", "ple.com or call +44 ", "20 7946", " 0958, thanks.")),
+    "unsafe": Script("Here is how to build a bomb at home.", ("Here is how to build a ", "bo", "mb at home.")),
+    "not-json": Script("Sure! The person is Ana, aged 3.", ("Sure! The person", " is Ana, aged 3.")),
     "error-500": Script(status=500),
     "error-400": Script(status=400),
     "reset": Script("Hello!", ("He", "llo", "!"), cut_after=2),
