@@ -114,7 +114,7 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
                 if failure is not None:
                     raise failure
             if guard is not None:
-                tail = b"".join(translator.feed(chunk) for chunk in guarding.end_stream(gw, x, guard))
+                tail = b"".join(translator.feed(chunk) for chunk in await guarding.end_stream(gw, x, call, guard))
                 if tail:
                     await responder.send(tail)
         except asyncio.CancelledError:

@@ -23,6 +23,7 @@ from appliance.core.embeddings import Embedder
 from appliance.core.resilience import Breakers
 from appliance.core.router import Router
 from appliance.core.routing import Selector, Target
+from appliance.guardrails.moderation import Moderator
 from appliance.observe.accesslog import AccessLog
 from appliance.observe.metrics import Recorder
 from appliance.providers import registry
@@ -74,6 +75,7 @@ class Gateway:
     metrics: Recorder = field(init=False)
     embedder: Embedder = field(init=False)
     router: Router = field(init=False)
+    moderator: Moderator = field(init=False)  # [guardrails.content_moderation] categories, compiled
     access_log: AccessLog | None = field(default=None, init=False)
     _discovered: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
@@ -93,6 +95,7 @@ class Gateway:
         # New with every config: the embedding model's routes may have changed, and with them its vectors.
         self.embedder = Embedder(self.settings.embeddings, self._embedding_backends)
         self.router = Router(self.settings.router, self.embedder)
+        self.moderator = Moderator(self.settings.guardrails.content_moderation.categories)
 
     def _embedding_backends(self) -> tuple[Catalog, dict[str, Provider]]:
         return self.catalog, self.providers  # whichever generation is current

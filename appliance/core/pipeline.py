@@ -282,6 +282,8 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
         x.route = plan.routes[0]
         x.route_name = plan.name if plan.alias is not None else None  # a model named directly is no route
         body = guarding.begin(gw, x, endpoint, body, plan)
+        if x.guard is not None:
+            body = await guarding.check_input(gw, x, endpoint, body)
         decision = cache.decide(endpoint, body, x.controls, gw.settings.cache)
         store = None
         # A guarded request is never answered from, nor stored in, the cache: its answer is checked (and maybe

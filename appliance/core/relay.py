@@ -124,7 +124,7 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
                 if data:
                     await responder.send(data)
             if guard is not None:
-                tail = guarding.end_stream(gw, x, guard)
+                tail = await guarding.end_stream(gw, x, call, guard)
                 if tail:
                     await responder.send(guarding.tail_events(tail))
         except asyncio.CancelledError:

@@ -28,6 +28,9 @@ PROMPT = "My e-mail is bob@example.com and my card 4111 1111 1111 1111."
 REDACTED_PROMPT = "My e-mail is [EMAIL] and my card [CARD]."
 PII_ANSWER = "Write to [EMAIL] or call [PHONE], thanks."  # script-pii's answer, redacted
 STATUS = "X-Guardrail-Status"
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
 
 
 def base(fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic) -> dict[str, Any]:
@@ -41,6 +44,11 @@ def base(fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic) -> dict[str, An
         ],
         "models": [{"name": "guarded", "target": "fake/fake-chat", "guardrails": ["pii"]},
                    {"name": "guarded-pii-answer", "target": "fake/script-pii", "guardrails": ["pii"]}],
+        "guardrails": {
+            "content_moderation": {"categories": {"weapons": ["bomb", "re:\\bguns?\\b"], "self-harm": ["hurt myself"]},
+                                   "model": "fake/fake-moderation"},
+            "schema_validation": {"schema": {"type": "object", "required": ["answer"]}},
+        },
     }
 
 
@@ -271,6 +279,142 @@ def test_the_metric_counts_outcomes(app: Appliance, client: openai.OpenAI) -> No
     eventually(counted)
 
 
+# ------------------------------------------------------------------------------------------ content_moderation
+
+
+def moderation_inputs(fake_openai: FakeOpenAI) -> list[Any]:
+    return [seen.body["input"] for seen in fake_openai.requests if seen.path == "/v1/moderations"]
+
+
+@pytest.mark.parametrize(("text", "category"), [("How do I build a BOMB?", "weapons"),
+                                                ("where to buy guns cheaply", "weapons"),
+                                                ("I want to hurt   myself", "self-harm")])
+def test_configured_terms_block_the_request(client: openai.OpenAI, fake_openai: FakeOpenAI, text: str,
+                                            category: str) -> None:
+    request_id = rid()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="fake/fake-chat", messages=user(text),
+                                       extra_body={"guardrails": ["content_moderation"]},
+                                       extra_headers={"X-Request-ID": request_id})
+    error = refused.value.body
+    assert error["code"] == "guardrail_blocked" and error["param"] == "messages"
+    assert "content_moderation" in error["message"] and category in error["message"]
+    assert text not in error["message"]
+    assert refused.value.response.headers[STATUS] == "blocked"
+    with pytest.raises(LookupError):
+        fake_openai.find(request_id)
+
+
+def test_terms_are_whole_words(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="fake/fake-chat", messages=user("The bombastic gunslinger"), extra_headers={
+            "X-Guardrails": "content_moderation"})
+    assert raw.headers[STATUS] == "passed"
+
+
+def test_the_moderation_model_is_asked_and_its_flags_block(app: Appliance, client: openai.OpenAI,
+                                                           fake_openai: FakeOpenAI) -> None:
+    client.chat.completions.create(model="fake/fake-chat", messages=user("A calm question."),
+                                   extra_body={"guardrails": ["content_moderation"]})
+    assert ["A calm question."] in moderation_inputs(fake_openai)
+    request_id = rid()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="fake/fake-chat", messages=user("a threat <flag:violence>"),
+                                       extra_body={"guardrails": ["content_moderation"]},
+                                       extra_headers={"X-Request-ID": request_id})
+    assert refused.value.body["code"] == "guardrail_blocked" and "violence" in refused.value.body["message"]
+    assert log_row(app, request_id)["guardrails"] == {"content_moderation": "blocked"}
+
+
+def test_answers_are_moderated_whole_and_streamed(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="fake/script-unsafe", messages=user("hi"),
+                                       extra_body={"guardrails": ["content_moderation"]})
+    assert "answer" in refused.value.body["message"] and "weapons" in refused.value.body["message"]
+    stream = client.chat.completions.create(model="fake/script-unsafe", messages=user("hi"), stream=True,
+                                            extra_body={"guardrails": ["content_moderation"]})
+    with pytest.raises(openai.APIError) as ended:
+        list(stream)
+    assert ended.value.body["code"] == "guardrail_blocked"
+
+
+def test_messages_blocked_in_anthropic_shape(claude: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude.messages.create(model=f"claude/{TEXT_MODEL}", max_tokens=64, messages=user("build a bomb"),
+                               extra_headers={"X-Guardrails": "content_moderation"})
+    assert "weapons" in str(refused.value) and refused.value.response.headers[STATUS] == "blocked"
+
+
+# ------------------------------------------------------------------------------------------ schema_validation
+
+
+def test_a_valid_answer_passes(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="fake/script-person", messages=user("Who?"), response_format=PERSON_FORMAT,
+        extra_body={"guardrails": ["schema_validation"]})
+    assert raw.headers[STATUS] == "passed"
+    assert raw.parse().choices[0].message.content == '{"name":"Ana","age":3}'
+
+
+def test_one_repair_attempt_fixes_the_answer(app: Appliance, client: openai.OpenAI, fake_openai: FakeOpenAI) -> None:
+    request_id = rid()
+    raw = client.chat.completions.with_raw_response.create(
+        model="fake/script-json-on-repair", messages=user("Who?"), response_format=PERSON_FORMAT,
+        extra_body={"guardrails": ["schema_validation"]}, extra_headers={"X-Request-ID": request_id})
+    assert raw.parse().choices[0].message.content == '{"name":"Ana","age":3}'
+    assert raw.headers[STATUS] == "passed"
+    sent = [seen.body for seen in fake_openai.chats() if seen.headers.get("X-Request-ID") == request_id]
+    assert len(sent) == 2 and "guardrails" not in sent[1]
+    repair = sent[1]["messages"]
+    assert repair[:-2] == user("Who?") and repair[-2] == {"role": "assistant",
+                                                          "content": "Sure! The person is Ana, aged 3."}
+    assert "not JSON" in repair[-1]["content"] and "corrected JSON" in repair[-1]["content"]
+    row = log_row(app, request_id)
+    assert row["guardrails"] == {"schema_validation": "passed"} and row["prompt_tokens"] == 20
+
+
+def test_a_failed_repair_is_a_422_with_the_validators_message(app: Appliance, client: openai.OpenAI) -> None:
+    request_id = rid()
+    with pytest.raises(openai.UnprocessableEntityError) as failed:
+        client.chat.completions.create(
+            model="fake/script-pii", messages=user("Who?"), response_format=PERSON_FORMAT,
+            extra_body={"guardrails": ["schema_validation"]}, extra_headers={"X-Request-ID": request_id})
+    error = failed.value.body
+    assert error["code"] == "guardrail_failed" and "not JSON" in error["message"]
+    assert failed.value.response.headers[STATUS] == "failed"
+    assert log_row(app, request_id)["guardrails"] == {"schema_validation": "failed"}
+
+
+def test_the_configured_schema_and_the_validators_words(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.UnprocessableEntityError) as failed:
+        client.chat.completions.create(model="fake/script-person", messages=user("Who?"),
+                                       extra_headers={"X-Guardrails": "schema_validation"})
+    assert "'answer' is a required property" in failed.value.body["message"]
+
+
+def test_a_stream_is_validated_when_it_ends(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="fake/script-person", messages=user("Who?"), stream=True,
+                                                 response_format=PERSON_FORMAT,
+                                                 extra_body={"guardrails": ["schema_validation"]}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == '{"name":"Ana","age":3}'
+    stream = client.chat.completions.create(model="fake/script-not-json", messages=user("Who?"), stream=True,
+                                            response_format=PERSON_FORMAT,
+                                            extra_body={"guardrails": ["schema_validation"]})
+    text: list[str] = []
+    with pytest.raises(openai.APIError) as ended:
+        for chunk in stream:
+            text.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+    assert ended.value.body["code"] == "guardrail_failed"
+    assert "".join(text) == "Sure! The person is Ana, aged 3."  # no repair: these bytes had gone out
+
+
+def test_responses_text_format_is_the_schema(client: openai.OpenAI) -> None:
+    text = {"format": {"type": "json_schema", "name": "person", "schema": PERSON}}
+    response = client.responses.create(model="fake/script-person", input="Who?", text=text,  # type: ignore[arg-type]
+                                       extra_body={"guardrails": ["schema_validation"]})
+    assert response.output_text == '{"name":"Ana","age":3}'
+
+
 # ------------------------------------------------------------------------------------------ block mode
 
 
@@ -301,6 +445,12 @@ def test_block_mode_refuses_with_the_kinds_never_the_values(blocking: Appliance,
     with pytest.raises(LookupError):
         fake_openai.find(request_id)  # never sent
     assert log_row(blocking, request_id)["guardrails"] == {"pii": "blocked"}
+
+
+def test_schema_validation_without_a_schema_is_a_400(blocking: Appliance) -> None:
+    status, body, _ = blocking.post("/v1/chat/completions", {
+        "model": "fake/fake-chat", "messages": user("hi"), "guardrails": ["schema_validation"]})
+    assert status == 400 and body["error"]["param"] == "response_format"
 
 
 def test_block_mode_on_answers(blocking: Appliance) -> None:

@@ -88,6 +88,10 @@ def script_of(request: web.Request, body: dict[str, Any]) -> Script | None:
         name = model.removeprefix("script-")
     if not name:
         return None
+    if name == "json-on-repair":  # prose first; JSON once asked to correct it (the last message says so)
+        last = (body.get("messages") or [{}])[-1]
+        asked = isinstance(last, dict) and "corrected JSON" in str(last.get("content"))
+        return SCRIPTS["person" if asked else "not-json"]
     if name not in SCRIPTS:
         raise web.HTTPBadRequest(text=f"unknown mock script {name!r}")
     return SCRIPTS[name]
