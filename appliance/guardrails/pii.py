@@ -48,23 +48,19 @@ _PHONE = re.compile(r"\+(?<![\w+]\+)\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?![\d])"
 _IBAN = re.compile(r"[A-Z](?<![\w][A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])")
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
-# (a literal the text must hold for the pattern to be worth running, the pattern)
-_SECRETS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("sk-", re.compile(r"(?<![\w-])sk-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_]{20,}(?:-[A-Za-z0-9_]+)*")),
-    ("gh", re.compile(r"(?<![\w-])(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,})")),
-    ("AKIA", re.compile(r"(?<![\w-])AKIA[0-9A-Z]{16}(?![0-9A-Za-z])")),
-    ("ASIA", re.compile(r"(?<![\w-])ASIA[0-9A-Z]{16}(?![0-9A-Za-z])")),
-    ("xox", re.compile(r"(?<![\w-])xox[abposr]-[A-Za-z0-9-]{10,}")),
-    ("AIza", re.compile(r"(?<![\w-])AIza[0-9A-Za-z_-]{35}")),
-    ("glpat-", re.compile(r"(?<![\w-])glpat-[A-Za-z0-9_-]{20,}")),
-    ("earer", re.compile(r"(?<![\w-])[Bb]earer[ \t]+[A-Za-z0-9._~+/=-]{16,}")),
-    ("EARER", re.compile(r"(?<![\w-])BEARER[ \t]+[A-Za-z0-9._~+/=-]{16,}")),
-    ("-----BEGIN", re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE "
-                              r"KEY-----")),
-)
+# Each pattern runs only when the text holds what it starts with (tested in _secrets: a one-character test costs
+# a tenth of a longer one, and most prefixes hold a '-' or a '_').
+_SK = re.compile(r"(?<![\w-])sk-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_]{20,}(?:-[A-Za-z0-9_]+)*")
+_GITHUB = re.compile(r"(?<![\w-])(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,})")
+_AWS_GOOGLE = re.compile(r"A(?<![\w-]A)(?:(?:KIA|SIA)[0-9A-Z]{16}(?![0-9A-Za-z])|Iza[0-9A-Za-z_-]{35})")
+_SLACK = re.compile(r"(?<![\w-])xox[abposr]-[A-Za-z0-9-]{10,}")
+_GITLAB = re.compile(r"(?<![\w-])glpat-[A-Za-z0-9_-]{20,}")
+_BEARER = re.compile(r"(?<![\w-])(?:[Bb]earer|BEARER)[ \t]+[A-Za-z0-9._~+/=-]{16,}")
+_KEY_BLOCK = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+_AWS_GOOGLE_START = re.compile(r"A(?:KIA|SIA|Iza)")
 
 
-def _emails(text: str, _windows: list[tuple[int, int]]) -> Iterator[Hit]:
+def _emails(text: str, _windows: Windows) -> Iterator[Hit]:
     if "@" not in text:
         return
     for m in _EMAIL_DOMAIN.finditer(text):
@@ -77,24 +73,51 @@ def _emails(text: str, _windows: list[tuple[int, int]]) -> Iterator[Hit]:
             yield Hit(start, m.end(), "email")
 
 
-# Cards, phones, IBANs and IPv4 addresses each hold a run of at least four digits (with separators): one scan
-# finds the runs, and the four patterns only read the text around them.
-_STRETCH = re.compile(r"[0-9][0-9 .()+/-]*")
+# Cards, phones and IBANs each hold a run of at least eight digits (separators between them allowed), an IPv4
+# address four digits and three dots: one scan finds such runs, and those patterns only read the text around them.
+_STRETCH = re.compile(r"[0-9][0-9 .()+/-]{6,}")  # seven characters at least: shorter runs are none of them
 _MARGIN = 44  # the longest of those matches
+_LONG_RUN = 8
 
 
-def numeric_windows(text: str) -> list[tuple[int, int]]:
-    """The stretches of ``text`` (start, end) the digit patterns need to read, merged, in order."""
-    windows: list[tuple[int, int]] = []
+class Windows(NamedTuple):
+    """The stretches of a text (start, end), merged and in order, that the digit patterns need to read."""
+
+    long: list[tuple[int, int]]  # around runs of 8 digits or more: cards, phones, IBANs
+    dotted: list[tuple[int, int]]  # around runs with 4 digits and 3 dots: IPv4 addresses
+
+
+def _add(windows: list[tuple[int, int]], start: int, end: int) -> None:
+    if windows and start <= windows[-1][1]:
+        windows[-1] = (windows[-1][0], end)
+    else:
+        windows.append((start, end))
+
+
+def numeric_windows(text: str) -> Windows:
+    found = Windows([], [])
+    size = len(text)
     for m in _STRETCH.finditer(text):
         run = m.group()
-        if len(run) < 4 or sum(ch.isdigit() for ch in run) < 4:
-            continue
-        start, end = max(0, m.start() - _MARGIN), min(len(text), m.end() + _MARGIN)
-        if windows and start <= windows[-1][1]:
-            windows[-1] = (windows[-1][0], end)
-        else:
-            windows.append((start, end))
+        digits = sum(ch.isdigit() for ch in run)
+        if digits >= _LONG_RUN:
+            _add(found.long, max(0, m.start() - _MARGIN), min(size, m.end() + _MARGIN))
+        if digits >= 4 and run.count(".") >= 3:
+            _add(found.dotted, max(0, m.start() - 2), min(size, m.end() + 2))
+    return found
+
+
+def _colon_windows(text: str) -> list[tuple[int, int]]:
+    """Around each "::", and each run of seven colons within an address's length: where IPv6 may be."""
+    colons = []
+    at = text.find(":")
+    while at != -1:
+        colons.append(at)
+        at = text.find(":", at + 1)
+    windows: list[tuple[int, int]] = []
+    for i, at in enumerate(colons):
+        if text.startswith("::", at) or (i + 6 < len(colons) and colons[i + 6] - at <= 39):
+            _add(windows, max(0, at - 40), min(len(text), at + 42))
     return windows
 
 
@@ -113,8 +136,8 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _cards(text: str, windows: list[tuple[int, int]]) -> Iterator[Hit]:
-    for m in _in(_CARD, text, windows):
+def _cards(text: str, windows: Windows) -> Iterator[Hit]:
+    for m in _in(_CARD, text, windows.long):
         span = m.group()
         # The longest run may swallow a following group ("4111 1111 1111 1111 12"): try shorter ends at separators.
         for end in _group_ends(span):
@@ -140,8 +163,8 @@ def _iban_ok(candidate: str) -> bool:
     return int("".join(str(int(ch, 36)) for ch in moved)) % 97 == 1
 
 
-def _ibans(text: str, windows: list[tuple[int, int]]) -> Iterator[Hit]:
-    for m in _in(_IBAN, text, windows):
+def _ibans(text: str, windows: Windows) -> Iterator[Hit]:
+    for m in _in(_IBAN, text, windows.long):
         span = m.group()
         for end in _group_ends(span):
             if _iban_ok(span[:end]):
@@ -149,22 +172,22 @@ def _ibans(text: str, windows: list[tuple[int, int]]) -> Iterator[Hit]:
                 break
 
 
-def _phones(text: str, windows: list[tuple[int, int]]) -> Iterator[Hit]:
-    for m in _in(_PHONE, text, windows):
+def _phones(text: str, windows: Windows) -> Iterator[Hit]:
+    for m in _in(_PHONE, text, windows.long):
         digits = sum(ch.isdigit() for ch in m.group())
         if 8 <= digits <= 15:
             yield Hit(m.start(), m.end(), "phone")
 
 
-def _ips(text: str, windows: list[tuple[int, int]]) -> Iterator[Hit]:
-    for m in _in(_IPV4, text, windows):
+def _ips(text: str, windows: Windows) -> Iterator[Hit]:
+    for m in _in(_IPV4, text, windows.dotted):
         try:
             ipaddress.IPv4Address(m.group())
         except ValueError:
             continue
         yield Hit(m.start(), m.end(), "ip")
-    if text.count(":") >= 2:
-        for m in _IPV6.finditer(text):
+    if ":" in text:
+        for m in _in(_IPV6, text, _colon_windows(text)):
             candidate = m.group()
             if not any(ch.isdigit() for ch in candidate):  # "dead::beef" is an address, "Foo::Bar"-like code is not
                 continue
@@ -175,24 +198,32 @@ def _ips(text: str, windows: list[tuple[int, int]]) -> Iterator[Hit]:
             yield Hit(m.start(), m.end(), "ip")
 
 
-def _secrets(text: str, _windows: list[tuple[int, int]]) -> Iterator[Hit]:
-    # A one-character test costs a tenth of a longer one: most prefixes hold a '-' or a '_'.
-    dash, underscore = "-" in text, "_" in text
-    for literal, pattern in _SECRETS:
-        if (dash or "-" not in literal) and (underscore or literal != "gh") and literal in text:
-            for m in pattern.finditer(text):
-                yield Hit(m.start(), m.end(), "secret")
+def _secrets(text: str, _windows: Windows) -> Iterator[Hit]:
+    patterns = []
+    if "-" in text:
+        patterns += [p for literal, p in (("sk-", _SK), ("xox", _SLACK), ("glpat-", _GITLAB),
+                                          ("-----BEGIN", _KEY_BLOCK)) if literal in text]
+    if "_" in text and ("gh" in text):
+        patterns.append(_GITHUB)
+    if _AWS_GOOGLE_START.search(text):
+        patterns.append(_AWS_GOOGLE)
+    if "earer" in text or "EARER" in text:
+        patterns.append(_BEARER)
+    for pattern in patterns:
+        for m in pattern.finditer(text):
+            yield Hit(m.start(), m.end(), "secret")
 
 
-_FINDERS: dict[str, Callable[[str, list[tuple[int, int]]], Iterator[Hit]]] = {
+_FINDERS: dict[str, Callable[[str, Windows], Iterator[Hit]]] = {
     "email": _emails, "phone": _phones, "card": _cards, "iban": _ibans, "ip": _ips, "secret": _secrets}
 _NUMERIC = frozenset(("phone", "card", "iban", "ip"))
+_NO_WINDOWS = Windows([], [])
 
 
 def find(text: str, kinds: Collection[str] = KINDS) -> list[Hit]:
     """The matches in ``text``, in order, none overlapping: where two overlap, the one that starts first wins,
     then the longer, then by kind (secret, email, card, iban, ip, phone)."""
-    windows = numeric_windows(text) if not _NUMERIC.isdisjoint(kinds) else []
+    windows = numeric_windows(text) if not _NUMERIC.isdisjoint(kinds) else _NO_WINDOWS
     hits = [hit for kind in kinds for hit in _FINDERS[kind](text, windows)]
     if len(hits) < 2:
         return hits

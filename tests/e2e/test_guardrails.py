@@ -465,3 +465,29 @@ def test_block_mode_on_answers(blocking: Appliance) -> None:
             text.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
     assert "guardrail_blocked" in str(ended.value.body)
     assert "".join(text) == ""  # a short answer is held back whole, then refused: nothing of it went out
+
+
+# ------------------------------------------------------------------------------------------ the real server
+
+
+@pytest.mark.llamacpp
+def test_a_redacted_prompt_through_llamacpp(gateway: Appliance, llamacpp_url: str) -> None:
+    """The real server answers normally; it saw the redacted prompt: its own token count says so (the same as
+    for the redacted text sent as is, not the original's)."""
+    real = openai.OpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=120)
+
+    def ready() -> None:
+        assert gateway.get("/ready")[1]["backends"]["llamacpp"]["state"] == "ready"
+
+    eventually(ready, timeout=30)
+    prompt = "Please write to alice.smith@example.org about the invoice."
+    raw = real.chat.completions.with_raw_response.create(model="tiny-chat", messages=user(prompt), max_tokens=4,
+                                                         extra_body={"guardrails": ["pii"]})
+    answer = raw.parse()
+    assert raw.headers[STATUS] == "redacted"
+    assert answer.choices[0].finish_reason in ("length", "stop") and answer.usage.completion_tokens > 0
+    assert log_row(gateway, raw.headers["x-request-id"])["guardrails"] == {"pii": "redacted"}
+    redacted = real.chat.completions.create(model="tiny-chat", messages=user(prompt.replace(
+        "alice.smith@example.org", "[EMAIL]")), max_tokens=4)
+    original = real.chat.completions.create(model="tiny-chat", messages=user(prompt), max_tokens=4)
+    assert answer.usage.prompt_tokens == redacted.usage.prompt_tokens != original.usage.prompt_tokens
