@@ -189,6 +189,8 @@ async def _validated(gw: Gateway, call: Call, x: Exchange, guard: Guard, data: d
         tokens = Tokens((tokens.prompt or 0) + (more.prompt or 0), (tokens.completion or 0) + (more.completion or 0),
                         estimated=tokens.estimated or more.estimated, cached=tokens.cached + more.cached)
         data = reply.data
+        if isinstance(data.get("usage"), dict):  # the client pays for both attempts: its usage says so
+            data["usage"] = {**data["usage"], **tokens.as_usage()}
         found = schema.problem(texts.answer_text(data), wanted)
     if found is not None:
         guard.note(SCHEMA, FAILED)

@@ -217,13 +217,12 @@ def _secrets(text: str, _windows: Windows) -> Iterator[Hit]:
 _FINDERS: dict[str, Callable[[str, Windows], Iterator[Hit]]] = {
     "email": _emails, "phone": _phones, "card": _cards, "iban": _ibans, "ip": _ips, "secret": _secrets}
 _NUMERIC = frozenset(("phone", "card", "iban", "ip"))
-_NO_WINDOWS = Windows([], [])
 
 
 def find(text: str, kinds: Collection[str] = KINDS) -> list[Hit]:
     """The matches in ``text``, in order, none overlapping: where two overlap, the one that starts first wins,
     then the longer, then by kind (secret, email, card, iban, ip, phone)."""
-    windows = numeric_windows(text) if not _NUMERIC.isdisjoint(kinds) else _NO_WINDOWS
+    windows = numeric_windows(text) if not _NUMERIC.isdisjoint(kinds) else Windows([], [])
     hits = [hit for kind in kinds for hit in _FINDERS[kind](text, windows)]
     if len(hits) < 2:
         return hits

@@ -212,6 +212,10 @@ def test_completions_prompt_and_answer(app: Appliance, client: openai.OpenAI, fa
         extra_headers={"X-Request-ID": request_id})
     assert raw.headers[STATUS] == "redacted"
     assert fake_openai.find(request_id).body["prompt"] == "Reach me on [PHONE]"
+    # A completions stream has no finish chunk on the fake: what was held back goes out when it ends.
+    stream = client.completions.create(model="fake/fake-chat", prompt="hi", stream=True,
+                                       extra_body={"guardrails": ["pii"]})
+    assert "".join(c.choices[0].text for c in stream if c.choices) == "Hello from the fake."
 
 
 # ------------------------------------------------------------------------------------------ surfaces
@@ -371,6 +375,7 @@ def test_one_repair_attempt_fixes_the_answer(app: Appliance, client: openai.Open
     assert "not JSON" in repair[-1]["content"] and "corrected JSON" in repair[-1]["content"]
     row = log_row(app, request_id)
     assert row["guardrails"] == {"schema_validation": "passed"} and row["prompt_tokens"] == 20
+    assert raw.parse().usage.prompt_tokens == 20  # both attempts
 
 
 def test_a_failed_repair_is_a_422_with_the_validators_message(app: Appliance, client: openai.OpenAI) -> None:
