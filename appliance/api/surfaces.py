@@ -156,16 +156,33 @@ class _MessagesTranslator:
         return self._stream.tokens
 
 
-def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = None) -> Surface:
+def _passes_through(gw: Gateway, x: Exchange, translatable: bool) -> bool:
+    """Does this attempt send the client's Messages body as is? Yes to a backend that speaks Messages, unless
+    the request has guardrails (they read chat: it is translated there too, when it can be)."""
+    assert x.route is not None
+    if not messages_native.native(gw, x, x.route):
+        return False
+    if x.guard is None:
+        return True
+    if not translatable:
+        raise GatewayError("unsupported", "Guardrails cannot check this Messages request: it holds content only "
+                           "an Anthropic backend takes (a document block, say), which is passed through unread.",
+                           param="guardrails")
+    return False
+
+
+def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = None, *,
+                     translatable: bool = True) -> Surface:
     """Anthropic Messages answers for a request that named ``model``.
 
     ``body``: the client's Messages body, passed through to a backend that speaks Messages itself (a
-    fallback to a chat backend is translated, attempt by attempt).
+    fallback to a chat backend is translated, attempt by attempt). ``translatable``: False when the chat body
+    only stands in for it (what no chat backend could take), so it must pass through.
     """
 
     async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
         assert x.route is not None
-        if body is not None and x.guard is None and messages_native.native(gw, x, x.route):
+        if body is not None and _passes_through(gw, x, translatable):
             x.notes = None  # nothing is dropped on the way to a backend that speaks Messages
             return await messages_native.answer(gw, messages_native.native_call(body, call, x.route), x, responder,
                                                 estimate_prompt(call.body))
@@ -178,7 +195,7 @@ def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = N
     async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
                      first_token_s: float | None) -> GatewayError | None:
         assert x.route is not None
-        if body is not None and x.guard is None and messages_native.native(gw, x, x.route):
+        if body is not None and _passes_through(gw, x, translatable):
             x.notes = None
             return await messages_native.relay(gw, messages_native.native_call(body, call, x.route), x, responder,
                                                first_token_s, estimate_prompt(call.body))

@@ -249,6 +249,23 @@ def test_messages_to_an_anthropic_backend_take_the_guarded_path(claude: anthropi
     assert fake_anthropic.last().body["messages"] == [{"role": "user", "content": REDACTED_PROMPT}]
 
 
+def test_messages_only_an_anthropic_backend_can_take_are_refused_not_passed_unread(
+        claude: anthropic.Anthropic, fake_anthropic: FakeAnthropic) -> None:
+    document = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                               "data": "JVBERi0xLjQK"}}
+    content = [document, {"type": "text", "text": "Summarise it."}]
+    sent_before = len(fake_anthropic.seen("/v1/messages"))
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude.messages.create(model=f"claude/{TEXT_MODEL}", max_tokens=64,
+                               messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
+                               extra_body={"guardrails": ["pii"]})
+    assert "Guardrails cannot check" in str(refused.value)
+    assert len(fake_anthropic.seen("/v1/messages")) == sent_before
+    passed = claude.messages.create(model=f"claude/{TEXT_MODEL}", max_tokens=64,
+                                    messages=[{"role": "user", "content": content}])  # type: ignore[list-item]
+    assert passed.content[0].text == "Hello from Claude."  # without guardrails it passes through
+
+
 def test_responses(client: openai.OpenAI, fake_openai: FakeOpenAI) -> None:
     request_id = rid()
     raw = client.responses.with_raw_response.create(model="fake/script-pii", input=PROMPT,
