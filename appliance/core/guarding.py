@@ -223,9 +223,10 @@ def stream_guard(gw: Gateway, x: Exchange) -> StreamGuard | None:
         return None
     settings = gw.settings.guardrails
     pii_out = PII in guard.names and settings.pii.on in _OUTPUT
-    collect = SCHEMA in guard.names or (MODERATION in guard.names and settings.content_moderation.on in _OUTPUT)
+    moderated = MODERATION in guard.names and settings.content_moderation.on in _OUTPUT
     return StreamGuard(guard, kinds=settings.pii.kinds if pii_out else None, block=settings.pii.mode == "block",
-                       collect=collect)
+                       collect=SCHEMA in guard.names or moderated,
+                       moderate=gw.moderator.flagged if moderated and gw.moderator else None)
 
 
 def rewrite_events(guard: StreamGuard, events: list[bytes]) -> list[bytes]:

@@ -3,23 +3,32 @@
 Each choice's text goes through its own pii StreamRedactor (when pii checks output); what it holds back is
 released with the choice's finish chunk, or by ``tail`` when the stream ends without one. The first choice's
 text is also kept (when moderation or schema_validation checks output) for the checks made at the end.
+Configured moderation terms are also looked for as the text passes, in the last few hundred characters of
+each choice: a chunk that completes a flagged term is refused before it goes out.
 Tool-call arguments are not redacted in streams: they arrive as fragments of JSON.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from appliance.guardrails import policy
 from appliance.guardrails.pii import StreamRedactor
 
+# The text a term is looked for in as a stream passes: the whole answer is checked again when it ends.
+_RECENT = 512
+
 
 class StreamGuard:
-    __slots__ = ("_block", "_collect", "_guard", "_kinds", "_parts", "_redactors", "_template", "_textual")
+    __slots__ = ("_block", "_collect", "_guard", "_kinds", "_moderate", "_parts", "_recent", "_redactors",
+                 "_template", "_textual")
 
-    def __init__(self, guard: policy.Guard, *, kinds: Collection[str] | None, block: bool, collect: bool) -> None:
+    def __init__(self, guard: policy.Guard, *, kinds: Collection[str] | None, block: bool, collect: bool,
+                 moderate: Callable[[list[str]], list[str]] | None = None) -> None:
         self._guard = guard  # notes a block before it is raised
+        self._moderate = moderate  # the configured categories' check, run on each choice's recent text
+        self._recent: dict[int, str] = {}
         self._kinds = kinds  # None: pii does not check this answer
         self._block = block
         self._collect = collect
@@ -78,9 +87,19 @@ class StreamGuard:
                 if out or text is not None:
                     holder[key] = out
             text = out
+        if self._moderate is not None and text:
+            self._watch(index, text)
         if self._collect and index == 0 and text:
             self._parts.append(text)
         return changed
+
+    def _watch(self, index: int, text: str) -> None:
+        recent = (self._recent.get(index, "") + text)[-_RECENT:]
+        self._recent[index] = recent
+        found = self._moderate([recent])  # type: ignore[misc]
+        if found:
+            self._guard.note(policy.MODERATION, policy.BLOCKED)
+            raise policy.blocked(policy.MODERATION, "answer", found)
 
     def tail(self) -> list[dict[str, Any]]:
         """Chunks that carry the text still held back (a stream that ended without a finish chunk)."""

@@ -354,9 +354,13 @@ def test_answers_are_moderated_whole_and_streamed(client: openai.OpenAI) -> None
     assert "answer" in refused.value.body["message"] and "weapons" in refused.value.body["message"]
     stream = client.chat.completions.create(model="fake/script-unsafe", messages=user("hi"), stream=True,
                                             extra_body={"guardrails": ["content_moderation"]})
+    text: list[str] = []
     with pytest.raises(openai.APIError) as ended:
-        list(stream)
+        for chunk in stream:
+            text.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
     assert ended.value.body["code"] == "guardrail_blocked"
+    # The chunk that completed the flagged term ("bo" + "mb at home.") never went out.
+    assert "".join(text) == "Here is how to build a bo"
 
 
 def test_messages_blocked_in_anthropic_shape(claude: anthropic.Anthropic) -> None:
