@@ -229,8 +229,9 @@ def stream_guard(gw: Gateway, x: Exchange) -> StreamGuard | None:
                        moderate=gw.moderator.flagged if moderated and gw.moderator else None)
 
 
-def rewrite_events(guard: StreamGuard, events: list[bytes]) -> list[bytes]:
-    """OpenAI SSE events with their chunks through ``guard``; an event it did not change goes out as it came."""
+def rewrite_events(guard: StreamGuard, events: list[bytes]) -> tuple[list[bytes], GatewayError | None]:
+    """OpenAI SSE events with their chunks through ``guard`` (an event it did not change goes out as it came),
+    and the guardrail error that stopped them: the events before the one refused still go out."""
     out = []
     for event in events:
         data = event_data(event)
@@ -239,10 +240,14 @@ def rewrite_events(guard: StreamGuard, events: list[bytes]) -> list[bytes]:
                 chunk = orjson.loads(data)
             except orjson.JSONDecodeError:
                 chunk = None
-            if isinstance(chunk, dict) and guard.chunk(chunk):
+            try:
+                changed = isinstance(chunk, dict) and guard.chunk(chunk)
+            except GatewayError as exc:
+                return out, exc
+            if changed:
                 event = b"data: " + orjson.dumps(chunk) + b"\n\n"
         out.append(event)
-    return out
+    return out, None
 
 
 async def end_stream(gw: Gateway, x: Exchange, call: Call, guard: StreamGuard) -> list[dict[str, Any]]:

@@ -114,15 +114,22 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
                                       "X-Appliance-Overhead-Ms": ms(overhead)})
         x.streaming = True
         try:
+            refused = None
             if guard is not None and first:
-                first = guarding.rewrite_events(guard, first)
+                first, refused = guarding.rewrite_events(guard, first)
             data = meter.feed(first) if first else b""
             if data:
                 await responder.send(data)
+            if refused is not None:
+                raise refused
             async for chunk in events:
-                data = meter.feed(chunk if guard is None else guarding.rewrite_events(guard, chunk))
+                if guard is not None:
+                    chunk, refused = guarding.rewrite_events(guard, chunk)
+                data = meter.feed(chunk)
                 if data:
                     await responder.send(data)
+                if refused is not None:
+                    raise refused
             if guard is not None:
                 tail = await guarding.end_stream(gw, x, call, guard)
                 if tail:
