@@ -413,7 +413,7 @@ class Settings(_Model):
 
     def masked(self) -> dict[str, Any]:
         """The resolved settings as plain data, secrets replaced by '********'."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)  # the keys as a file writes them ("schema")
 
 
 def is_loopback(host: str) -> bool:

@@ -86,6 +86,7 @@ def test_config_checks_regexes_and_reads_schema_files(tmp_path: Path) -> None:
     settings = load_settings(good, environ={})
     assert settings.guardrails.schema_validation.json_schema == {"type": "object", "required": ["age"]}
     assert settings.guardrails.enforce == ["pii"]
+    assert settings.masked()["guardrails"]["schema_validation"]["schema"] == {"type": "object", "required": ["age"]}
     unknown = tmp_path / "unknown.toml"
     unknown.write_text('[guardrails]\nenforce = ["telepathy"]\n')
     with pytest.raises(ConfigError, match="enforce"):
