@@ -318,6 +318,8 @@ def responses_surface(turn: ResponsesTurn) -> Surface:
     """Responses API answers (JSON or SSE events) for one turn, stored as the request asks."""
 
     async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
+        turn.items = guarding.stored_items(gw, x, turn.items)
+
         async def render(x: Exchange, chat: dict[str, Any], tokens: Tokens, cost: Cost, latency: float) -> bytes:
             response = responses.response_object(chat, request=turn.request, response_id=turn.response_id,
                                                  created_at=turn.created_at, completed_at=int(time.time()))
@@ -328,6 +330,7 @@ def responses_surface(turn: ResponsesTurn) -> Surface:
 
     async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
                      first_token_s: float | None) -> GatewayError | None:
+        turn.items = guarding.stored_items(gw, x, turn.items)
         return await relay_translated(gw, call, x, responder, first_token_s, _ResponsesTranslator(gw, turn))
 
     return Surface(answer, stream, cacheable=False)

@@ -147,6 +147,15 @@ async def _model_verdict(gw: Gateway, x: Exchange, model: str, checked: list[str
     raise GatewayError(code, f"The moderation model {model!r} failed: {failure.message}")
 
 
+def stored_items(gw: Gateway, x: Exchange, items: list[Any]) -> list[Any]:
+    """Responses input items to store: redacted as the prompt was, so the store never keeps what the backend
+    was not allowed to see."""
+    guard = x.guard
+    if guard is None or guard.outcomes.get(PII) != REDACTED:
+        return items
+    return texts.rewrite_items(items, _redactor(gw.settings.guardrails, []))
+
+
 # ------------------------------------------------------------------------------------------ whole answers
 
 

@@ -113,6 +113,27 @@ def rewrite_answer(data: dict[str, Any], rewrite: Rewrite) -> None:
             choice["message"] = rewrite_message(message, rewrite)
 
 
+# The keys that hold text in stored Responses input items (message parts, tool calls and their outputs).
+_ITEM_TEXTS = frozenset(("text", "content", "output", "arguments", "input"))
+
+
+def rewrite_items(items: list[Any], rewrite: Rewrite) -> list[Any]:
+    """Responses input items (as stored) with their texts rewritten, at any depth; copies only what changed."""
+    return [_rewrite_json(item, rewrite) for item in items]
+
+
+def _rewrite_json(value: Any, rewrite: Rewrite, key: str | None = None) -> Any:
+    if isinstance(value, str):
+        return rewrite(value) if key in _ITEM_TEXTS else value
+    if isinstance(value, list):
+        out = [_rewrite_json(v, rewrite, key) for v in value]
+        return value if all(a is b for a, b in zip(out, value, strict=True)) else out
+    if isinstance(value, dict):
+        changed = {k: _rewrite_json(v, rewrite, k) for k, v in value.items()}
+        return value if all(changed[k] is v for k, v in value.items()) else changed
+    return value
+
+
 def answer_text(data: dict[str, Any]) -> str | None:
     """The first choice's text: what schema_validation parses as JSON."""
     choices = data.get("choices")

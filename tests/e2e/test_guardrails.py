@@ -271,8 +271,13 @@ def test_responses(client: openai.OpenAI, fake_openai: FakeOpenAI) -> None:
     raw = client.responses.with_raw_response.create(model="fake/script-pii", input=PROMPT,
                                                     extra_body={"guardrails": ["pii"]},
                                                     extra_headers={"X-Request-ID": request_id})
-    assert raw.parse().output_text == PII_ANSWER and raw.headers[STATUS] == "redacted"
+    response = raw.parse()
+    assert response.output_text == PII_ANSWER and raw.headers[STATUS] == "redacted"
     assert fake_openai.find(request_id).body["messages"][-1]["content"] == REDACTED_PROMPT
+    stored = client.responses.input_items.list(response.id).data  # the store keeps the redacted input only
+    assert stored[0].content[0].text == REDACTED_PROMPT  # type: ignore[union-attr]
+    follow = client.responses.create(model="fake/fake-chat", input="and then?", previous_response_id=response.id)
+    assert PROMPT not in str(fake_openai.chats()[-1].body) and follow.output_text == "Hello from the fake."
     stream = client.responses.create(model="fake/script-pii", input="hi", stream=True,
                                      extra_headers={"X-Guardrails": "pii"})
     deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
