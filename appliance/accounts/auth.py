@@ -71,6 +71,7 @@ class Principal:
     budget_counts: str = "price"  # what budget_usd counts: price, compute or both
     slot: int | None = None  # row of the live counters; None for the anonymous owner
     expires_at: float | None = None
+    guardrails: tuple[str, ...] = ()  # applied to every request of the key (a request can add, not remove)
     # The key's own secret per backend (BYOK), opened; None where it could not be (the request then fails
     # rather than fall back to the backend's key). Out of repr and comparisons: it must never be printed.
     upstream_keys: Mapping[str, str | None] = field(default_factory=dict, repr=False, compare=False)
@@ -84,6 +85,7 @@ class Principal:
             budget_tokens=row["budget_tokens"], budget_period=row["budget_period"],
             budget_counts=row.get("budget_counts") or "price", slot=row["slot"],
             expires_at=row["expires_at"], upstream_keys=upstream_keys or {},
+            guardrails=tuple(row.get("guardrails") or ()),
         )
 
     def check_endpoint(self, method: str, path: str) -> None:

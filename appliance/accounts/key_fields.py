@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from appliance.accounts.credentials import MAX_SECRET, SECRET_PATTERN
+from appliance.common.config import GuardrailName
 
 BackendName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 UpstreamSecret = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SECRET, pattern=SECRET_PATTERN)]
@@ -34,6 +35,10 @@ class KeyFields(BaseModel):
         "price", description="What budget_usd counts: token prices from [[models]] (price), the compute cost of "
         "backends with a cost_per_hour (compute), or their sum (both).")
     metadata: dict[str, Any] = Field(default_factory=dict)
+    guardrails: list[GuardrailName] = Field(
+        default_factory=list, max_length=8,
+        description="Guardrails every request of this key gets (pii, content_moderation, schema_validation); a "
+        "request may add others but never drop these.")
     upstream_keys: dict[BackendName, UpstreamSecret | None] = Field(
         default_factory=dict, max_length=64,
         description="The key's own API key per backend name, used instead of the backend's api_key for this key's "

@@ -110,6 +110,7 @@ async def request_log(db: Database, args: dict[str, str | None]) -> list[dict[st
     for row in rows:
         row["stream"] = bool(row["stream"])
         row["estimated"] = bool(row["estimated"])
+        row["guardrails"] = orjson.loads(row["guardrails"]) if row.get("guardrails") else None
         for name in ("request_body", "response_body"):
             row[name] = _body(row.get(name))
     return rows

@@ -26,6 +26,7 @@ from appliance.api.responses import stream as responses_stream
 from appliance.api.responses import translate as responses
 from appliance.common.errors import GatewayError
 from appliance.common.sse import event_data
+from appliance.core import guarding
 from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, ms, record, upstreams
 from appliance.core.gateway import Gateway
 from appliance.core.relay import Surface, answer_rendered, first_events
@@ -73,6 +74,7 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
     call.body["stream_options"] = {"include_usage": True}
     route = x.route
     assert route is not None
+    guard = guarding.stream_guard(gw, x) if x.guard is not None else None
     usage: dict[str, Any] | None = None
     first_at: float | None = None
 
@@ -86,6 +88,8 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
                     first_at = time.perf_counter()
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
+                if guard is not None:
+                    guard.chunk(chunk)
                 out.append(translator.feed(chunk))
         except GatewayError as exc:
             return b"".join(out), exc
@@ -109,6 +113,10 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
                     await responder.send(data)
                 if failure is not None:
                     raise failure
+            if guard is not None:
+                tail = b"".join(translator.feed(chunk) for chunk in await guarding.end_stream(gw, x, call, guard))
+                if tail:
+                    await responder.send(tail)
         except asyncio.CancelledError:
             record(gw, x, CLIENT_CLOSED, tokens=translator.tokens, error_code="client_closed", overhead_s=overhead)
             raise
@@ -148,16 +156,33 @@ class _MessagesTranslator:
         return self._stream.tokens
 
 
-def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = None) -> Surface:
+def _passes_through(gw: Gateway, x: Exchange, translatable: bool) -> bool:
+    """Does this attempt send the client's Messages body as is? Yes to a backend that speaks Messages, unless
+    the request has guardrails (they read chat: it is translated there too, when it can be)."""
+    assert x.route is not None
+    if not messages_native.native(gw, x, x.route):
+        return False
+    if x.guard is None:
+        return True
+    if not translatable:
+        raise GatewayError("unsupported", "Guardrails cannot check this Messages request: it holds content only "
+                           "an Anthropic backend takes (a document block, say), which is passed through unread.",
+                           param="guardrails")
+    return False
+
+
+def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = None, *,
+                     translatable: bool = True) -> Surface:
     """Anthropic Messages answers for a request that named ``model``.
 
     ``body``: the client's Messages body, passed through to a backend that speaks Messages itself (a
-    fallback to a chat backend is translated, attempt by attempt).
+    fallback to a chat backend is translated, attempt by attempt). ``translatable``: False when the chat body
+    only stands in for it (what no chat backend could take), so it must pass through.
     """
 
     async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
         assert x.route is not None
-        if body is not None and messages_native.native(gw, x, x.route):
+        if body is not None and _passes_through(gw, x, translatable):
             x.notes = None  # nothing is dropped on the way to a backend that speaks Messages
             return await messages_native.answer(gw, messages_native.native_call(body, call, x.route), x, responder,
                                                 estimate_prompt(call.body))
@@ -170,7 +195,7 @@ def messages_surface(model: str, thinking: bool, body: dict[str, Any] | None = N
     async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
                      first_token_s: float | None) -> GatewayError | None:
         assert x.route is not None
-        if body is not None and messages_native.native(gw, x, x.route):
+        if body is not None and _passes_through(gw, x, translatable):
             x.notes = None
             return await messages_native.relay(gw, messages_native.native_call(body, call, x.route), x, responder,
                                                first_token_s, estimate_prompt(call.body))
@@ -242,6 +267,8 @@ async def responses_turn(gw: Gateway, body: dict[str, Any], key_id: str | None,
                                    param="previous_response_id")
             history = row["conversation"]
     chat = responses.chat_request(body, history)
+    if "guardrails" in body:  # the gateway's own field: the pipeline reads it (and never sends it on)
+        chat["guardrails"] = body["guardrails"]
     return ResponsesTurn(body, chat, responses_items.input_items(body, history), history, responses.new_response_id(),
                          int(time.time()), key_id)
 
@@ -291,6 +318,8 @@ def responses_surface(turn: ResponsesTurn) -> Surface:
     """Responses API answers (JSON or SSE events) for one turn, stored as the request asks."""
 
     async def answer(gw: Gateway, call: Call, x: Exchange, responder: Responder) -> tuple[bytes, Tokens]:
+        turn.items = guarding.stored_items(gw, x, turn.items)
+
         async def render(x: Exchange, chat: dict[str, Any], tokens: Tokens, cost: Cost, latency: float) -> bytes:
             response = responses.response_object(chat, request=turn.request, response_id=turn.response_id,
                                                  created_at=turn.created_at, completed_at=int(time.time()))
@@ -301,6 +330,7 @@ def responses_surface(turn: ResponsesTurn) -> Surface:
 
     async def stream(gw: Gateway, call: Call, x: Exchange, responder: Responder,
                      first_token_s: float | None) -> GatewayError | None:
+        turn.items = guarding.stored_items(gw, x, turn.items)
         return await relay_translated(gw, call, x, responder, first_token_s, _ResponsesTranslator(gw, turn))
 
     return Surface(answer, stream, cacheable=False)

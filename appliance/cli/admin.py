@@ -97,7 +97,7 @@ async def _keys(db: storage.Database, args: argparse.Namespace, settings: Settin
 def _fields(args: argparse.Namespace) -> dict[str, Any]:
     """The flags given, as admin API fields (absent flags: defaults on create, unchanged on update)."""
     fields = {name: getattr(args, name) for name in _FIELDS if getattr(args, name, None) is not None}
-    for name in ("models", "endpoints"):
+    for name in ("models", "endpoints", "guardrails"):
         given = getattr(args, name)
         if given:
             fields[name] = [p.strip() for item in given for p in item.split(",") if p.strip()]

@@ -118,6 +118,9 @@ def _key_fields(parser: argparse.ArgumentParser) -> None:
                         help="allowed models, glob patterns (repeat or comma-separate; default all)")
     parser.add_argument("--endpoints", action="append", metavar="GLOB",
                         help="allowed paths, e.g. '/v1/chat/*' (default: all but /admin)")
+    parser.add_argument("--guardrails", action="append", metavar="NAMES",
+                        help="guardrails for every request of the key: pii, content_moderation, schema_validation "
+                        "(repeat or comma-separate; '' clears them)")
     parser.add_argument("--expires", metavar="WHEN", help="expiry: ISO date-time (UTC) or unix seconds")
     parser.add_argument("--rpm", type=int, help="requests per minute")
     parser.add_argument("--tpm", type=int, help="tokens per minute")

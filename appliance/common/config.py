@@ -7,6 +7,7 @@ command-line flags. A relative ``data_dir`` in a file resolves against the file'
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -20,6 +21,13 @@ from appliance.common import capabilities
 
 DEFAULT_PORT = 8100
 DEFAULT_DATA_DIR = "appliance-data"
+
+# The guardrails a request, key, route or [guardrails] enforce may name (appliance/guardrails/).
+GUARDRAILS = ("pii", "content_moderation", "schema_validation")
+GuardrailName = Literal["pii", "content_moderation", "schema_validation"]
+PII_KINDS = ("email", "phone", "card", "iban", "ip", "secret")
+PiiKind = Literal["email", "phone", "card", "iban", "ip", "secret"]
+Direction = Literal["input", "output", "both"]
 
 # Ports probed on 127.0.0.1 when no backend is configured (zero-config discovery).
 DISCOVERY_PORTS = (11434, 8000, 8080, 9931, 1234, 30000)
@@ -133,6 +141,8 @@ class ModelSettings(_Model):
     max_concurrent: int | None = Field(None, gt=0, description="Requests in flight for this model, all keys.")
     cache: RouteCacheSettings | None = Field(None, description="This route's cache: semantic, semantic_threshold, "
                                              "shared.")
+    guardrails: list[GuardrailName] = Field(default_factory=list, description="Guardrails every request to this "
+                                            "route gets (added to the request's own, never removed).")
 
     @model_validator(mode="before")
     @classmethod
@@ -250,6 +260,67 @@ class RouterSettings(_Model):
     profiles: list[RouterProfile] = Field(default_factory=list, description="The choices ([[router.profiles]]).")
 
 
+class PiiSettings(_Model):
+    mode: Literal["redact", "block"] = Field("redact", description="Replace what is found with [EMAIL], [CARD]... "
+                                             "(redact), or refuse with 400 guardrail_blocked (block).")
+    on: Direction = Field("both", description="Check the request's messages (input), the answer (output), or both.")
+    kinds: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS), min_length=1,
+                                 description="What to look for: email, phone, card, iban, ip, secret.")
+
+
+class ModerationSettings(_Model):
+    on: Direction = Field("both", description="Check the request's messages (input), the answer (output), or both.")
+    categories: dict[str, list[str]] = Field(default_factory=dict, description="Category name -> terms (whole "
+                                             "words, any case) or regexes written 're:<pattern>'.")
+    model: str | None = Field(None, description="A moderation model reached through the gateway's routing "
+                              "(POST /v1/moderations on its backend); a flagged category blocks.")
+    timeout_s: float = Field(10, gt=0, description="Time allowed for the moderation model's answer.")
+
+    @field_validator("categories")
+    @classmethod
+    def _compilable(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, terms in value.items():
+            for term in terms:
+                if not term.strip() or term.strip() == "re:":
+                    raise ValueError(f"{name}: empty term")
+                if term.startswith("re:"):
+                    try:
+                        re.compile(term[3:])
+                    except re.error as exc:
+                        raise ValueError(f"{name}: {term!r} is not a regex: {exc}") from None
+        return value
+
+
+class SchemaValidationSettings(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    json_schema: dict[str, Any] | None = Field(None, alias="schema", description="The JSON Schema answers must "
+                                               "match when the request sends none in response_format: an inline "
+                                               "table, or the path of a JSON file.")
+    repair: bool = Field(True, description="On a failed whole answer, ask the model once more with the error.")
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _from_file(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            loaded = json.loads(Path(value).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read a JSON schema from {value!r}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{value!r} does not hold a JSON object")
+        return loaded
+
+
+class GuardrailsSettings(_Model):
+    enforce: list[GuardrailName] = Field(default_factory=list, description="Guardrails applied to every chat and "
+                                         "completions request, whatever it asks.")
+    pii: PiiSettings = Field(default_factory=PiiSettings)
+    content_moderation: ModerationSettings = Field(default_factory=ModerationSettings)
+    schema_validation: SchemaValidationSettings = Field(default_factory=SchemaValidationSettings)
+
+
 class AuthSettings(_Model):
     mode: Literal["keys", "none"] = Field("keys", description="'keys' (default) or 'none' (loopback only).")
     cache_ttl_s: float = Field(1.0, gt=0, le=60,
@@ -344,6 +415,7 @@ class Settings(_Model):
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     files: FilesSettings = Field(default_factory=FilesSettings)
     batches: BatchesSettings = Field(default_factory=BatchesSettings)
+    guardrails: GuardrailsSettings = Field(default_factory=GuardrailsSettings)
     config_file: Path | None = Field(None, description="Where these settings came from (not a TOML key).")
 
     @model_validator(mode="after")
@@ -388,7 +460,7 @@ class Settings(_Model):
 
     def masked(self) -> dict[str, Any]:
         """The resolved settings as plain data, secrets replaced by '********'."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)  # the keys as a file writes them ("schema")
 
 
 def is_loopback(host: str) -> bool:
@@ -511,6 +583,10 @@ def read_file(path: Path, environ: dict[str, str], text: str | None = None) -> d
     data_dir = data.get("server", {}).get("data_dir") if isinstance(data.get("server"), dict) else None
     if isinstance(data_dir, str) and not Path(data_dir).is_absolute():
         data["server"]["data_dir"] = str((path.parent / data_dir).resolve())
+    guard = data.get("guardrails")
+    schema = guard.get("schema_validation") if isinstance(guard, dict) else None
+    if isinstance(schema, dict) and isinstance(schema.get("schema"), str) and not Path(schema["schema"]).is_absolute():
+        schema["schema"] = str((path.parent / schema["schema"]).resolve())  # a schema file beside the config
     return data
 
 

@@ -52,11 +52,15 @@ CODES: dict[str, tuple[int, str]] = {
     "profile_in_progress": (409, "invalid_request_error"),  # GET /admin/debug/profile: one at a time per worker
     "file_too_large": (413, "invalid_request_error"),
     "batch_limit_exceeded": (429, "rate_limit_error"),
+    # Guardrails: a request or answer a guardrail refused (its message names the guardrail and the kinds or
+    # categories found, never the values), and an answer that stayed invalid (schema_validation).
+    "guardrail_blocked": (400, "invalid_request_error"),
+    "guardrail_failed": (422, "invalid_request_error"),
 }
 
 # Statuses a client must not retry blindly: the SDKs honour x-should-retry.
 _NO_RETRY = {"budget_exceeded", "unsupported", "storage_quota_exceeded", "batch_not_cancellable",
-             "batch_limit_exceeded"}
+             "batch_limit_exceeded", "guardrail_blocked"}
 
 MAX_RETRY_AFTER_S = 120  # the OpenAI SDK gives up on larger values
 

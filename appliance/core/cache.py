@@ -46,12 +46,12 @@ CHAT, COMPLETIONS, EMBEDDINGS = "chat/completions", "completions", "embeddings"
 _ENDPOINTS = frozenset((CHAT, COMPLETIONS, EMBEDDINGS))
 
 # Body fields that do not change the answer: who asks, how it is delivered, what the gateway does with it
-# (the last five are pipeline.GATEWAY_FIELDS; its `template` is gone by then, its rendered messages in the body
+# (the last six are pipeline.GATEWAY_FIELDS; its `template` is gone by then, its rendered messages in the body
 # instead). `safety_identifier` succeeds `user`; `prompt_cache_key`
 # only steers the backend's prompt cache.
 _NOT_ANSWER = frozenset(("user", "safety_identifier", "stream", "stream_options", "metadata", "store",
                          "service_tier", "prompt_cache_key",
-                         "fallbacks", "fallback", "provider", "timeout", "retries"))
+                         "fallbacks", "fallback", "provider", "timeout", "retries", "guardrails"))
 _TRUE = ("1", "true", "yes")
 _INTEGRAL = 2.0**53  # floats below this that are whole numbers key like ints: temperature 0.0 == 0
 

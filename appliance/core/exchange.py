@@ -19,6 +19,8 @@ from appliance.accounts.usage import NO_COST, Cost, Tokens, cost_of, estimate_pr
 from appliance.common.errors import GatewayError
 from appliance.core.catalog import MayUse, Route
 from appliance.core.gateway import Gateway, Upstreams
+from appliance.guardrails.policy import STATUS_HEADER, Guard
+from appliance.observe import metrics
 from appliance.observe.metrics import endpoint_label as metrics_endpoint
 from appliance.providers.base import Upload
 from appliance.storage import ledger, requests_repo
@@ -28,7 +30,7 @@ _PRIVATE_HEADERS = frozenset(
     ("host", "connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer",
      "transfer-encoding", "upgrade", "content-length", "content-type", "accept-encoding", "authorization",
      "x-api-key", "cookie", "x-request-id", "openai-organization", "openai-project", "expect",
-     "x-cache", "x-cache-ttl")
+     "x-cache", "x-cache-ttl", "x-guardrails")
 )
 
 # The header naming the session a request belongs to (a Responses WebSocket's, or an HTTP client's own).
@@ -93,6 +95,7 @@ class Exchange:
     compute_cost: float | None = None
     compute_open: tuple[str, float, float] | None = None
     template: str | None = None  # "id@version" of the prompt template the request used (core/templates.py)
+    guard: Guard | None = None  # the request's guardrails and their outcomes; None: no guardrail applies
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -118,6 +121,8 @@ class Exchange:
             headers.update(self.admission.headers)
         if self.notes:
             headers.update(self.notes)
+        if self.guard is not None:
+            headers[STATUS_HEADER] = self.guard.status()
         return headers
 
 
@@ -134,7 +139,7 @@ def forwardable(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 def controls(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     """The client's instructions to the gateway itself: X-Appliance-* and the cache headers."""
-    return {k: v for k, v in headers if k.startswith(("x-appliance-", "x-cache"))}
+    return {k: v for k, v in headers if k.startswith(("x-appliance-", "x-cache", "x-guardrails"))}
 
 
 
@@ -320,6 +325,7 @@ def record(
         batch_id=x.batch_id,
         compute_cost_usd=round(compute, 9) if compute is not None else None,
         template=x.template,
+        guardrails=_guardrails_log(x.guard),
     )
     bodies = None
     if gw.settings.log.store_bodies:
@@ -344,6 +350,16 @@ def record_side_call(gw: Gateway, x: Exchange, route: Route, tokens: Tokens, sec
         cached_tokens=None, input_cost_usd=cost.input, output_cost_usd=cost.output, cost_usd=cost.total, cache=None,
         session_id=x.session(), batch_id=x.batch_id)
     gw.writer.add_entry(ledger.Entry(row))
+
+
+def _guardrails_log(guard: Guard | None) -> str | None:
+    """The request log's guardrails column, and the metric: once per request, as ``record`` is."""
+    if guard is None:
+        return None
+    outcomes = guard.log()
+    for name, outcome in outcomes.items():
+        metrics.guardrail(name, outcome)
+    return orjson.dumps(outcomes).decode()
 
 
 def record_failure(gw: Gateway, x: Exchange, failure: BaseException) -> None:

@@ -25,6 +25,7 @@ from appliance.core.router import Router
 from appliance.core.routing import Selector, Target
 from appliance.core.templates import Library
 from appliance.core.vision import Describer
+from appliance.guardrails.moderation import Moderator
 from appliance.observe.accesslog import AccessLog
 from appliance.observe.metrics import Recorder
 from appliance.providers import registry
@@ -85,6 +86,7 @@ class Gateway:
     describer: Describer = field(init=False)
     router: Router = field(init=False)
     templates: Library = field(init=False)
+    moderator: Moderator = field(init=False)  # [guardrails.content_moderation] categories, compiled
     access_log: AccessLog | None = field(default=None, init=False)
     _discovered: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
@@ -108,6 +110,7 @@ class Gateway:
         # New with every config too: descriptions already made stay in the shared table (keyed by describer).
         self.describer = Describer(self.settings.vision, self._embedding_backends, self.db, self.writer)
         self.templates = Library(self.db, self.settings.templates)  # anew: a reload may change its bounds
+        self.moderator = Moderator(self.settings.guardrails.content_moderation.categories)
 
     def _embedding_backends(self) -> tuple[Catalog, dict[str, Provider]]:  # the embedder's and the describer's
         return self.catalog, self.providers  # whichever generation is current

@@ -17,7 +17,7 @@ import orjson
 from appliance.accounts.usage import NO_COST
 from appliance.common import system_messages
 from appliance.common.errors import GatewayError, retry_after_headers
-from appliance.core import cache, resilience, router, templates, vision
+from appliance.core import cache, guarding, resilience, router, templates, vision
 from appliance.core.catalog import Plan, Route
 from appliance.core.embeddings import CACHE
 from appliance.core.exchange import (
@@ -58,7 +58,7 @@ from appliance.providers.base import (
 log = logging.getLogger("appliance.core.pipeline")
 
 # Body fields that steer the gateway and must not reach a backend.
-GATEWAY_FIELDS = ("fallbacks", "fallback", "provider", "timeout", "retries", "template")
+GATEWAY_FIELDS = ("fallbacks", "fallback", "provider", "timeout", "retries", "template", "guardrails")
 MAX_RETRIES = 5
 TRUE = ("1", "true", "yes")
 SIMILARITY_HEADER = "X-Appliance-Cache-Similarity"
@@ -311,9 +311,14 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
         plan = Plan(plan.model, allowed_routes(gw, x, plan.routes), plan.alias)
         x.route = plan.routes[0]
         x.route_name = plan.name if plan.alias is not None else None  # a model named directly is no route
+        body = guarding.begin(gw, x, endpoint, body, plan)
+        if x.guard is not None:
+            body = await guarding.check_input(gw, x, endpoint, body)
         decision = cache.decide(endpoint, body, x.controls, gw.settings.cache)
         store = None
-        if decision.cacheable and surface.cacheable:
+        # A guarded request is never answered from, nor stored in, the cache: its answer is checked (and maybe
+        # redacted) each time, and what the cache holds is the backend's answer as it came.
+        if decision.cacheable and surface.cacheable and x.guard is None:
             x.cache = "BYPASS" if decision.bypass else "MISS"
             if not decision.bypass:
                 store, hit = await _look_up(gw, endpoint, body, plan, x, decision.ttl_s)

@@ -17,6 +17,7 @@ import orjson
 from appliance.accounts.usage import Cost, StreamMeter, Tokens, estimate_prompt, from_extension, from_reply
 from appliance.common.errors import GatewayError
 from appliance.common.sse import DONE
+from appliance.core import guarding
 from appliance.core.exchange import (
     CLIENT_CLOSED,
     Exchange,
@@ -48,11 +49,14 @@ async def answer_rendered(gw: Gateway, call: Call, x: Exchange, responder: Respo
     reply = await upstreams(gw, x).providers[x.route.backend].send(call)  # type: ignore[union-attr]
     assert reply.data is not None  # providers parse every non-streaming answer
     compute_cost(gw, x)  # the backend's part is done: its share of the busy time is this attempt's
-    latency = time.perf_counter() - x.started
     tokens = count(reply.data, call.body)
-    cost = price_of(gw, x, tokens)
     original = reply.body
-    body = original if render is None else await render(x, reply.data, tokens, cost, latency)
+    data = reply.data
+    if x.guard is not None and render is not None and guarding.checks_output(gw, x.guard):
+        data, tokens = await guarding.answer(gw, call, x, data, tokens)
+    latency = time.perf_counter() - x.started
+    cost = price_of(gw, x, tokens)
+    body = original if render is None else await render(x, data, tokens, cost, latency)
     headers = {**(reply.headers if upstream_headers else {}), **x.response_headers(),
                "X-Appliance-Cost-Usd": f"{cost.total:.9f}", "X-Appliance-Latency-Ms": ms(latency),
                "X-Appliance-Overhead-Ms": ms(latency - reply.upstream_s)}
@@ -99,6 +103,8 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
     meter = StreamMeter(client_wants_usage=client_wants_usage, extras=lambda tokens: _extras(gw, x, meter, tokens))
     route = x.route
     assert route is not None
+    # Only a request whose guardrails read the answer pays for parsing and re-rendering its chunks.
+    guard = guarding.stream_guard(gw, x) if x.guard is not None else None
     async with upstreams(gw, x).providers[route.backend].stream(call) as upstream:
         overhead = time.perf_counter() - x.started - upstream.headers_after_s
         events = upstream.__aiter__()
@@ -109,13 +115,26 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
                                       "X-Appliance-Overhead-Ms": ms(overhead)})
         x.streaming = True
         try:
+            refused = None
+            if guard is not None and first:
+                first, refused = guarding.rewrite_events(guard, first)
             data = meter.feed(first) if first else b""
             if data:
                 await responder.send(data)
+            if refused is not None:
+                raise refused
             async for chunk in events:
+                if guard is not None:
+                    chunk, refused = guarding.rewrite_events(guard, chunk)
                 data = meter.feed(chunk)
                 if data:
                     await responder.send(data)
+                if refused is not None:
+                    raise refused
+            if guard is not None:
+                tail = await guarding.end_stream(gw, x, call, guard)
+                if tail:
+                    await responder.send(guarding.tail_events(tail))
         except asyncio.CancelledError:
             record(gw, x, CLIENT_CLOSED, tokens=meter.final_tokens(call.body), error_code="client_closed",
                    overhead_s=overhead, ttft_s=_ttft(meter, x))

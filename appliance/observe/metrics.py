@@ -90,13 +90,15 @@ EMBEDDING_FAILURES = Counter("appliance_embedding_failures", "Embedding calls th
                              "cache).", ("purpose",), registry=None)
 DESCRIBED_IMAGES = Counter("appliance_described_images", "Images described for models without vision, by where the "
                            "description came from (source: memory, table or describer).", ("source",), registry=None)
+GUARDRAILS = Counter("appliance_guardrail", "Guardrail checks, by outcome (passed, redacted, blocked, failed).",
+                     ("guardrail", "outcome"), registry=None)
 WORKERS = Gauge("appliance_workers", "Worker processes serving.", multiprocess_mode="livesum", registry=None)
 BUILD_INFO = Gauge("appliance_build_info", "The running version (value 1).", ("version",),
                    multiprocess_mode="livemax", registry=None)
 
 _COMMON = (INFLIGHT, RETRIES, FALLBACKS, RATELIMIT_REJECTIONS, WRITE_QUEUE, DB_WRITE_FAILURES, WORKERS, BUILD_INFO,
            REQUEST_SECONDS, UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS, EMBEDDED_TEXTS, EMBEDDING_FAILURES,
-           DESCRIBED_IMAGES, COMPUTE_COST)
+           DESCRIBED_IMAGES, COMPUTE_COST, GUARDRAILS)
 
 
 # ------------------------------------------------------------------------------------------ the folder
@@ -255,6 +257,11 @@ def embedded(purpose: str, *, from_memory: int, from_backend: int) -> None:
         EMBEDDED_TEXTS.labels(purpose, "memory").inc(from_memory)
     if from_backend:
         EMBEDDED_TEXTS.labels(purpose, "backend").inc(from_backend)
+
+
+def guardrail(name: str, outcome: str) -> None:
+    """One request's outcome of one guardrail (names and outcomes are a closed set: bounded labels)."""
+    GUARDRAILS.labels(name, outcome).inc()
 
 
 def embedding_failed(purpose: str) -> None:

@@ -13,8 +13,8 @@ from appliance.storage.db import Database
 
 # Columns a caller may change after creation (the hash and slot change only through rotate/create).
 EDITABLE = ("name", "role", "models", "endpoints", "expires_at", "enabled", "rpm", "tpm", "max_concurrent",
-            "budget_usd", "budget_tokens", "budget_period", "budget_counts", "metadata")
-_JSON = ("models", "endpoints", "metadata", "upstream_keys")
+            "budget_usd", "budget_tokens", "budget_period", "budget_counts", "metadata", "guardrails")
+_JSON = ("models", "endpoints", "metadata", "upstream_keys", "guardrails")
 
 
 class NoFreeSlot(Exception):
@@ -29,6 +29,8 @@ def _decode(row: Any) -> dict[str, Any] | None:
         if data.get(column) is not None:
             data[column] = orjson.loads(data[column])
     data["enabled"] = bool(data["enabled"])
+    if "guardrails" in data and data["guardrails"] is None:
+        data["guardrails"] = []  # keys made before migration 0012
     return data
 
 

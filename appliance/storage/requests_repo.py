@@ -31,15 +31,18 @@ class RequestRecord(NamedTuple):
     cache: str | None
     session_id: str | None = None
     batch_id: str | None = None
-    compute_cost_usd: float | None = None  # last, with a default: journal lines written before it still parse
+    # The newest fields, last and with defaults: journal lines written before them still parse.
+    compute_cost_usd: float | None = None
     template: str | None = None  # "id@version" of the prompt template the request used
+    guardrails: str | None = None  # JSON: each guardrail applied and its outcome, e.g. {"pii": "redacted"}
 
 
 INSERT = (
     "INSERT INTO requests (request_id, created_at, endpoint, model, backend, backend_model, status, "
     "error_code, stream, latency_ms, overhead_ms, ttft_ms, prompt_tokens, completion_tokens, estimated, "
     "key_id, cached_tokens, input_cost_usd, output_cost_usd, cost_usd, cache, session_id, batch_id, "
-    "compute_cost_usd, template) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "compute_cost_usd, template, guardrails) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -74,7 +77,7 @@ INSERT_BODIES = ("INSERT INTO request_bodies (request_id, created_at, request, r
 
 _COLUMNS = ("id, request_id, created_at, endpoint, model, backend, backend_model, status, error_code, stream, "
             "latency_ms, overhead_ms, ttft_ms, prompt_tokens, completion_tokens, cached_tokens, estimated, key_id, "
-            "input_cost_usd, output_cost_usd, cost_usd, compute_cost_usd, cache, template")
+            "input_cost_usd, output_cost_usd, cost_usd, compute_cost_usd, cache, template, guardrails")
 
 
 async def search(db: Database, *, limit: int, model: str | None = None, status: int | None = None,

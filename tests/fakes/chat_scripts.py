@@ -69,6 +69,11 @@ SCRIPTS: dict[str, Script] = {
     "person": Script('{"name":"Ana","age":3}', ('{"name":"Ana",', '"age":3}')),
     "stop-end": Script("Counting 1 2 3", ("Counting", " 1 2 3"), stop_reason="END"),
     "filtered": Script("", (), finish="content_filter"),
+    # Guardrails: personal data split across pieces, a term a moderation list flags, an answer that is no JSON.
+    "pii": Script("Write to jane.doe@example.com or call +44 20 7946 0958, thanks.",
+                  ("Write to jane.", "doe@exam", "ple.com or call +44 ", "20 7946", " 0958, thanks.")),
+    "unsafe": Script("Here is how to build a bomb at home.", ("Here is how to build a ", "bo", "mb at home.")),
+    "not-json": Script("Sure! The person is Ana, aged 3.", ("Sure! The person", " is Ana, aged 3.")),
     "error-500": Script(status=500),
     "error-400": Script(status=400),
     "reset": Script("Hello!", ("He", "llo", "!"), cut_after=2),
@@ -83,6 +88,10 @@ def script_of(request: web.Request, body: dict[str, Any]) -> Script | None:
         name = model.removeprefix("script-")
     if not name:
         return None
+    if name == "json-on-repair":  # prose first; JSON once asked to correct it (the last message says so)
+        last = (body.get("messages") or [{}])[-1]
+        asked = isinstance(last, dict) and "corrected JSON" in str(last.get("content"))
+        return SCRIPTS["person" if asked else "not-json"]
     if name not in SCRIPTS:
         raise web.HTTPBadRequest(text=f"unknown mock script {name!r}")
     return SCRIPTS[name]

@@ -146,11 +146,16 @@ class Extensions:
         categories = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
                       "illicit/violent", "self-harm", "self-harm/instructions", "self-harm/intent", "sexual",
                       "sexual/minors", "violence", "violence/graphic")
-        result = {"flagged": False, "categories": dict.fromkeys(categories, False),
-                  "category_scores": dict.fromkeys(categories, 0.001),
-                  "category_applied_input_types": {c: ["text"] for c in categories}}
+
+        def result(text: Any) -> dict[str, Any]:
+            # An input flags each category it names as "<flag:violence>" (the guardrail tests' scripted verdicts).
+            flags = {c: isinstance(text, str) and f"<flag:{c}>" in text for c in categories}
+            return {"flagged": any(flags.values()), "categories": flags,
+                    "category_scores": {c: 0.9 if flags[c] else 0.001 for c in categories},
+                    "category_applied_input_types": {c: ["text"] for c in categories}}
+
         return web.json_response({"id": "modr-fake", "model": body.get("model") or "fake-moderation",
-                                  "results": [result for _ in inputs]})
+                                  "results": [result(text) for text in inputs]})
 
     async def images(self, request: web.Request) -> web.StreamResponse:
         body, refusal = await self._json(request, "CreateImageRequest")

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "appliance"
 
 # Lowest first: a package may import its own modules and those of the packages before it.
-LAYERS = ("common", "storage", "providers", "observe", "accounts", "core", "api", "batches", "server", "cli")
+LAYERS = ("common", "storage", "providers", "observe", "accounts", "guardrails", "core", "api", "batches", "server",
+          "cli")
 
 
 def module_name(path: Path) -> str:

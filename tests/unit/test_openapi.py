@@ -124,6 +124,8 @@ def _schema_refs(node: Any) -> dict[str, str]:
         if media == "text/event-stream" and "anyOf" in data:  # [the [DONE] marker, JSON of a contentSchema]
             schema = next(branch["contentSchema"] for branch in data["anyOf"] if "contentSchema" in branch)
             schema = schema["anyOf"][0] if "anyOf" in schema else schema  # [payload, the error envelope]
+        if "allOf" in schema:  # OpenAI's request plus the gateway's own fields (``guardrails``)
+            schema = schema["allOf"][0]
         refs[media] = schema.get("$ref", "")
     return refs
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.common.paths import alias_of
-from appliance.server.openapi.schemas import Schema, ref
+from appliance.server.openapi.schemas import GUARDRAILS_FIELD, Schema, ref
 from appliance.server.openapi.vendored import OpenAISpec
 
 Operation = dict[str, Any]
@@ -114,6 +114,21 @@ def header(name: str, schema: Schema, description: str) -> Schema:
     return {"in": "header", "name": name, "required": False, "schema": schema, "description": description}
 
 
+_GUARDRAIL = "(pii|content_moderation|schema_validation)"
+
+
+def guarded(op: Operation) -> Operation:
+    """A chat-shaped operation: the ``guardrails`` body field and the X-Guardrails header (README "Guardrails")."""
+    body = op["requestBody"]["content"][JSON]
+    body["schema"] = {"allOf": [body["schema"], {"type": "object", "properties": {"guardrails": GUARDRAILS_FIELD}}]}
+    op["parameters"] = [*op.get("parameters", ()), header(
+        "X-Guardrails", {"type": "string", "pattern": rf"^ *{_GUARDRAIL}( *, *{_GUARDRAIL})* *$"},
+        "Guardrails for this request, comma-separated (added to the `guardrails` field's).")]
+    op["description"] = (f"{op.get('description', '')} Answers of a request with guardrails carry "
+                         "`X-Guardrail-Status` (passed, redacted, blocked or failed).").strip()
+    return op
+
+
 def control_headers() -> list[Schema]:
     """The request headers that steer a proxied request (README "Headers")."""
     boolean = {"type": "string", "enum": ["true", "false"]}
@@ -208,12 +223,12 @@ def _openai_operations(openai: OpenAISpec) -> dict[OperationKey, Operation]:
     completions = openai.operation("post", "/v1/completions")["responses"]["200"]
     completions["content"][SSE] = {"schema": ref("CreateCompletionStreamResponse")}  # stream: true, as OpenAI
     return {
-        ("POST", "/v1/chat/completions"): _from_openai(
+        ("POST", "/v1/chat/completions"): guarded(_from_openai(
             openai, "post", "/v1/chat/completions", "Create a chat completion", _PROXIED,
-            more_parameters=control_headers(), description=proxied),
-        ("POST", "/v1/completions"): _from_openai(
+            more_parameters=control_headers(), description=proxied)),
+        ("POST", "/v1/completions"): guarded(_from_openai(
             openai, "post", "/v1/completions", "Create a completion", _PROXIED, ok_response=completions,
-            more_parameters=control_headers(), description=proxied),
+            more_parameters=control_headers(), description=proxied)),
         ("POST", "/v1/embeddings"): _from_openai(
             openai, "post", "/v1/embeddings", "Create embeddings", _PROXIED, more_parameters=control_headers(),
             description=proxied),
@@ -222,11 +237,11 @@ def _openai_operations(openai: OpenAISpec) -> dict[OperationKey, Operation]:
         ("GET", "/v1/models/{model}"): _from_openai(
             openai, "get", "/v1/models/{model}", "Describe a model or alias", (401, 403, 404),
             description="`model` may hold a slash (`backend/model`, `Qwen/Qwen2.5-7B`), sent as is or as %2F."),
-        ("POST", "/v1/responses"): _from_openai(
+        ("POST", "/v1/responses"): guarded(_from_openai(
             openai, "post", "/v1/responses", "Create a response (over a chat backend)", _PROXIED,
             more_parameters=control_headers(), stream_error=False, description="Translated to a chat "
             "completion; see README \"Responses\" for the fields that are honoured. A stream that fails ends "
-            "with an `error` event."),
+            "with an `error` event.")),
         ("GET", "/v1/responses/{response_id}"): _from_openai(
             openai, "get", "/v1/responses/{response_id}", "Retrieve a stored response", (401, 403, 404),
             unsupported=("include", "stream", "starting_after", "include_obfuscation")),
@@ -343,7 +358,9 @@ def _anthropic_operations() -> dict[OperationKey, Operation]:
             {"200": ok("The message, or its events with `stream: true`.", ref("AnthropicMessage"),
                        **{SSE: sse(ref("AnthropicStreamEvent"))}), **anthropic_errors()},
             security=ANTHROPIC_KEY, body=json_body(ref("AnthropicMessagesRequest")),
-            parameters=control_headers(), operation_id="createMessage",
+            parameters=[*control_headers(), header(
+                "X-Guardrails", {"type": "string", "pattern": rf"^ *{_GUARDRAIL}( *, *{_GUARDRAIL})* *$"},
+                "Guardrails for this request, comma-separated.")], operation_id="createMessage",
             description="Over chat backends (translated) or Anthropic backends (passed through). Errors come "
             "in Anthropic's shape."),
         ("POST", "/v1/messages/count_tokens"): _op(

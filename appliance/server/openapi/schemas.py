@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.accounts.key_fields import KeyFields
+from appliance.common.config import GUARDRAILS
 from appliance.common.errors import CODES
 
 Schema = dict[str, Any]
@@ -17,6 +18,11 @@ Schema = dict[str, Any]
 
 def ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+# The gateway's own request field (README "Guardrails"): read by the appliance, never sent to a backend.
+GUARDRAILS_FIELD: Schema = {"type": "array", "items": {"enum": list(GUARDRAILS)}, "description": "Guardrails "
+                            "for this request, added to those its key, route and config enforce."}
 
 
 def nullable(schema: Schema) -> Schema:
@@ -172,6 +178,9 @@ def key_schemas() -> dict[str, Schema]:
         **{name: nullable(NUMBER) for name in ("latency_ms", "overhead_ms", "ttft_ms", "input_cost_usd",
                                                 "output_cost_usd", "cost_usd", "compute_cost_usd")},
         **{name: nullable(INTEGER) for name in ("prompt_tokens", "completion_tokens", "cached_tokens")},
+        "guardrails": nullable({"type": "object", "additionalProperties": {
+            "enum": ["passed", "redacted", "blocked", "failed"]}, "description": "Each guardrail applied and its "
+            "outcome; null when none applied."}),
         "request_body": {"description": "The stored request (JSON, or text when cut short); null unless "
                          "[log] store_bodies."},
         "response_body": {"description": "The stored response, likewise."},
@@ -222,6 +231,7 @@ def messages_schemas() -> dict[str, Schema]:
         "metadata": {"type": "object"},
         "template": {**ref("TemplateUse"), "description": "Its system and developer messages go ahead of `system`, "
                      "the others ahead of `messages` (which may then be empty)."},
+        "guardrails": GUARDRAILS_FIELD,
     }, required=("model", "max_tokens", "messages"))
     usage = obj({"input_tokens": INTEGER, "output_tokens": INTEGER,
                  "cache_creation_input_tokens": nullable(INTEGER), "cache_read_input_tokens": nullable(INTEGER)},

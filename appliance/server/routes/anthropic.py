@@ -26,18 +26,21 @@ async def create_message(request: Request) -> HTTPResponse | None:
     if "template" in body:  # rendered in Messages' own shape, so a backend that speaks it gets them too
         x.template, rendered = await templates.rendered_for(request.app.ctx.gateway.templates, body["template"])
         body = templates.as_messages_body(body, rendered)
+    translatable = True
     try:
         chat = messages_request.chat_request(body)  # validated and translated even when it may pass through
     except GatewayError as exc:  # maybe only a chat backend could not take it (a PDF document, say)
         if exc.status != 400 or not await messages_native.only_native(request.app.ctx.gateway, x, body):
             raise
         chat = messages_native.untranslated(body)
+        translatable = False
     chat.update((name, body[name]) for name in pipeline.GATEWAY_FIELDS if name in body)
     dropped = messages_request.dropped_tools(body)
     if dropped:  # on a chat backend; an Anthropic backend gets them all, passed through
         x.notes = {DROPPED_TOOLS_HEADER: ", ".join(dropped)}
     responder = SanicResponder(request)
-    surface = surfaces.messages_surface(body["model"], messages_request.wants_thinking(body), body)
+    surface = surfaces.messages_surface(body["model"], messages_request.wants_thinking(body), body,
+                                        translatable=translatable)
     await pipeline.serve(request.app.ctx.gateway, CHAT, chat, x, responder, surface)
     return responder.response
 
