@@ -96,8 +96,8 @@ class FakeOpenAI:
         self.server.stop()
 
     def chats(self) -> list[Seen]:
-        """The chat requests seen, oldest first."""
-        return [seen for seen in self.requests if seen.path == "/v1/chat/completions"]
+        """The chat requests seen with a JSON object for a body, oldest first (a /proxy test's raw bytes are not)."""
+        return [seen for seen in self.requests if seen.path == "/v1/chat/completions" and isinstance(seen.body, dict)]
 
     def last_chat(self) -> Any:
         """The body of the latest chat request."""
