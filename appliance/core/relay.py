@@ -114,6 +114,9 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
                                       "X-Appliance-Latency-Ms": ms(first_byte),
                                       "X-Appliance-Overhead-Ms": ms(overhead)})
         x.streaming = True
+        failover = x.failover  # None unless this stream may go on elsewhere (core/failover.py)
+        if failover is not None:
+            events = failover.watched(events, first, call)
         try:
             refused = None
             if guard is not None and first:
@@ -145,6 +148,9 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
                    overhead_s=overhead, ttft_s=_ttft(meter, x))
             await responder.end_stream(exc.sse_event(x.request_id) + DONE)
             return exc
+        finally:
+            if failover is not None:
+                await events.aclose()  # type: ignore[attr-defined]  # a continuation's connection goes now
         last = meter.finish(call.body)
         error_code = None
         if meter.error is not None:
