@@ -103,9 +103,10 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
         x.streaming = True
         ttft = None
         failover = x.failover  # None unless this stream may go on elsewhere (core/failover.py)
-        if failover is not None:
-            events = failover.watched(events, first, call)
         try:
+            if failover is not None:  # from now on its events come through the failover's watch
+                events = failover.watched(events, first, call)
+                first = await anext(events, [])
             data, failure = translate(first)
             await responder.send(translator.start() + data)
             if failure is not None:

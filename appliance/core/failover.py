@@ -203,18 +203,24 @@ class Failover:
 
     async def watched(self, events: AsyncIterator[list[bytes]], first: list[bytes],
                       call: Call) -> AsyncIterator[list[bytes]]:
-        """``events`` (after ``first``) as they come, then, if the backend fails, a continuation's."""
+        """``first`` and the ``events`` after it as they come, then, if the backend fails, a continuation's."""
+        if not first:
+            yield first  # the stream ended at once: nothing to continue
+            return
         seen = self.seen
-        seen.append(first)
         backend = self._x.route.backend if self._x.route is not None else "?"
         timeout = asyncio.timeout
         stall = self.stall_s
         errored: list[bytes] | None = None  # an error event: sent on as it came if no target goes on
         ended = False  # closed before its answer finished: ended as it came if no target goes on
+        pending: list[bytes] | None = first
         while True:
             try:
-                async with timeout(stall):
-                    batch = await anext(events)
+                if pending is not None:
+                    batch, pending = pending, None
+                else:
+                    async with timeout(stall):
+                        batch = await anext(events)
             except StopAsyncIteration:
                 if finished(seen):
                     return

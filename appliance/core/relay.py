@@ -115,9 +115,10 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
                                       "X-Appliance-Overhead-Ms": ms(overhead)})
         x.streaming = True
         failover = x.failover  # None unless this stream may go on elsewhere (core/failover.py)
-        if failover is not None:
-            events = failover.watched(events, first, call)
         try:
+            if failover is not None:  # from now on its events come through the failover's watch
+                events = failover.watched(events, first, call)
+                first = await anext(events, [])
             refused = None
             if guard is not None and first:
                 first, refused = guarding.rewrite_events(guard, first)

@@ -106,8 +106,14 @@ def _lone(stall_s: float) -> failover.Failover:
     return failover.Failover(None, x, [], lambda route: None, stall_s, None)  # type: ignore[arg-type]
 
 
+FIRST = [event(chunk({"role": "assistant", "content": ""}))]
+
+
 async def _collect(fo: failover.Failover, events: AsyncIterator[list[bytes]]) -> list[list[bytes]]:
-    return [batch async for batch in fo.watched(events, [b"data: {}\n\n"], None)]  # type: ignore[arg-type]
+    """What the watch passes on after the stream's first batch (which it passes on first)."""
+    out = [batch async for batch in fo.watched(events, FIRST, None)]  # type: ignore[arg-type]
+    assert out[0] == FIRST
+    return out[1:]
 
 
 async def _source(*batches: list[bytes], then: BaseException | None = None,
@@ -154,3 +160,17 @@ def test_a_stream_that_finished_passes_through_untouched(monkeypatch: pytest.Mon
     _no_continuation(monkeypatch)
     batches = [[event(chunk({"content": "a"}))], [event(chunk({}, "stop")), b"data: [DONE]\n\n"]]
     assert asyncio.run(_collect(_lone(5), _source(*batches))) == batches
+
+
+def test_an_error_event_in_the_first_batch_is_caught_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_continuation(monkeypatch)
+    error = b'data: {"error": {"message": "boom"}}\n\n'
+    text = event(chunk({"content": "a"}))
+    fo = _lone(5)
+    out = asyncio.run(_gather(fo.watched(_source(), [text, error], None)))  # type: ignore[arg-type]
+    assert out == [[text], [error]]  # no target to go on: the error event goes out, after what came before it
+    assert fo.seen == [[text]]
+
+
+async def _gather(events: AsyncIterator[list[bytes]]) -> list[list[bytes]]:
+    return [batch async for batch in events]
