@@ -152,7 +152,7 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
         finally:
             if failover is not None:
                 await events.aclose()  # type: ignore[attr-defined]  # a continuation's connection goes now
-        last = meter.finish(call.body)
+        last = meter.finish(call.body, {"failover": failover.note} if failover is not None and failover.note else None)
         error_code = None
         if meter.error is not None:
             error_code = str(meter.error.get("code") or meter.error.get("type") or "backend_error")

@@ -21,6 +21,8 @@ import pytest
 import websockets.sync.client
 
 from tests.conftest import base_config
+from tests.fakes.anthropic_upstream import API_KEY as ANTHROPIC_KEY
+from tests.fakes.anthropic_upstream import TEXT_MODEL, FakeAnthropic
 from tests.fakes.openai_upstream import REPLY_TEXT, USAGE, FakeOpenAI
 from tests.support.appliance import ADMIN_KEY, Appliance
 from tests.support.openapi import validate_event
@@ -33,8 +35,10 @@ FROM_RESET = {"from": "flaky/script-reset", "to": "fake/fake-chat", "at_token": 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI, fake_ollama: Any,
-        llamacpp_port: int) -> Iterator[Appliance]:
+        fake_anthropic: FakeAnthropic, llamacpp_port: int) -> Iterator[Appliance]:
     config = base_config(fake_openai, fake_ollama, llamacpp_port)
+    config["backends"].append({"name": "claude", "type": "anthropic", "url": fake_anthropic.url + "/v1",
+                               "api_key": ANTHROPIC_KEY, "discover": False, "models": [TEXT_MODEL]})
     # Failing on purpose many times: no breaker may close the failing target (its failover is what is tested).
     config["routing"] = {"breaker_failures": 1000, "breaker_min_requests": 1000, "retries": 0}
     config["backends"].append({"name": "flaky", "url": fake_openai.url + "/v1", "discover": False,
@@ -46,6 +50,8 @@ def app(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI, fake_
         {"name": "fo-stall", "targets": ["flaky/script-stall", "fake/fake-chat"], "stream_stall_ms": 300},
         {"name": "fo-in-call", "targets": ["flaky/script-reset-in-call", "fake/fake-chat"]},
         {"name": "fo-nowhere", "targets": ["flaky/script-reset", "down/down-model"]},
+        {"name": "fo-claude", "targets": ["flaky/script-reset", f"claude/{TEXT_MODEL}"]},
+        {"name": "fo-llamacpp", "targets": ["flaky/script-reset", "llamacpp/tiny"]},
     ]
     app = Appliance(tmp_path_factory.mktemp("failover"), config)
     app.start()
@@ -151,6 +157,32 @@ def test_a_stalled_stream_goes_on_after_stream_stall_ms(client: openai.OpenAI) -
     chunks = list(client.chat.completions.create(model="fo-stall", messages=marked()[1], stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == PREFIX + REPLY_TEXT
     assert chunks[-1].model_extra["appliance"]["failover"] == {**FROM_RESET, "from": "flaky/script-stall"}
+
+
+def test_an_anthropic_backend_continues_the_prefix_as_a_prefill(client: openai.OpenAI,
+                                                                fake_anthropic: FakeAnthropic) -> None:
+    marker, messages = marked()
+    chunks = list(client.chat.completions.create(model="fo-claude", messages=messages, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith(PREFIX) and len(text) > len(PREFIX)
+    assert {c.id for c in chunks} == {"chatcmpl-script"}
+    assert chunks[-1].model_extra["appliance"]["failover"]["to"] == f"claude/{TEXT_MODEL}"
+    sent = fake_anthropic.last().body
+    assert sent["messages"][0]["content"] in (marker, [{"type": "text", "text": marker}])
+    last = sent["messages"][-1]
+    assert last["role"] == "assistant" and last["content"] in (PREFIX, [{"type": "text", "text": PREFIX}])
+
+
+@pytest.mark.llamacpp
+def test_the_real_llamacpp_server_continues_a_failed_stream(client: openai.OpenAI, llamacpp_url: str) -> None:
+    raw = client.chat.completions.with_raw_response.create(model="fo-llamacpp", messages=marked()[1], stream=True,
+                                                          max_tokens=8, stream_options={"include_usage": True})
+    chunks = list(raw.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith(PREFIX)  # then the tiny model's gibberish
+    assert {c.id for c in chunks} == {"chatcmpl-script"}
+    assert chunks[-1].model_extra["appliance"]["failover"] == {**FROM_RESET, "to": "llamacpp/tiny"}
+    assert chunks[-1].usage.completion_tokens > 2
 
 
 # ------------------------------------------------------------------------------------------ the old error event

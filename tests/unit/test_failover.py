@@ -174,3 +174,14 @@ def test_an_error_event_in_the_first_batch_is_caught_too(monkeypatch: pytest.Mon
 
 async def _gather(events: AsyncIterator[list[bytes]]) -> list[list[bytes]]:
     return [batch async for batch in events]
+
+
+def test_the_meters_estimated_usage_chunk_carries_the_note_when_the_continuation_reported_none() -> None:
+    from appliance.accounts.usage import StreamMeter
+
+    meter = StreamMeter(client_wants_usage=True)
+    meter.feed([event({**chunk({"content": "a"}), **TEMPLATE})])
+    tail = meter.finish({"messages": [{"role": "user", "content": "hi"}]}, {"failover": NOTE})
+    (last,) = data([e + b"\n\n" for e in tail.split(b"\n\n") if e.startswith(b"data: {")])
+    assert last["appliance"] == {"failover": NOTE} and last["usage"]["estimated"] is True
+    assert b"appliance" not in StreamMeter(client_wants_usage=True).finish({})
