@@ -9,7 +9,8 @@ text streamed so far as a trailing assistant message to continue (prefill; vLLM 
 ``continue_final_message``). That target's chunks are re-rendered under the first stream's ``id``, ``created``
 and ``model``, their usage summed with the failed attempt's, the finish and usage chunks noting the failover in
 ``appliance.failover``; the surfaces translate them as any chunk, so the client reads one unbroken stream.
-Streams that do not fail pay one list append and one timer per batch.
+Streams that do not fail pay, per batch, a list append, a byte search for an error event and a clock read;
+the stall timer is one per stream.
 """
 
 from __future__ import annotations
@@ -183,6 +184,42 @@ def _restyled(chunk: dict[str, Any], template: dict[str, Any], spent: Tokens, no
     return True
 
 
+class StallWatch:
+    """One timer for a whole stream, not one per read (``asyncio.timeout`` costs several µs each): a read
+    marks when it began waiting (``since``); the timer, due a stall time after that, cancels the waiting
+    task only if the same read is still waiting, else it is set again from the newer mark."""
+
+    __slots__ = ("_fired", "_handle", "_s", "_task", "loop", "since")
+
+    def __init__(self, stall_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._s = stall_s
+        self._fired = False
+        self.since: float | None = None  # when the read under way began; None: not reading
+        self._handle = self.loop.call_at(self.loop.time() + stall_s, self._check)
+
+    def _check(self) -> None:
+        since, now = self.since, self.loop.time()
+        if since is not None and now - since >= self._s and self._task is not None:
+            self._fired = True
+            self._task.cancel()
+            return
+        self._handle = self.loop.call_at((since if since is not None else now) + self._s, self._check)
+
+    def stalled(self) -> bool:
+        """Was the CancelledError just caught this watch's own? Then the task is no longer being cancelled."""
+        if not self._fired:
+            return False
+        self._fired = False
+        if self._task is not None:
+            self._task.uncancel()
+        return True
+
+    def close(self) -> None:
+        self._handle.cancel()
+
+
 class Failover:
     """One streamed attempt's way on: the targets after it, and what happened if it was taken."""
 
@@ -209,41 +246,47 @@ class Failover:
             return
         seen = self.seen
         backend = self._x.route.backend if self._x.route is not None else "?"
-        timeout = asyncio.timeout
-        stall = self.stall_s
         errored: list[bytes] | None = None  # an error event: sent on as it came if no target goes on
         ended = False  # closed before its answer finished: ended as it came if no target goes on
         pending: list[bytes] | None = first
-        while True:
-            try:
-                if pending is not None:
-                    batch, pending = pending, None
-                else:
-                    async with timeout(stall):
+        watch = StallWatch(self.stall_s)
+        clock = watch.loop.time
+        try:
+            while True:
+                try:
+                    if pending is not None:
+                        batch, pending = pending, None
+                    else:
+                        watch.since = clock()
                         batch = await anext(events)
-            except StopAsyncIteration:
-                if finished(seen):
-                    return
-                ended = True
-                failure = GatewayError("backend_error", f"backend {backend!r} closed the stream before the "
-                                       "answer finished")
-            except TimeoutError:
-                failure = GatewayError("backend_timeout", f"backend {backend!r} sent nothing for {stall:g} s "
-                                       "mid-stream")
-            except GatewayError as exc:
-                failure = exc
-            else:
-                bad = error_at(batch)
-                if bad is None:
-                    seen.append(batch)
-                    yield batch
-                    continue
-                if bad:
-                    seen.append(batch[:bad])
-                    yield batch[:bad]
-                errored = batch[bad:]
-                failure = GatewayError("backend_error", f"backend {backend!r} sent an error event mid-stream")
-            break
+                        watch.since = None
+                except StopAsyncIteration:
+                    if finished(seen):
+                        return
+                    ended = True
+                    failure = GatewayError("backend_error", f"backend {backend!r} closed the stream before the "
+                                           "answer finished")
+                except asyncio.CancelledError:
+                    if not watch.stalled():
+                        raise  # the client went away (or the server stops): not the backend's failure
+                    failure = GatewayError("backend_timeout", f"backend {backend!r} sent nothing for "
+                                           f"{self.stall_s:g} s mid-stream")
+                except GatewayError as exc:
+                    failure = exc
+                else:
+                    bad = error_at(batch)
+                    if bad is None:
+                        seen.append(batch)
+                        yield batch
+                        continue
+                    if bad:
+                        seen.append(batch[:bad])
+                        yield batch[:bad]
+                    errored = batch[bad:]
+                    failure = GatewayError("backend_error", f"backend {backend!r} sent an error event mid-stream")
+                break
+        finally:
+            watch.close()
         went_on = False
         async with aclosing(self._continuation(call, failure)) as continuation:
             async for batch in continuation:
