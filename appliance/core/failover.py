@@ -164,11 +164,8 @@ def _restyled(chunk: dict[str, Any], template: dict[str, Any], spent: Tokens, no
         if not isinstance(choice, dict):
             continue
         delta = choice.get("delta")
-        if isinstance(delta, dict) and "role" in delta:
-            del delta["role"]
-            if not delta.get("content") and len(delta) <= 1 and choice.get("finish_reason") is None and len(
-                    choices) == 1 and not isinstance(chunk.get("usage"), dict):
-                return False
+        if isinstance(delta, dict) and delta.pop("role", None) is not None and _opening(chunk, choice, delta):
+            return False
         if choice.get("finish_reason") is not None:
             ends = True
     usage = chunk.get("usage")
@@ -182,6 +179,12 @@ def _restyled(chunk: dict[str, Any], template: dict[str, Any], spent: Tokens, no
     if ends:
         chunk["appliance"] = {"failover": note}
     return True
+
+
+def _opening(chunk: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any]) -> bool:
+    """A continuation's opening chunk, its role gone: nothing left for a client that already had one."""
+    return (not delta.get("content") and len(delta) <= 1 and choice.get("finish_reason") is None
+            and len(chunk["choices"]) == 1 and not isinstance(chunk.get("usage"), dict))
 
 
 class StallWatch:
@@ -321,7 +324,7 @@ class Failover:
             compute_cost(gw, x)  # the failed attempt's share of its backend's busy time ends here
             charge_from(gw, x, route.backend, gw.breakers.begin(route.backend, target.model))
             started = time.perf_counter()
-            began = ok = False
+            began = False
             try:
                 async with upstreams(gw, x).providers[route.backend].stream(next_call) as upstream:
                     events = upstream.__aiter__()
@@ -331,19 +334,22 @@ class Failover:
                     yield rendered(first, so_far.template, spent, note)
                     async for batch in events:
                         yield rendered(batch, so_far.template, spent, note)
-                    ok = True
-                    return
+                self._observed(route, target, started, None)
+                return
             except GatewayError as exc:
+                self._observed(route, target, started, exc)
                 if began:
                     raise  # the continuation failed too, after its first byte: the stream ends with its error
                 log.info("stream failover to %r failed before its first byte: %s", route.backend, exc.message)
-                gw.breakers.record(route.backend, ok=not resilience.breaker_failure(exc))
-                gw.selector.observe(target, time.perf_counter() - started, ok=not resilience.retryable(exc))
-            finally:
+            finally:  # (a client that left counts neither way, as in the pipeline's attempts)
                 gw.breakers.end(route.backend, target.model)
-                if began:
-                    gw.breakers.record(route.backend, ok=ok)
-                    gw.selector.observe(target, time.perf_counter() - started, ok=ok)
+
+    def _observed(self, route: Route, target: Target, started: float, failure: GatewayError | None) -> None:
+        """The continuation's outcome, for its backend's breaker and the selector's latency view."""
+        gw = self._gw
+        gw.breakers.record(route.backend, ok=failure is None or not resilience.breaker_failure(failure))
+        gw.selector.observe(target, time.perf_counter() - started,
+                            ok=failure is None or not resilience.retryable(failure))
 
     def _went_on(self, failed: Route, route: Route, so_far: Streamed, failure: GatewayError) -> dict[str, Any]:
         """The stream is committed to ``route``: the exchange, the log and the metric learn of it."""
