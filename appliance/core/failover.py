@@ -181,6 +181,28 @@ def _restyled(chunk: dict[str, Any], template: dict[str, Any], spent: Tokens, no
     return True
 
 
+async def _within(events: AsyncIterator[list[bytes]], stall_s: float, backend: str) -> AsyncIterator[list[bytes]]:
+    """A continuation's events, each within the stall time (its chunks are parsed anyway: one hop more is
+    nothing); a stall ends it with backend_timeout, which the stream ends with."""
+    watch = StallWatch(stall_s)
+    try:
+        while True:
+            watch.since = watch.loop.time()
+            try:
+                batch = await anext(events)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if not watch.stalled():
+                    raise
+                raise GatewayError("backend_timeout", f"backend {backend!r} sent nothing for {stall_s:g} s "
+                                   "mid-stream") from None
+            watch.since = None
+            yield batch
+    finally:
+        watch.close()
+
+
 def _opening(chunk: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any]) -> bool:
     """A continuation's opening chunk, its role gone: nothing left for a client that already had one."""
     return (not delta.get("content") and len(delta) <= 1 and choice.get("finish_reason") is None
@@ -332,8 +354,9 @@ class Failover:
                     began = True
                     note = self._went_on(failed, route, so_far, failure)
                     yield rendered(first, so_far.template, spent, note)
-                    async for batch in events:
-                        yield rendered(batch, so_far.template, spent, note)
+                    async with aclosing(_within(events, self.stall_s, route.backend)) as batches:
+                        async for batch in batches:
+                            yield rendered(batch, so_far.template, spent, note)
                 self._observed(route, target, started, None)
                 return
             except GatewayError as exc:
@@ -359,6 +382,9 @@ class Failover:
                      "to": f"{route.backend}/{route.upstream_model}", "at_token": so_far.content_events}
         x.route = route
         x.fallback_from = x.fallback_from or failed
+        # The failed backend no longer works for this request: out of its in-flight count now, not when the
+        # continuation ends (the pipeline's attempt sees the note and leaves it).
+        self._gw.breakers.end(failed.backend, failed.upstream_model)
         metrics.stream_failover(failed.backend, route.backend)
         log.warning("stream %s failed over from %s to %s at token %d: %s", x.request_id, self.note["from"],
                     self.note["to"], so_far.content_events, failure.message)

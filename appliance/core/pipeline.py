@@ -530,7 +530,8 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
         return exc
     finally:
         compute_cost(gw, x)  # an attempt that failed before its answer was accounted ran on the machine too
-        gw.breakers.end(route.backend, target.model)
+        if x.failover is None or x.failover.note is None:  # (a stream that went on elsewhere: ended there)
+            gw.breakers.end(route.backend, target.model)
     # A stream that failed after its first byte is answered (the client got an error event, no retry can
     # follow; or another target went on), but the backend failed all the same.
     if failure is None and x.failover is not None:

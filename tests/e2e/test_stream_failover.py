@@ -140,6 +140,23 @@ def test_a_reset_stream_goes_on_on_the_next_target_as_one_stream(app: Appliance,
     assert 'appliance_stream_failovers_total{from_backend="flaky",to_backend="fake"}' in metrics
 
 
+def test_the_failed_backend_counts_a_failure_and_neither_backend_keeps_the_request_in_flight(
+        app: Appliance, client: openai.OpenAI) -> None:
+    def breakers() -> dict[str, Any]:
+        backends = httpx.get(app.url + "/ready", timeout=10).json()["backends"]
+        return {name: backends[name]["breaker"] for name in ("flaky", "fake")}
+
+    before = breakers()["flaky"]["window_fail"]
+    list(client.chat.completions.create(model="fo-reset", messages=marked()[1], stream=True))
+
+    def settled() -> None:
+        now = breakers()
+        assert now["flaky"]["window_fail"] == before + 1
+        assert now["flaky"]["in_flight"] == 0 and now["fake"]["in_flight"] == 0
+
+    eventually(settled)
+
+
 def test_without_usage_asked_the_finish_chunk_carries_the_failover(client: openai.OpenAI) -> None:
     chunks = list(client.chat.completions.create(model="fo-reset", messages=marked()[1], stream=True))
     assert all(c.usage is None for c in chunks)

@@ -185,3 +185,11 @@ def test_the_meters_estimated_usage_chunk_carries_the_note_when_the_continuation
     (last,) = data([e + b"\n\n" for e in tail.split(b"\n\n") if e.startswith(b"data: {")])
     assert last["appliance"] == {"failover": NOTE} and last["usage"]["estimated"] is True
     assert b"appliance" not in StreamMeter(client_wants_usage=True).finish({})
+
+
+def test_a_continuation_that_stalls_ends_with_a_timeout() -> None:
+    batch = [event(chunk({"content": "a"}))]
+    with pytest.raises(GatewayError) as caught:
+        asyncio.run(_gather(failover._within(_source(batch, hang=True), 0.01, "b")))
+    assert caught.value.code == "backend_timeout"
+    assert asyncio.run(_gather(failover._within(_source(batch), 5, "b"))) == [batch]
