@@ -111,6 +111,7 @@ async def request_log(db: Database, args: dict[str, str | None]) -> list[dict[st
         row["stream"] = bool(row["stream"])
         row["estimated"] = bool(row["estimated"])
         row["guardrails"] = orjson.loads(row["guardrails"]) if row.get("guardrails") else None
+        row["failover"] = orjson.loads(row["failover"]) if row.get("failover") else None
         for name in ("request_body", "response_body"):
             row[name] = _body(row.get(name))
     return rows

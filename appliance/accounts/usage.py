@@ -291,8 +291,9 @@ class StreamMeter:
             return self.tokens
         return Tokens(estimate_prompt(body), self.content_events, estimated=True)
 
-    def finish(self, body: dict[str, Any]) -> bytes:
-        """What ends the stream: an estimated usage chunk when the client asked and got none, then [DONE]."""
+    def finish(self, body: dict[str, Any], appliance: dict[str, Any] | None = None) -> bytes:
+        """What ends the stream: an estimated usage chunk when the client asked and got none, then [DONE].
+        ``appliance``: the gateway's note for that last chunk (a mid-stream failover)."""
         tail = b""
         if not self._drop_usage and self.tokens is None and self.error is None:
             tokens = self.final_tokens(body)
@@ -300,5 +301,7 @@ class StreamMeter:
             if self._extras is not None:
                 usage.update(self._extras(tokens))
             chunk = {**(self._template or {}), "choices": [], "usage": usage}
+            if appliance is not None:
+                chunk["appliance"] = appliance
             tail = b"data: " + orjson.dumps(chunk) + b"\n\n"
         return tail + DONE

@@ -41,7 +41,7 @@ class StreamTranslator(Protocol):
 
     def feed(self, chunk: dict[str, Any]) -> bytes: ...
 
-    async def finish(self, usage: dict[str, Any] | None) -> bytes: ...
+    async def finish(self, usage: dict[str, Any] | None, failover: dict[str, Any] | None = None) -> bytes: ...
 
     async def error(self, err: GatewayError) -> bytes: ...
 
@@ -102,7 +102,11 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
         await responder.start_stream({**x.response_headers(), "X-Appliance-Overhead-Ms": ms(overhead)})
         x.streaming = True
         ttft = None
+        failover = x.failover  # None unless this stream may go on elsewhere (core/failover.py)
         try:
+            if failover is not None:  # from now on its events come through the failover's watch
+                events = failover.watched(events, first, call)
+                first = await anext(events, [])
             data, failure = translate(first)
             await responder.send(translator.start() + data)
             if failure is not None:
@@ -125,8 +129,11 @@ async def relay_translated(gw: Gateway, call: Call, x: Exchange, responder: Resp
             record(gw, x, 200, tokens=translator.tokens, error_code=exc.code, overhead_s=overhead)
             await responder.end_stream(last)
             return exc
+        finally:
+            if failover is not None:
+                await events.aclose()  # type: ignore[attr-defined]  # a continuation's connection goes now
         ttft = first_at - x.started if first_at else None
-        last = await translator.finish(usage)
+        last = await translator.finish(usage, failover.note if failover is not None else None)
         record(gw, x, 200, tokens=translator.tokens, overhead_s=overhead, ttft_s=ttft)  # before the last bytes leave
         await responder.end_stream(last)
     return None
@@ -145,8 +152,8 @@ class _MessagesTranslator:
     def feed(self, chunk: dict[str, Any]) -> bytes:
         return self._stream.feed(chunk)
 
-    async def finish(self, usage: dict[str, Any] | None) -> bytes:
-        return self._stream.finish(usage)
+    async def finish(self, usage: dict[str, Any] | None, failover: dict[str, Any] | None = None) -> bytes:
+        return self._stream.finish(usage, appliance={"failover": failover} if failover is not None else None)
 
     async def error(self, err: GatewayError) -> bytes:
         return self._stream.error(err)
@@ -289,8 +296,8 @@ class _ResponsesTranslator:
         self._content += 1
         return _sse(self._stream.feed(chunk))
 
-    async def finish(self, usage: dict[str, Any] | None) -> bytes:
-        events = self._stream.finish(usage)
+    async def finish(self, usage: dict[str, Any] | None, failover: dict[str, Any] | None = None) -> bytes:
+        events = self._stream.finish(usage, appliance={"failover": failover} if failover is not None else None)
         if usage and isinstance(usage.get("prompt_tokens"), int):
             self._tokens = Tokens(usage["prompt_tokens"], usage.get("completion_tokens") or 0)
         else:

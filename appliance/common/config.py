@@ -126,6 +126,8 @@ class ModelSettings(_Model):
     retries: int | None = Field(None, ge=0, le=5, description="Retries per target on retryable errors.")
     timeout_s: float | None = Field(None, gt=0, description="Total time per attempt (caps the backend's).")
     first_token_timeout_s: float | None = Field(None, gt=0, description="Streams: time to the first byte.")
+    stream_stall_ms: int | None = Field(None, gt=0, description="Streams: longest silence after the first byte "
+                                        "before the stream fails over (default: [routing] stream_stall_ms).")
     context_window: int | None = Field(None, gt=0, description="Overrides the discovered context window.")
     max_output_tokens: int | None = Field(None, gt=0, description="Advertised output limit.")
     capabilities: dict[str, bool] | None = Field(None, description="Overrides discovered capabilities.")
@@ -190,6 +192,10 @@ class RoutingSettings(_Model):
     breaker_window_s: float = Field(30, gt=0, description="Window of the failure rate.")
     breaker_cooldown_s: float = Field(15, gt=0, description="Open time before one trial request goes through.")
     probe_interval_s: float = Field(10, gt=0, description="Active health probe of each backend.")
+    stream_failover: bool = Field(True, description="A chat stream whose backend fails after its first token "
+                                  "continues on the route's next healthy target (README: Mid-stream failover).")
+    stream_stall_ms: int = Field(30_000, gt=0, description="Streams: longest silence after the first byte before "
+                                 "the backend counts as failed (and the stream fails over).")
 
 
 class CacheSettings(_Model):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +56,18 @@ class Responder(Protocol):
     async def end_stream(self, data: bytes) -> None: ...
 
 
+class StreamFailover(Protocol):
+    """A chat stream's way on to another target when its backend fails mid-way (core/failover.Failover)."""
+
+    failure: GatewayError | None  # the first backend's failure, once another target went on
+    note: dict[str, Any] | None  # {"from", "to", "at_token"}, once another target went on
+
+    def watched(self, events: AsyncIterator[list[bytes]], first: list[bytes],
+                call: Any) -> AsyncIterator[list[bytes]]: ...
+
+    def logged(self) -> str | None: ...
+
+
 @dataclass(slots=True)
 class Exchange:
     """One client request as the pipeline sees it, and what became of it."""
@@ -96,6 +108,7 @@ class Exchange:
     compute_open: tuple[str, float, float] | None = None
     template: str | None = None  # "id@version" of the prompt template the request used (core/templates.py)
     guard: Guard | None = None  # the request's guardrails and their outcomes; None: no guardrail applies
+    failover: StreamFailover | None = None  # a chat stream's way on to another target if its backend fails mid-way
 
     def session(self) -> str | None:
         """The session id for the request log: the connection's, or a sane one the client sent."""
@@ -326,6 +339,7 @@ def record(
         compute_cost_usd=round(compute, 9) if compute is not None else None,
         template=x.template,
         guardrails=_guardrails_log(x.guard),
+        failover=x.failover.logged() if x.failover is not None else None,
     )
     bodies = None
     if gw.settings.log.store_bodies:

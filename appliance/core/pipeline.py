@@ -17,7 +17,7 @@ import orjson
 from appliance.accounts.usage import NO_COST
 from appliance.common import system_messages
 from appliance.common.errors import GatewayError, retry_after_headers
-from appliance.core import cache, guarding, resilience, router, templates, vision
+from appliance.core import cache, failover, guarding, resilience, router, templates, vision
 from appliance.core.catalog import Plan, Route
 from appliance.core.embeddings import CACHE
 from appliance.core.exchange import (
@@ -420,7 +420,9 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
     first_failed: Route | None = None
     skipped: list[str] = []
     images = Images(body) if endpoint == CHAT and vision.has_images(body.get("messages")) else None
-    for target in order:
+    goes_on = stream and endpoint == CHAT and len(order) > 1 and gw.settings.routing.stream_failover and (
+        body.get("n") in (None, 1))
+    for position, target in enumerate(order):
         route = by_target[target]
         unsupported = _unsupported(gw, x, endpoint, route)
         if unsupported is not None:
@@ -440,6 +442,9 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
             x.route = route
             x.attempts += 1
             x.fallback_from = first_failed if first_failed is not None and first_failed != route else None
+            if goes_on:
+                x.failover = _failover(gw, x, body, sent, plan, [(by_target[t], t) for t in order[position + 1:]],
+                                       images, first_token_s)
             error = await _attempt(gw, endpoint, sent, route, target, x, responder, surface, timeout_s,
                                    first_token_s, stream, store)
             if error is None:
@@ -457,6 +462,25 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
         raise GatewayError("no_healthy_backend", f"Every backend for {plan.name!r} is failing "
                            f"({', '.join(skipped)}); try again in {wait:.0f} s.", headers=retry_after_headers(wait))
     raise last_error
+
+
+def _failover(gw: Gateway, x: Exchange, body: dict[str, Any], sent: dict[str, Any], plan: Plan,
+              rest: list[tuple[Route, Target]], images: Images | None,
+              first_token_s: float | None) -> failover.Failover | None:
+    """How a chat stream may go on after its backend fails mid-way: on the plan's later targets."""
+    if not rest:
+        return None
+    stall_ms = plan.alias.stream_stall_ms if plan.alias is not None else None
+
+    def body_for(route: Route) -> dict[str, Any] | None:
+        if _unsupported(gw, x, CHAT, route) is not None:
+            return None
+        if images is not None and sent is body and gw.catalog.vision(route) is False:
+            return None  # its images would first need describing: not in the middle of a stream
+        return _for_target(gw, x, CHAT, sent, route)
+
+    return failover.Failover(gw, x, rest, body_for, (stall_ms or gw.settings.routing.stream_stall_ms) / 1000,
+                             first_token_s)
 
 
 class Images:
@@ -506,9 +530,12 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
         return exc
     finally:
         compute_cost(gw, x)  # an attempt that failed before its answer was accounted ran on the machine too
-        gw.breakers.end(route.backend, target.model)
+        if x.failover is None or x.failover.note is None:  # (a stream that went on elsewhere: ended there)
+            gw.breakers.end(route.backend, target.model)
     # A stream that failed after its first byte is answered (the client got an error event, no retry can
-    # follow), but the backend failed all the same.
+    # follow; or another target went on), but the backend failed all the same.
+    if failure is None and x.failover is not None:
+        failure = x.failover.failure
     gw.breakers.record(route.backend, ok=failure is None or not resilience.breaker_failure(failure))
     gw.selector.observe(target, time.perf_counter() - started, ok=failure is None or not resilience.retryable(failure))
     return None

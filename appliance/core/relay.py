@@ -114,7 +114,11 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
                                       "X-Appliance-Latency-Ms": ms(first_byte),
                                       "X-Appliance-Overhead-Ms": ms(overhead)})
         x.streaming = True
+        failover = x.failover  # None unless this stream may go on elsewhere (core/failover.py)
         try:
+            if failover is not None:  # from now on its events come through the failover's watch
+                events = failover.watched(events, first, call)
+                first = await anext(events, [])
             refused = None
             if guard is not None and first:
                 first, refused = guarding.rewrite_events(guard, first)
@@ -145,7 +149,10 @@ async def relay_stream(gw: Gateway, call: Call, x: Exchange, responder: Responde
                    overhead_s=overhead, ttft_s=_ttft(meter, x))
             await responder.end_stream(exc.sse_event(x.request_id) + DONE)
             return exc
-        last = meter.finish(call.body)
+        finally:
+            if failover is not None:
+                await events.aclose()  # type: ignore[attr-defined]  # a continuation's connection goes now
+        last = meter.finish(call.body, {"failover": failover.note} if failover is not None and failover.note else None)
         error_code = None
         if meter.error is not None:
             error_code = str(meter.error.get("code") or meter.error.get("type") or "backend_error")

@@ -92,13 +92,15 @@ DESCRIBED_IMAGES = Counter("appliance_described_images", "Images described for m
                            "description came from (source: memory, table or describer).", ("source",), registry=None)
 GUARDRAILS = Counter("appliance_guardrail", "Guardrail checks, by outcome (passed, redacted, blocked, failed).",
                      ("guardrail", "outcome"), registry=None)
+STREAM_FAILOVERS = Counter("appliance_stream_failovers", "Streams whose backend failed after the first token and "
+                           "that went on on another target.", ("from_backend", "to_backend"), registry=None)
 WORKERS = Gauge("appliance_workers", "Worker processes serving.", multiprocess_mode="livesum", registry=None)
 BUILD_INFO = Gauge("appliance_build_info", "The running version (value 1).", ("version",),
                    multiprocess_mode="livemax", registry=None)
 
 _COMMON = (INFLIGHT, RETRIES, FALLBACKS, RATELIMIT_REJECTIONS, WRITE_QUEUE, DB_WRITE_FAILURES, WORKERS, BUILD_INFO,
            REQUEST_SECONDS, UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS, EMBEDDED_TEXTS, EMBEDDING_FAILURES,
-           DESCRIBED_IMAGES, COMPUTE_COST, GUARDRAILS)
+           DESCRIBED_IMAGES, COMPUTE_COST, GUARDRAILS, STREAM_FAILOVERS)
 
 
 # ------------------------------------------------------------------------------------------ the folder
@@ -262,6 +264,11 @@ def embedded(purpose: str, *, from_memory: int, from_backend: int) -> None:
 def guardrail(name: str, outcome: str) -> None:
     """One request's outcome of one guardrail (names and outcomes are a closed set: bounded labels)."""
     GUARDRAILS.labels(name, outcome).inc()
+
+
+def stream_failover(from_backend: str, to_backend: str) -> None:
+    """A stream went on on ``to_backend`` after ``from_backend`` failed mid-way (backend names: bounded labels)."""
+    STREAM_FAILOVERS.labels(from_backend, to_backend).inc()
 
 
 def embedding_failed(purpose: str) -> None:

@@ -35,14 +35,15 @@ class RequestRecord(NamedTuple):
     compute_cost_usd: float | None = None
     template: str | None = None  # "id@version" of the prompt template the request used
     guardrails: str | None = None  # JSON: each guardrail applied and its outcome, e.g. {"pii": "redacted"}
+    failover: str | None = None  # JSON: where a stream failed mid-way and went on, {"from", "to", "at_token"}
 
 
 INSERT = (
     "INSERT INTO requests (request_id, created_at, endpoint, model, backend, backend_model, status, "
     "error_code, stream, latency_ms, overhead_ms, ttft_ms, prompt_tokens, completion_tokens, estimated, "
     "key_id, cached_tokens, input_cost_usd, output_cost_usd, cost_usd, cache, session_id, batch_id, "
-    "compute_cost_usd, template, guardrails) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "compute_cost_usd, template, guardrails, failover) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -77,7 +78,7 @@ INSERT_BODIES = ("INSERT INTO request_bodies (request_id, created_at, request, r
 
 _COLUMNS = ("id, request_id, created_at, endpoint, model, backend, backend_model, status, error_code, stream, "
             "latency_ms, overhead_ms, ttft_ms, prompt_tokens, completion_tokens, cached_tokens, estimated, key_id, "
-            "input_cost_usd, output_cost_usd, cost_usd, compute_cost_usd, cache, template, guardrails")
+            "input_cost_usd, output_cost_usd, cost_usd, compute_cost_usd, cache, template, guardrails, failover")
 
 
 async def search(db: Database, *, limit: int, model: str | None = None, status: int | None = None,

@@ -4,7 +4,7 @@ A request picks its script with the ``x-mock-script`` header (the gateway passes
 with a model named ``script-<name>``. Each script is one answer, whole or streamed: text (in pieces when
 streamed), tool calls (arguments as a string in fragments, in one chunk, or as a JSON object), a finish
 reason, the matched stop string vLLM reports, usage; or a fault: an HTTP error, a stream cut off
-mid-way (the TCP connection dropped) or a stream carrying an error event.
+mid-way (the TCP connection dropped, also in a tool call), a stream carrying an error event or one gone silent.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from aiohttp import web
 
 HEADER = "x-mock-script"
 WEATHER_ARGS = '{"city":"Paris"}'
+STALL_S = 60
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class Script:
     cut_after: int | None = None  # streamed: drop the connection after this many content deltas
     error_after: int | None = None  # streamed: send a data: {"error": ...} event after this many deltas
     delay_s: float = 0.0  # between streamed chunks
+    stall_after: int | None = None  # streamed: go silent (for a minute) after this many content deltas
+    cut_in_call: bool = False  # streamed: drop the connection after the first tool call's first chunk
 
     def usage_for(self, body: dict[str, Any]) -> dict[str, int]:
         usage = dict(self.usage)
@@ -78,6 +81,8 @@ SCRIPTS: dict[str, Script] = {
     "error-400": Script(status=400),
     "reset": Script("Hello!", ("He", "llo", "!"), cut_after=2),
     "error-event": Script("Hello!", ("He", "llo", "!"), error_after=2),
+    "stall": Script("Hello!", ("He", "llo", "!"), stall_after=2),
+    "reset-in-call": Script("Checking", ("Check", "ing"), tool_calls=(_PARIS,), finish="tool_calls", cut_in_call=True),
 }
 
 
@@ -147,6 +152,12 @@ async def _stream(request: web.Request, body: dict[str, Any], script: Script, mo
         if script.cut_after is not None and sent == script.cut_after:
             request.transport.abort()  # type: ignore[union-attr]
             return response
+        if script.stall_after is not None and sent == script.stall_after:
+            for _ in range(int(STALL_S * 10)):  # until the gateway gives up and closes the connection
+                await asyncio.sleep(0.1)
+                if request.transport is None or request.transport.is_closing():
+                    break
+            return response
         if script.error_after is not None and sent == script.error_after:
             await write(b'data: {"error": {"message": "scripted failure mid-stream", "type": "server_error", '
                         b'"code": 500}}\n\n')
@@ -159,6 +170,9 @@ async def _stream(request: web.Request, body: dict[str, Any], script: Script, mo
                 "name": call.name, "arguments": _arguments(call)}}]}))
             continue
         await write(_chunk(model, {"tool_calls": [{**head, "function": {"name": call.name, "arguments": ""}}]}))
+        if script.cut_in_call:
+            request.transport.abort()  # type: ignore[union-attr]
+            return response
         for fragment in call.fragments:
             await write(_chunk(model, {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}))
     extra = {"stop_reason": script.stop_reason} if script.stop_reason is not None else {}

@@ -149,9 +149,10 @@ class MessagesStream:
             return self._sent(self.ping())
         return b""
 
-    def finish(self, usage: dict[str, Any] | None = None) -> bytes:
+    def finish(self, usage: dict[str, Any] | None = None, *, appliance: dict[str, Any] | None = None) -> bytes:
         """The end of a stream that ended normally: open blocks closed, buffered tool calls, message_delta
-        (stop reason, usage) and message_stop. ``usage``: chat usage to report instead of the last seen."""
+        (stop reason, usage) and message_stop. ``usage``: chat usage to report instead of the last seen.
+        ``appliance``: the gateway's own note for the message_delta (a mid-stream failover)."""
         if self._state == "closed":
             return b""
         out = [self.start()]
@@ -164,9 +165,12 @@ class MessagesStream:
             matched=self._matched, completion=self.usage.get("completion_tokens") if self.usage else None,
             request=self._request)
         delta_usage = anthropic_usage(self.usage) or _usage_dict(self.input_tokens, self.output_tokens)
-        out.append(sse_event("message_delta", {
+        message_delta: dict[str, Any] = {
             "type": "message_delta", "delta": {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence},
-            "usage": {"output_tokens": delta_usage.pop("output_tokens"), **delta_usage}}))
+            "usage": {"output_tokens": delta_usage.pop("output_tokens"), **delta_usage}}
+        if appliance is not None:
+            message_delta["appliance"] = appliance
+        out.append(sse_event("message_delta", message_delta))
         out.append(sse_event("message_stop", {"type": "message_stop"}))
         self._state = "closed"
         return b"".join(out)

@@ -163,10 +163,12 @@ class ResponsesStream:
             self._finish = choice["finish_reason"]  # not the end yet: usage may follow
         return events
 
-    def finish(self, usage: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def finish(self, usage: dict[str, Any] | None = None, *,
+               appliance: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Close the stream after the backend's [DONE] or EOF. ``usage`` (chat shape) overrides the stream's:
         pass the gateway's estimate when the backend reported none. No finish_reason seen means the backend
-        stopped mid-answer: the response fails."""
+        stopped mid-answer: the response fails. ``appliance``: the gateway's own note (a mid-stream failover)
+        for the final event's response object (the stored response goes without it)."""
         if self._state == _DONE:
             return []
         if self._finish is None:
@@ -177,7 +179,8 @@ class ResponsesStream:
         self._state = _DONE
         self.response = finished_response(self._base, self._output, reason,
                                           response_usage(usage if usage is not None else self._usage))
-        events.append(self._event("response.incomplete" if reason else "response.completed", response=self.response))
+        shown = self.response if appliance is None else {**self.response, "appliance": appliance}
+        events.append(self._event("response.incomplete" if reason else "response.completed", response=shown))
         return events
 
     def fail(self, err: GatewayError) -> list[dict[str, Any]]:

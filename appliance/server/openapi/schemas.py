@@ -42,6 +42,8 @@ def list_of(item: Schema, **more: Schema) -> Schema:
 
 
 STRING, INTEGER, NUMBER, BOOLEAN = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+# A stream that failed over mid-way (README: Mid-stream failover): in the request log and the stream's last event.
+FAILOVER = obj({"from": STRING, "to": STRING, "at_token": INTEGER})
 
 
 def error_schemas() -> dict[str, Schema]:
@@ -181,6 +183,8 @@ def key_schemas() -> dict[str, Schema]:
         "guardrails": nullable({"type": "object", "additionalProperties": {
             "enum": ["passed", "redacted", "blocked", "failed"]}, "description": "Each guardrail applied and its "
             "outcome; null when none applied."}),
+        "failover": nullable({**FAILOVER, "description": "Where a stream's backend failed after its first token "
+                              "and which target went on (README: Mid-stream failover); null: none."}),
         "request_body": {"description": "The stored request (JSON, or text when cut short); null unless "
                          "[log] store_bodies."},
         "response_body": {"description": "The stored response, likewise."},
