@@ -282,6 +282,11 @@ class Breakers:
         return slot
 
     @property
+    def worker(self) -> int:
+        """This process's column for in-flight counts."""
+        return self._worker
+
+    @property
     def lock(self) -> Any:
         """The table's lock (core/admission.py keeps its queue under it too)."""
         return self._table.lock
