@@ -69,11 +69,12 @@ class Traffic:
         self.done: list[tuple[str, int, str | None]] = []  # (label, status, request id)
         self.threads: list[threading.Thread] = []
 
-    def send(self, client: openai.OpenAI, label: str, **extra: Any) -> None:
+    def send(self, client: openai.OpenAI, label: str, model_override: str = "slow/fake-chat", max_tokens: int = 16,
+             **extra: Any) -> None:
         def run() -> None:
             try:
-                raw = client.chat.completions.with_raw_response.create(model="slow/fake-chat", messages=MESSAGES,
-                                                                       extra_body=extra)
+                raw = client.chat.completions.with_raw_response.create(model=model_override, messages=MESSAGES,
+                                                                       max_tokens=max_tokens, extra_body=extra)
                 outcome = (label, raw.status_code, raw.headers.get("x-request-id"))
             except openai.APIStatusError as exc:
                 outcome = (label, exc.status_code, exc.response.headers.get("x-request-id"))
@@ -205,3 +206,41 @@ def _json_list(text: str) -> list[dict[str, Any]]:
 def test_an_admin_key_with_no_weight_shares_the_default(app: Appliance) -> None:
     client = openai.OpenAI(base_url=app.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)
     assert client.chat.completions.create(model="slow/fake-chat", messages=MESSAGES).choices
+
+
+@pytest.mark.llamacpp
+def test_the_real_single_slot_server_serves_a_quiet_key_between_a_floods_requests(tmp_path: Any,
+                                                                                  llamacpp_url: str) -> None:
+    """llama-cpp-python answers one request at a time: its capacity (1) is learned from its kind, no config."""
+    app = Appliance(tmp_path / "real", {"discovery": {"enabled": False, "interval_s": 2},
+                                        "backends": [{"name": "llamacpp", "url": llamacpp_url, "timeout_s": 120}]})
+    app.start()
+    try:
+        eventually(lambda: _capacity(app, "llamacpp", 1), timeout=60)
+        a_id, a_key = new_key(app, "flood")
+        b_id, b_key = new_key(app, "quiet")
+        traffic = Traffic()
+        flood, quiet = sdk(app, a_key), sdk(app, b_key)
+        for i in range(20):
+            traffic.send(flood, f"A{i}", max_tokens=24, model_override="llamacpp/tiny")
+        eventually(lambda: _at_least(queue_depth(app, "llamacpp"), 15), timeout=60)
+        with traffic.lock:
+            finished = len(traffic.done)  # A's answered before B's were sent (a count, not a time)
+        for i in range(2):
+            traffic.send(quiet, f"B{i}", max_tokens=24, model_override="llamacpp/tiny")
+        done = traffic.wait()
+        assert len(done) == 22 and all(status == 200 for _, status, _ in done), done
+        rows = rows_where(app, "key_id IN (?, ?)", (a_id, b_id), count=22)
+        assert {row["status"] for row in rows} == {200} and {row["backend"] for row in rows} == {"llamacpp"}
+        # Each of B's waits for the A running when it came (one more may have begun while B's request travelled)
+        # and at most one of A's queued ones, never for the 15 or more queued before it.
+        order = [label for label, _, _ in done]
+        a_before = sorted(sum(1 for label in order[:order.index(b)] if label.startswith("A")) for b in ("B0", "B1"))
+        assert a_before[0] <= finished + 2 and a_before[1] <= finished + 3, (finished, order)
+    finally:
+        app.stop()
+
+
+def _capacity(app: Appliance, backend: str, wanted: int) -> None:
+    backends = {b["name"]: b for b in app.get("/statsz")[1]["backends"]}
+    assert backends[backend]["capacity"] == wanted, backends[backend]
