@@ -186,8 +186,8 @@ class FairQueue:
         queue = self._table.queue
         entries = queue.entries
         now = self._clock()
+        row = self._breakers.row(backend)  # before the lock: a first lookup takes it
         with self._breakers.lock:
-            row = self._breakers.row(backend)
             vtime = row.vtime
             last_finish = vtime
             free = kept = -1
@@ -251,8 +251,8 @@ class FairQueue:
     def _leave(self, place: Place, capacity: int) -> None:
         """A waiter gave up (deadline, client gone): its place frees, a granted one passes to the next."""
         entry = self._table.queue.entries[place.index]
+        row = self._breakers.row(place.backend)
         with self._breakers.lock:
-            row = self._breakers.row(place.backend)
             if entry.state == WAITING:
                 row.queued -= 1
             elif entry.state == GRANTED:

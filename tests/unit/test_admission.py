@@ -244,3 +244,25 @@ async def test_a_full_queue_refuses_at_once() -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     assert breakers.state("b")["queued"] == 0
+
+
+@synchronous
+async def test_a_dead_workers_places_are_dropped_by_its_successor() -> None:
+    world = World()
+    breakers0, fair0 = world.worker(0)
+    _, fair1 = world.worker(1)
+    await world.request(fair0, "first", "A")
+    lost = asyncio.create_task(world.request(fair1, "lost", "B"))
+    await settle()
+    lost.cancel()  # the process is gone: nothing of it runs again, but its entry stays in shared memory...
+    fair1._leave = lambda *_: None  # type: ignore[method-assign]  # ...as a killed process leaves it
+    await asyncio.gather(lost, return_exceptions=True)
+    assert breakers0.state("b")["queued"] == 1
+    _, successor = world.worker(1)
+    successor.forget_worker()
+    assert breakers0.state("b")["queued"] == 0
+    waiter = asyncio.create_task(world.request(fair0, "next", "C"))
+    await settle()
+    breakers0.end("b")
+    fair0.released("b")
+    assert await waiter is not None and world.admitted == ["first", "next"]
