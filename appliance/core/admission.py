@@ -169,7 +169,7 @@ class FairQueue:
         try:
             mark = await self._wait(place, model, capacity, limit)
         except BaseException:
-            self._leave(place, capacity)
+            self._leave(place)
             raise
         return mark, self._clock() - place.since
 
@@ -244,14 +244,24 @@ class FairQueue:
                 raise self._overloaded(place.backend, row, capacity,
                                        f"this request waited {limit_s * 1000:.0f} ms in the appliance's queue",
                                        max(row.queued, 1))
+            capacity = self.capacity(place.backend) or 0  # a reload may change it, or switch admission off
+            if not capacity:
+                with self._breakers.lock:
+                    if entry.state == WAITING:  # no queue any more: in at once, as any request now
+                        entry.state = FREE
+                        row.queued -= 1
+                        return self._breakers.begin_locked(place.backend, model)
+                continue  # granted meanwhile
             if row.inflight_sum + row.reserved < capacity:  # room nobody granted (a lost wake-up, a new capacity)
-                self.released(place.backend)
+                with self._breakers.lock:
+                    self._grant(row, self._tag(place.backend), capacity)
             await self._sleep(POLL_S)
 
-    def _leave(self, place: Place, capacity: int) -> None:
+    def _leave(self, place: Place) -> None:
         """A waiter gave up (deadline, client gone): its place frees, a granted one passes to the next."""
         entry = self._table.queue.entries[place.index]
         row = self._breakers.row(place.backend)
+        capacity = self.capacity(place.backend)
         with self._breakers.lock:
             if entry.state == WAITING:
                 row.queued -= 1
@@ -260,7 +270,8 @@ class FairQueue:
             else:
                 return
             entry.state = FREE
-            self._grant(row, self._tag(place.backend), capacity)
+            if capacity:
+                self._grant(row, self._tag(place.backend), capacity)
 
     # ------------------------------------------------------------------ letting in
 
@@ -269,7 +280,7 @@ class FairQueue:
         row = self._breakers.row(backend)
         if row is None or not row.queued:
             return
-        capacity = self.capacity(backend) or row.capacity
+        capacity = self.capacity(backend)  # None: admission is off now; the waiters let themselves in
         if capacity:
             with self._breakers.lock:
                 self._grant(row, self._tag(backend), capacity)

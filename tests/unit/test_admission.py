@@ -266,3 +266,18 @@ async def test_a_dead_workers_places_are_dropped_by_its_successor() -> None:
     breakers0.end("b")
     fair0.released("b")
     assert await waiter is not None and world.admitted == ["first", "next"]
+
+
+@synchronous
+async def test_a_reload_changes_the_capacity_and_the_switch() -> None:
+    world = World(capacity=1)
+    breakers, fair = world.worker()
+    await world.request(fair, "first", "A")
+    waiter = asyncio.create_task(world.request(fair, "next", "B"))
+    await settle()
+    assert breakers.state("b")["queued"] == 1
+    fair.reconfigure(world.settings, {"b": world.configured["b"].model_copy(update={"max_concurrency": 2})})
+    assert await waiter is not None  # the waiter's own poll sees the new room
+    fair.reconfigure(AdmissionSettings(enabled=False), world.configured)
+    assert fair.capacity("b") is None and await world.request(fair, "third", "C") is None
+    assert breakers.in_flight("b") == 3
