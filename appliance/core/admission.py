@@ -149,20 +149,25 @@ class FairQueue:
 
     # ------------------------------------------------------------------ entering
 
-    async def begin(self, backend: str, model: str | None, key_id: str, weight: float | None,
-                    wait_s: float | None = None) -> tuple[float, float | None]:
-        """``Breakers.begin`` for one attempt, once ``backend`` has room for it: at once when it has, else after
-        waiting its turn in the queue. Returns the share-clock mark and the seconds waited (None: not queued).
+    def enter(self, backend: str, model: str | None) -> float | None:
+        """``Breakers.begin`` for one attempt when ``backend`` has room (or no known capacity): its share-clock
+        mark. None when the attempt must wait its turn (``wait_turn``). No await: the common case stays cheap."""
+        capacity = self.capacity(backend)
+        if capacity is None:
+            return self._breakers.begin(backend, model)
+        return self._breakers.try_begin(backend, model, capacity)
+
+    async def wait_turn(self, backend: str, model: str | None, key_id: str, weight: float | None,
+                        wait_s: float | None = None) -> tuple[float, float]:
+        """Wait in the queue for ``backend`` (after ``enter`` said None), then ``Breakers.begin``. Returns the
+        share-clock mark and the seconds waited.
 
         ``wait_s``: the longest wait (default ``queue_timeout_ms``); past it, 429 backend_overloaded. A cancelled
         waiter (its client left) leaves the queue at once.
         """
         capacity = self.capacity(backend)
-        if capacity is None:
-            return self._breakers.begin(backend, model), None
-        mark = self._breakers.try_begin(backend, model, capacity)
-        if mark is not None:
-            return mark, None
+        if capacity is None:  # switched off since enter
+            return self._breakers.begin(backend, model), 0.0
         limit = self.settings.queue_timeout_ms / 1000
         limit = limit if wait_s is None else min(limit, wait_s)
         place = self._enqueue(backend, key_id, weight or self.settings.default_weight, capacity)
@@ -172,6 +177,14 @@ class FairQueue:
             self._leave(place)
             raise
         return mark, self._clock() - place.since
+
+    async def begin(self, backend: str, model: str | None, key_id: str, weight: float | None,
+                    wait_s: float | None = None) -> tuple[float, float | None]:
+        """``enter``, else ``wait_turn``: the mark and the seconds waited (None: not queued)."""
+        mark = self.enter(backend, model)
+        if mark is not None:
+            return mark, None
+        return await self.wait_turn(backend, model, key_id, weight, wait_s)
 
     def _tag(self, backend: str) -> int:
         tag = self._tags.get(backend)

@@ -489,7 +489,9 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
     call = Call(endpoint, _for_target(gw, x, endpoint, body, route), x.upstream_id, x.headers,
                 limits=upstreams(gw, x).limits_for(route.backend, timeout_s), api_key=upstream_key(x, route.backend),
                 upload=x.upload)
-    mark = await _admitted(gw, x, route.backend, target.model, timeout_s)
+    mark = gw.admission.enter(route.backend, target.model)
+    if mark is None:  # the backend is full: wait for this key's turn
+        mark = await _queued(gw, x, route.backend, target.model, timeout_s)
     started = time.perf_counter()
     charge_from(gw, x, route.backend, mark)
     failure = None
@@ -520,15 +522,14 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
     return None
 
 
-async def _admitted(gw: Gateway, x: Exchange, backend: str, model: str, timeout_s: float | None) -> float:
-    """The attempt begins on ``backend`` once it has room (core/admission.py): at once, or after the key's turn in
-    the queue (at most the request's own timeout). The share-clock mark of ``Breakers.begin``."""
+async def _queued(gw: Gateway, x: Exchange, backend: str, model: str, timeout_s: float | None) -> float:
+    """The attempt begins on ``backend`` after the key's turn in the queue (core/admission.py), waiting at most the
+    request's own timeout. The share-clock mark of ``Breakers.begin``."""
     principal = x.principal
     key_id = principal.key_id if principal is not None else ANONYMOUS_ID
-    mark, waited = await gw.admission.begin(backend, model, key_id, principal.weight if principal else None,
-                                            timeout_s)
-    if waited is not None:
-        gw.metrics.admitted(backend, waited, (principal.key_id, principal.name) if principal is not None else None)
+    mark, waited = await gw.admission.wait_turn(backend, model, key_id, principal.weight if principal else None,
+                                                timeout_s)
+    gw.metrics.admitted(backend, waited, (principal.key_id, principal.name) if principal is not None else None)
     return mark
 
 
