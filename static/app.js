@@ -134,7 +134,9 @@
         [breakerText, breakerClass[breaker.state] ?? ""],
         [ms(b.latency_ms?.p50), "num"], [ms(b.latency_ms?.p95), "num"],
         [num(b.requests), "num"], [pct(b.error_rate), b.error_rate > 0 ? "num bad" : "num"],
-        [num(b.inflight), "num"], [num(b.models), "num"], b.kind ?? "—",
+        [missing(b.capacity) ? num(b.inflight) : `${num(b.inflight)} / ${num(b.capacity)}`, "num"],
+        [num(b.queued), b.queued > 0 ? "num warn" : "num"],
+        [num(b.models), "num"], b.kind ?? "—",
         missing(b.last_probe_at) ? "—" : `${duration(now - b.last_probe_at)} ago`,
         [b.last_error ?? "", "wrap"],
       ];

@@ -69,6 +69,7 @@ class Principal:
     budget_tokens: int | None = None
     budget_period: str | None = None
     budget_counts: str = "price"  # what budget_usd counts: price, compute or both
+    weight: float | None = None  # share in the fair admission queue (None: [admission] default_weight)
     slot: int | None = None  # row of the live counters; None for the anonymous owner
     expires_at: float | None = None
     guardrails: tuple[str, ...] = ()  # applied to every request of the key (a request can add, not remove)
@@ -83,7 +84,7 @@ class Principal:
             endpoints=tuple(row["endpoints"]) if row["endpoints"] is not None else None, rpm=row["rpm"],
             tpm=row["tpm"], max_concurrent=row["max_concurrent"], budget_usd=row["budget_usd"],
             budget_tokens=row["budget_tokens"], budget_period=row["budget_period"],
-            budget_counts=row.get("budget_counts") or "price", slot=row["slot"],
+            budget_counts=row.get("budget_counts") or "price", weight=row.get("weight"), slot=row["slot"],
             expires_at=row["expires_at"], upstream_keys=upstream_keys or {},
             guardrails=tuple(row.get("guardrails") or ()),
         )

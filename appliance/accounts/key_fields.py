@@ -34,6 +34,10 @@ class KeyFields(BaseModel):
     budget_counts: Literal["price", "compute", "both"] = Field(
         "price", description="What budget_usd counts: token prices from [[models]] (price), the compute cost of "
         "backends with a cost_per_hour (compute), or their sum (both).")
+    weight: float | None = Field(
+        None, gt=0, le=1000, allow_inf_nan=False,
+        description="The key's share when requests wait for a backend at capacity: a key of weight 2 gets twice the "
+        "turns of a key of weight 1 (null: [admission] default_weight).")
     metadata: dict[str, Any] = Field(default_factory=dict)
     guardrails: list[GuardrailName] = Field(
         default_factory=list, max_length=8,

@@ -5,8 +5,10 @@ A line is dispatched to a backend only when all of these hold:
   else ``batches.max_concurrency``, else by kind: vLLM 4, llama.cpp its slots - 1, anything else 1);
 - the backend's own queue is empty, where it reports one (vLLM's waiting requests, llama.cpp's deferred
   ones; samples older than 3 s are ignored);
+- no request waits for the backend in the fair admission queue (core/admission.py);
 - interactive requests in flight (all workers, from the shared in-flight counters) plus the batch lines
-  leave room within the backend's capacity: its slot count where known, else cap + ``batches.reserve``;
+  leave room within the backend's capacity: its admission capacity (``max_concurrency``, or learned) or
+  slot count where known, else cap + ``batches.reserve``;
   single-slot servers (Ollama, llama-cpp-python) get the batch line only while nothing else runs.
 """
 
@@ -82,8 +84,14 @@ class Admission:
         load = self._fresh(backend)
         if load is not None and load.queue_waiting > 0:
             return 0
+        row = self._gw.breakers.row(backend)
+        if row is not None and row.queued:
+            return 0  # requests wait for this backend in the fair admission queue: they go first
         interactive = max(0, self._gw.breakers.in_flight(backend) - mine)
-        if load is not None and load.slots_total:
+        known = self._gw.admission.capacity(backend)
+        if known is not None:
+            capacity = known
+        elif load is not None and load.slots_total:
             capacity = load.slots_total
         elif self._kind(backend) in _SINGLE_SLOT and backend not in self._settings.backend_concurrency:
             capacity = cap

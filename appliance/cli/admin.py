@@ -26,9 +26,9 @@ from appliance.storage.migrate import database_path, migrate
 
 EXIT_FAILED = 1
 _FIELDS = ("name", "role", "rpm", "tpm", "max_concurrent", "budget_usd", "budget_tokens", "budget_period",
-           "budget_counts")
+           "budget_counts", "weight")
 _LISTED = ("id", "name", "role", "prefix", "enabled", "models", "rpm", "tpm", "budget_usd", "budget_period",
-           "budget_counts", "expires_at", "upstream_keys")
+           "budget_counts", "weight", "expires_at", "upstream_keys")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

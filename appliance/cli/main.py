@@ -130,6 +130,8 @@ def _key_fields(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-period", choices=("day", "week", "month"))
     parser.add_argument("--budget-counts", choices=("price", "compute", "both"),
                         help="what --budget-usd counts: token prices (default), compute cost, or both")
+    parser.add_argument("--weight", type=float, help="share when requests wait for a backend at capacity "
+                        "(default: [admission] default_weight)")
     parser.add_argument("--metadata", metavar="JSON", help="a JSON object kept with the key")
     parser.add_argument("--upstream-key", action="append", metavar="BACKEND",
                         help="give the key its own API key for BACKEND, read from standard input (one line per "

@@ -82,6 +82,10 @@ class BackendSettings(_Model):
     cost_per_hour: float = Field(0, ge=0, allow_inf_nan=False, description="USD per hour of the machine or GPU "
                                  "behind it: each request is charged its share of the busy time as "
                                  "compute_cost_usd (0: off).")
+    max_concurrency: int | None = Field(None, gt=0, le=100_000, description="Requests it serves at once: beyond "
+                                        "this, requests wait in the appliance's fair queue ([admission]). Default: "
+                                        "learned where the server tells (llama.cpp /slots; llama-cpp-python: 1), "
+                                        "else none (no queue).")
 
     @field_validator("capabilities")
     @classmethod
@@ -395,6 +399,15 @@ class BatchesSettings(_Model):
     poll_interval_s: float = Field(0.5, gt=0, description="How often the runner looks for work.")
 
 
+class AdmissionSettings(_Model):
+    enabled: bool = Field(True, description="Hold requests beyond a backend's capacity (max_concurrency, or "
+                          "learned) in the appliance's own queue, let in by weighted fair queuing between keys.")
+    queue_timeout_ms: int = Field(30_000, gt=0, le=3_600_000, description="Longest wait in the queue (a request's "
+                                  "own timeout caps it); then 429 backend_overloaded with Retry-After.")
+    default_weight: float = Field(1.0, gt=0, le=1000, allow_inf_nan=False, description="The share weight of keys "
+                                  "that set none (and of requests without a key).")
+
+
 class DiscoverySettings(_Model):
     enabled: bool = Field(True, description="Probe local ports for backends when none is configured.")
     interval_s: float = Field(60, gt=0, description="How often backends are probed and listed.")
@@ -421,6 +434,7 @@ class Settings(_Model):
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     files: FilesSettings = Field(default_factory=FilesSettings)
     batches: BatchesSettings = Field(default_factory=BatchesSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     guardrails: GuardrailsSettings = Field(default_factory=GuardrailsSettings)
     config_file: Path | None = Field(None, description="Where these settings came from (not a TOML key).")
 

@@ -344,6 +344,7 @@ class Failover:
                              limits=upstreams(gw, x).limits_for(route.backend, None),
                              api_key=upstream_key(x, route.backend))
             compute_cost(gw, x)  # the failed attempt's share of its backend's busy time ends here
+            # Not queued behind other keys (core/admission.py): this client is in the middle of its answer.
             charge_from(gw, x, route.backend, gw.breakers.begin(route.backend, target.model))
             started = time.perf_counter()
             began = False
@@ -366,6 +367,7 @@ class Failover:
                 log.info("stream failover to %r failed before its first byte: %s", route.backend, exc.message)
             finally:  # (a client that left counts neither way, as in the pipeline's attempts)
                 gw.breakers.end(route.backend, target.model)
+                gw.admission.released(route.backend)
 
     def _observed(self, route: Route, target: Target, started: float, failure: GatewayError | None) -> None:
         """The continuation's outcome, for its backend's breaker and the selector's latency view."""
@@ -385,6 +387,7 @@ class Failover:
         # The failed backend no longer works for this request: out of its in-flight count now, not when the
         # continuation ends (the pipeline's attempt sees the note and leaves it).
         self._gw.breakers.end(failed.backend, failed.upstream_model)
+        self._gw.admission.released(failed.backend)
         metrics.stream_failover(failed.backend, route.backend)
         log.warning("stream %s failed over from %s to %s at token %d: %s", x.request_id, self.note["from"],
                     self.note["to"], so_far.content_events, failure.message)

@@ -17,6 +17,7 @@ from appliance.accounts.usage import ComputeRates, Prices
 from appliance.common.config import BackendSettings, Settings
 from appliance.common.errors import GatewayError
 from appliance.core import discovery
+from appliance.core.admission import FairQueue, QueueTable
 from appliance.core.cache import ResponseCache
 from appliance.core.catalog import Catalog, Plan
 from appliance.core.embeddings import Embedder
@@ -59,8 +60,9 @@ class Upstreams:
 
 def _same_upstream(old: BackendSettings | None, new: BackendSettings) -> bool:
     """The same backend for its provider: a reload that changes only its cost_per_hour (which the provider never
-    reads; gw.compute has it) keeps the provider and its health."""
-    return old is not None and (old == new or old.model_copy(update={"cost_per_hour": new.cost_per_hour}) == new)
+    reads; gw.compute has it) or its max_concurrency (gw.admission's) keeps the provider and its health."""
+    return old is not None and (old == new or old.model_copy(
+        update={"cost_per_hour": new.cost_per_hour, "max_concurrency": new.max_concurrency}) == new)
 
 
 @dataclass
@@ -73,10 +75,12 @@ class Gateway:
     limiter: Limiter
     breakers: Breakers
     cache: ResponseCache
+    queue: QueueTable | None = None  # the fair admission queue all workers share (None: this process's own)
     catalog: Catalog = field(init=False)
     prices: Prices = field(init=False)
     compute: ComputeRates = field(init=False)  # beside prices: what a backend's busy seconds cost
     model_scopes: ModelScopes = field(init=False)
+    admission: FairQueue = field(init=False)
     selector: Selector = field(default_factory=Selector, init=False)
     rng: random.Random = field(default_factory=random.Random, init=False)  # retry jitter
     upstreams: Upstreams = field(default_factory=Upstreams, init=False)
@@ -96,6 +100,12 @@ class Gateway:
         self._derive()
         for backend in self.settings.backends:
             self._add(backend, kind=backend.type)
+        self.admission = FairQueue(self.queue or QueueTable(shared=False), self.breakers, self.settings.admission,
+                                   self.upstreams.backends, self._kind_of, getattr(self.breakers, "worker", 0))
+
+    def _kind_of(self, backend: str) -> str | None:
+        state = self.catalog.backends.get(backend)  # whichever catalog is current
+        return state.kind if state is not None else None
 
     def _derive(self) -> None:
         """What follows from the settings alone (at start and on each reload)."""
@@ -181,6 +191,7 @@ class Gateway:
         self._derive()
         self.cache.reconfigure(settings.cache)
         self.breakers.reconfigure(settings.routing)
+        self.admission.reconfigure(settings.admission, upstreams.backends)
         added = [name for name in upstreams.providers if upstreams.providers[name] is not old.providers.get(name)]
         if added:  # new or changed backends: probe them now rather than at the next interval
             asyncio.get_running_loop().create_task(self._probe_all(added), name="probe-reloaded")
@@ -201,7 +212,8 @@ class Gateway:
 
     @property
     def _wants_load(self) -> bool:
-        return any(m.strategy == "least_busy" for m in self.settings.models)
+        # least_busy ranks by it; fair admission learns a llama.cpp server's capacity from its /slots.
+        return self.settings.admission.enabled or any(m.strategy == "least_busy" for m in self.settings.models)
 
     async def _sample_load(self, name: str) -> None:
         try:

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from appliance.accounts.auth import ANONYMOUS_ID
 from appliance.accounts.usage import NO_COST
 from appliance.common import system_messages
 from appliance.common.errors import GatewayError, retry_after_headers
@@ -416,6 +417,9 @@ async def _dispatch(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan
     first_token_s = plan.alias.first_token_timeout_s if plan.alias is not None else None
     by_target = {Target(r.backend, r.upstream_model): r for r in plan.routes}
     order = gw.order(plan, list(by_target))
+    if len(order) > 1 and not gw.admission.has_room(order[0].backend):
+        # The pick would wait in the queue: a target with room goes first (the strategy's order otherwise kept).
+        order = sorted(order, key=lambda t: not gw.admission.has_room(t.backend))
     last_error: GatewayError | None = None
     first_failed: Route | None = None
     skipped: list[str] = []
@@ -509,8 +513,11 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
     call = Call(endpoint, _for_target(gw, x, endpoint, body, route), x.upstream_id, x.headers,
                 limits=upstreams(gw, x).limits_for(route.backend, timeout_s), api_key=upstream_key(x, route.backend),
                 upload=x.upload)
+    mark = gw.admission.enter(route.backend, target.model)
+    if mark is None:  # the backend is full: wait for this key's turn
+        mark = await _queued(gw, x, route.backend, target.model, timeout_s)
     started = time.perf_counter()
-    charge_from(gw, x, route.backend, gw.breakers.begin(route.backend, target.model))
+    charge_from(gw, x, route.backend, mark)
     failure = None
     try:
         if stream:
@@ -532,6 +539,7 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
         compute_cost(gw, x)  # an attempt that failed before its answer was accounted ran on the machine too
         if x.failover is None or x.failover.note is None:  # (a stream that went on elsewhere: ended there)
             gw.breakers.end(route.backend, target.model)
+            gw.admission.released(route.backend)  # the next waiter, if any, takes the place
     # A stream that failed after its first byte is answered (the client got an error event, no retry can
     # follow; or another target went on), but the backend failed all the same.
     if failure is None and x.failover is not None:
@@ -539,6 +547,17 @@ async def _attempt(gw: Gateway, endpoint: str, body: dict[str, Any], route: Rout
     gw.breakers.record(route.backend, ok=failure is None or not resilience.breaker_failure(failure))
     gw.selector.observe(target, time.perf_counter() - started, ok=failure is None or not resilience.retryable(failure))
     return None
+
+
+async def _queued(gw: Gateway, x: Exchange, backend: str, model: str, timeout_s: float | None) -> float:
+    """The attempt begins on ``backend`` after the key's turn in the queue (core/admission.py), waiting at most the
+    request's own timeout. The share-clock mark of ``Breakers.begin``."""
+    principal = x.principal
+    key_id = principal.key_id if principal is not None else ANONYMOUS_ID
+    mark, waited = await gw.admission.wait_turn(backend, model, key_id, principal.weight if principal else None,
+                                                timeout_s)
+    gw.metrics.admitted(backend, waited, (principal.key_id, principal.name) if principal is not None else None)
+    return mark
 
 
 def _unsupported(gw: Gateway, x: Exchange, endpoint: str, route: Route) -> GatewayError | None:

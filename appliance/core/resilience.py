@@ -165,6 +165,16 @@ class _Slot(ctypes.Structure):
         ("share_clock", ctypes.c_double),
         ("clock_at", ctypes.c_double),  # wall time of the last advance
         ("busy_s", ctypes.c_double),  # seconds with at least one request in flight
+        # Fair admission (core/admission.py): requests waiting in the appliance's queue for this backend, those let
+        # in but not yet begun (they hold a place), the capacity last applied, the queue's virtual time (the start
+        # tag of the latest request let in) and arrival counter, and how fast requests finish (the drain rate).
+        ("queued", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+        ("capacity", ctypes.c_int32),  # 0: none known (no queue)
+        ("vtime", ctypes.c_double),
+        ("arrivals", ctypes.c_uint64),
+        ("finished_at", ctypes.c_double),  # wall time of the latest end
+        ("finish_gap_s", ctypes.c_double),  # smoothed seconds between two ends (0: not measured yet)
     ]
 
 
@@ -184,7 +194,10 @@ class BackendTable(SharedRows):
 
         Call under the lock.
         """
-        tag = tag_of(name)
+        return self.find_tag(tag_of(name), claim=claim)
+
+    def find_tag(self, tag: int, *, claim: bool = True) -> Any:
+        """``find`` by the name's tag. Call under the lock."""
         slots = self.slots
         start = tag % self.size
         for step in range(self.size):
@@ -212,6 +225,18 @@ def _tick(slot: Any, now: float) -> None:
         slot.share_clock += elapsed / running
         slot.busy_s += elapsed
     slot.clock_at = now
+
+
+def _finished(slot: Any, now: float) -> None:
+    """A request on ``slot``'s backend ended: fold the gap since the previous end into the drain rate (a
+    smoothed mean, so one long answer does not swing it). Under the lock."""
+    if slot.finished_at and now > slot.finished_at:
+        gap = min(now - slot.finished_at, _MAX_FINISH_GAP_S)
+        slot.finish_gap_s = gap if not slot.finish_gap_s else 0.8 * slot.finish_gap_s + 0.2 * gap
+    slot.finished_at = now
+
+
+_MAX_FINISH_GAP_S = 60.0  # an idle hour is no measure of how fast a busy backend drains
 
 
 # ---------------------------------------------------------------------------------------- breakers
@@ -255,6 +280,20 @@ class Breakers:
             with self._table.lock:
                 slot = self._row(name, claim=claim)
         return slot
+
+    @property
+    def worker(self) -> int:
+        """This process's column for in-flight counts."""
+        return self._worker
+
+    @property
+    def lock(self) -> Any:
+        """The table's lock (core/admission.py keeps its queue under it too)."""
+        return self._table.lock
+
+    def row(self, name: str) -> Any:
+        """The shared row of backend ``name`` (None: the table is full); read it freely, write it under ``lock``."""
+        return self._known(name)
 
     def forget_worker(self) -> None:
         """At worker start: whatever a dead predecessor in this column had in flight is gone."""
@@ -387,7 +426,7 @@ class Breakers:
             if slot is None:
                 return {"state": "closed", "consecutive_failures": 0, "opened_at": None, "retry_after_s": 0.0,
                         "window_ok": 0, "window_fail": 0, "in_flight": 0, "load": None, "up": None,
-                        "probed_at": None, "busy_s": 0.0}
+                        "probed_at": None, "busy_s": 0.0, "queued": 0, "capacity": None}
             self._advance(slot, now)
             _tick(slot, now)
             load = None
@@ -407,6 +446,8 @@ class Breakers:
                 "up": _PROBE_UP[slot.probe],
                 "probed_at": slot.probed_at or None,
                 "busy_s": slot.busy_s,
+                "queued": slot.queued,
+                "capacity": slot.capacity or None,
             }
 
     def set_probe(self, backend: str, up: bool, at: float | None = None) -> None:
@@ -420,24 +461,45 @@ class Breakers:
 
     # ------------------------------------------------------------------ in flight and load
 
+    def try_begin(self, backend: str, model: str | None, capacity: int) -> float | None:
+        """``begin``, unless ``backend`` is full: ``capacity`` or more in flight (all workers) or let in from its
+        queue, or requests already waiting there (a newcomer never passes them). None when full: the caller
+        queues (core/admission.py). One lock, as ``begin`` alone takes."""
+        with self._table.lock:
+            slot = self._row(backend)
+            if slot is not None:
+                slot.capacity = capacity
+                if slot.queued or slot.inflight_sum + slot.reserved >= capacity:
+                    return None
+            return self._begin_locked(slot, f"{backend}/{model}" if model is not None else None)
+
     def begin(self, backend: str, model: str | None = None) -> float:
         """A request to ``backend`` (and its ``model``, counted apart too) starts; pair with ``end``.
 
         Returns the backend's share clock at this moment: the mark ``share_since`` measures this
         request's share of the busy time from.
         """
-        target = f"{backend}/{model}" if model is not None else None
-        mark = 0.0
         with self._table.lock:
-            slot = self._row(backend)
-            if slot is not None:
-                _tick(slot, self._clock())  # before the count changes: until now, n was one less
-                mark = slot.share_clock
-                slot.inflight[self._worker] += 1
-                slot.inflight_sum += 1
-            if target is not None and (slot := self._row(target)) is not None:
-                slot.inflight[self._worker] += 1
-                slot.inflight_sum += 1
+            return self._begin_locked(self._row(backend), f"{backend}/{model}" if model is not None else None)
+
+    def begin_locked(self, backend: str, model: str | None = None) -> float:
+        """``begin``, the lock already held (a request let in from the queue: core/admission.py)."""
+        return self._begin_locked(self._row(backend), f"{backend}/{model}" if model is not None else None)
+
+    def row_of_tag(self, tag: int) -> Any:
+        """The row whose name has ``tag`` (None: no such row). Under the lock."""
+        return self._table.find_tag(tag, claim=False)
+
+    def _begin_locked(self, slot: Any, target: str | None) -> float:
+        mark = 0.0
+        if slot is not None:
+            _tick(slot, self._clock())  # before the count changes: until now, n was one less
+            mark = slot.share_clock
+            slot.inflight[self._worker] += 1
+            slot.inflight_sum += 1
+        if target is not None and (slot := self._row(target)) is not None:
+            slot.inflight[self._worker] += 1
+            slot.inflight_sum += 1
         return mark
 
     def end(self, backend: str, model: str | None = None) -> None:
@@ -446,9 +508,11 @@ class Breakers:
         with self._table.lock:
             slot = self._row(backend)
             if slot is not None and slot.inflight[worker] > 0:
-                _tick(slot, self._clock())
+                now = self._clock()
+                _tick(slot, now)
                 slot.inflight[worker] -= 1
                 slot.inflight_sum -= 1
+                _finished(slot, now)
             if target is not None and (slot := self._row(target)) is not None and slot.inflight[worker] > 0:
                 slot.inflight[worker] -= 1
                 slot.inflight_sum -= 1

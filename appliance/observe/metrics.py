@@ -64,6 +64,13 @@ COST_BY_KEY = Counter("appliance_cost_usd", "Cost of the answered requests, in U
                       registry=None)
 COMPUTE_COST = Counter("appliance_compute_cost_usd", "Compute cost charged to requests: their share of the "
                        "busy seconds of backends with a cost_per_hour, in USD.", ("backend",), registry=None)
+ADMISSION_WAIT_SECONDS = Histogram("appliance_admission_wait_seconds", "Time requests waited in the fair admission "
+                                   "queue for a backend at capacity (only those that waited).", ("backend",),
+                                   buckets=LATENCY_BUCKETS, registry=None)
+ADMITTED = Counter("appliance_admission_admitted", "Requests let in from the fair admission queue.", ("backend",),
+                   registry=None)
+ADMITTED_BY_KEY = Counter("appliance_admission_admitted", "Requests let in from the fair admission queue.",
+                          ("backend", *_KEY_LABELS), registry=None)
 REQUEST_SECONDS = Histogram("appliance_request_duration_seconds", "Time from request to the last byte sent.",
                             ("endpoint", "backend"), buckets=LATENCY_BUCKETS, registry=None)
 UPSTREAM_SECONDS = Histogram("appliance_upstream_duration_seconds", "Time spent waiting on the backend.",
@@ -100,7 +107,7 @@ BUILD_INFO = Gauge("appliance_build_info", "The running version (value 1).", ("v
 
 _COMMON = (INFLIGHT, RETRIES, FALLBACKS, RATELIMIT_REJECTIONS, WRITE_QUEUE, DB_WRITE_FAILURES, WORKERS, BUILD_INFO,
            REQUEST_SECONDS, UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS, EMBEDDED_TEXTS, EMBEDDING_FAILURES,
-           DESCRIBED_IMAGES, COMPUTE_COST, GUARDRAILS, STREAM_FAILOVERS)
+           DESCRIBED_IMAGES, COMPUTE_COST, GUARDRAILS, STREAM_FAILOVERS, ADMISSION_WAIT_SECONDS)
 
 
 # ------------------------------------------------------------------------------------------ the folder
@@ -134,14 +141,18 @@ class LiveCollector:
         busy = CounterMetricFamily("appliance_backend_busy_seconds", "Seconds the backend had at least one "
                                    "request in flight from the appliance (all workers), since it started.",
                                    labels=("backend",))
+        queued = GaugeMetricFamily("appliance_admission_queue_depth", "Requests waiting in the fair admission "
+                                   "queue for the backend (all workers).", labels=("backend",))
         for name, state in self._backends():
             if state.get("up") is not None:
                 up.add_metric((name,), 1.0 if state["up"] else 0.0)
             circuit.add_metric((name,), float(_CIRCUIT.get(state["state"], 0)))
             busy.add_metric((name,), float(state.get("busy_s", 0.0)))
+            queued.add_metric((name,), float(state.get("queued", 0)))
         yield up
         yield circuit
         yield busy
+        yield queued
 
 
 _CIRCUIT = {"closed": 0, "open": 1, "half_open": 2}
@@ -153,7 +164,8 @@ def render(live: LiveCollector, per_key: bool) -> bytes:
     if os.environ.get(ENV):
         _multiprocess.MultiProcessCollector(registry)
     else:  # one process, no folder (in-process use): this process's own objects
-        chosen = (REQUESTS_BY_KEY, TOKENS_BY_KEY, COST_BY_KEY) if per_key else (REQUESTS, TOKENS, COST)
+        chosen = (REQUESTS_BY_KEY, TOKENS_BY_KEY, COST_BY_KEY, ADMITTED_BY_KEY) if per_key else (
+            REQUESTS, TOKENS, COST, ADMITTED)
         for metric in (*chosen, *_COMMON):
             registry.register(metric)
     registry.register(live)
@@ -240,6 +252,14 @@ class Recorder:
             RETRIES.inc(retries)
         if fell_back:
             FALLBACKS.inc()
+
+    def admitted(self, backend: str, waited_s: float, key: tuple[str, str] | None) -> None:
+        """A request let in from the fair admission queue after ``waited_s`` (key labels only with per_key)."""
+        self._child(ADMISSION_WAIT_SECONDS, (backend,)).observe(waited_s)
+        if self.per_key:
+            self._child(ADMITTED_BY_KEY, (backend, *(key or (NONE, NONE)))).inc()
+        else:
+            self._child(ADMITTED, (backend,)).inc()
 
     def rejected(self, limit: str) -> None:
         self._child(RATELIMIT_REJECTIONS, (limit,)).inc()

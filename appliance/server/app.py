@@ -14,6 +14,7 @@ from appliance.accounts.limits import SharedTable, table_size
 from appliance.common.config import Settings
 from appliance.common.resources import static_dir
 from appliance.core import reload
+from appliance.core.admission import QueueTable
 from appliance.core.resilience import BackendTable
 from appliance.observe import profiler
 from appliance.server import access, lifecycle
@@ -51,10 +52,11 @@ def configure_logging() -> None:
 
 def create_app(settings: Settings, limit_table: SharedTable | None = None,
                backend_table: BackendTable | None = None, started_at: float | None = None,
-               reload_board: reload.Board | None = None) -> Sanic:
+               reload_board: reload.Board | None = None, queue_table: QueueTable | None = None) -> Sanic:
     """The tables hold what all workers share live (limit counters; breakers and in-flight counts per
-    backend; config reloads); the main process makes them before the workers start. Without them: this
-    process only. ``started_at``: when the appliance started (its uptime survives a worker's restart)."""
+    backend; the fair admission queue; config reloads); the main process makes them before the workers
+    start. Without them: this process only. ``started_at``: when the appliance started (its uptime
+    survives a worker's restart)."""
     configure_logging()
     app = Sanic(APP_NAME, error_handler=GatewayErrorHandler(), request_class=GatewayRequest)
     app.config.update(
@@ -72,6 +74,7 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.ctx.settings = settings
     app.ctx.limit_table = limit_table or SharedTable(table_size(settings), shared=False)
     app.ctx.backend_table = backend_table or BackendTable(shared=False)
+    app.ctx.queue_table = queue_table or QueueTable(shared=False)
     app.ctx.reload_board = reload_board or reload.Board(1, shared=False)
     app.ctx.started_at = started_at or time.time()
     app.blueprint(openai_routes.bp)

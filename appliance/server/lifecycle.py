@@ -123,7 +123,8 @@ async def open_gateway(app: Sanic) -> None:
     breakers.forget_worker()
     cache = ResponseCache(db, writer, settings.cache)
     cache.start()
-    gateway = Gateway(settings, transport, db, writer, authenticator, limiter, breakers, cache)
+    gateway = Gateway(settings, transport, db, writer, authenticator, limiter, breakers, cache, app.ctx.queue_table)
+    gateway.admission.forget_worker()  # a dead predecessor's places in the queue are gone with it
     gateway.start()
     app.ctx.gateway = gateway
     app.ctx.statsz = StatszCache(gateway, app.ctx.started_at)

@@ -28,6 +28,7 @@ from appliance.batches.runner import prepare_data_dir
 from appliance.common.config import ConfigError, Settings
 from appliance.common.resources import migrations_dir
 from appliance.core import reload
+from appliance.core.admission import QueueTable
 from appliance.core.resilience import BackendTable
 from appliance.observe import metrics, metricsdir
 from appliance.server import lifecycle
@@ -119,7 +120,7 @@ def serve(settings: Settings) -> None:
         asyncio.run(prepare_keys(settings, table))
         board = reload.Board(1 if server.single_process else server.workers, shared=shared)
         reload.clear(settings.data_dir)  # a new run starts from its own config
-        app = create_app(settings, table, BackendTable(shared=shared), time.time(), board)
+        app = create_app(settings, table, BackendTable(shared=shared), time.time(), board, QueueTable(shared=shared))
         ssl = {"cert": str(server.tls_cert), "key": str(server.tls_key)} if server.tls_cert else None
         app.prepare(host=server.host, port=server.port, workers=1 if server.single_process else server.workers,
                     single_process=server.single_process, motd=False, access_log=False, ssl=ssl)

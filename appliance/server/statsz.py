@@ -71,7 +71,8 @@ async def usage_today(ctx: StatsContext) -> dict[str, Any]:
 
 
 async def backends(ctx: StatsContext) -> dict[str, Any]:
-    """Each backend: health (the latest probe by any worker), breaker, in flight, the last 5 minutes."""
+    """Each backend: health (the latest probe by any worker), breaker, in flight, its capacity and the requests
+    waiting for it in the fair admission queue (per key id), the last 5 minutes."""
     gw = ctx.gateway
     first_minute = int(ctx.now // TRAFFIC_STEP_S) - RATE_STEPS + 1
     counts = await stats_repo.backend_counts(gw.db, first_minute)
@@ -84,6 +85,8 @@ async def backends(ctx: StatsContext) -> dict[str, Any]:
             "name": name, "kind": local.kind, **provider_catalog.health(shared),
             "last_probe_at": shared["probed_at"], "last_error": local.last_error if shared["up"] is False else None,
             "models": len(local.models), "inflight": shared["in_flight"],
+            "capacity": gw.admission.capacity(name), "queued": shared["queued"],
+            "waiting_keys": gw.admission.waiting(name) if shared["queued"] else {},
             "latency_ms": recent.of(name).latency_ms, "requests": requests, "error_rate": _rate(failed, requests),
         })
     return {"backends": out, "backend_window_s": timings.WINDOW_S}

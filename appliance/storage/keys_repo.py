@@ -13,7 +13,8 @@ from appliance.storage.db import Database
 
 # Columns a caller may change after creation (the hash and slot change only through rotate/create).
 EDITABLE = ("name", "role", "models", "endpoints", "expires_at", "enabled", "rpm", "tpm", "max_concurrent",
-            "budget_usd", "budget_tokens", "budget_period", "budget_counts", "metadata", "guardrails")
+            "budget_usd", "budget_tokens", "budget_period", "budget_counts", "weight", "metadata",
+            "guardrails")
 _JSON = ("models", "endpoints", "metadata", "upstream_keys", "guardrails")
 
 

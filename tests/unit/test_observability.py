@@ -224,3 +224,16 @@ def test_per_key_labels_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None
     assert ('appliance_requests_total{backend="b",cache="none",endpoint="/v1/chat/completions",key_id="key_abc",'
             'key_name="ci bot",model="per-key-model",status_class="4xx"} 1.0') in with_keys
     assert "key_abc" not in metrics.render(metrics.LiveCollector(list), per_key=False).decode()
+
+
+def test_the_admission_queue_depth_wait_and_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(metrics.ENV, raising=False)
+    live = metrics.LiveCollector(lambda: [("slots", {"up": True, "state": "closed", "queued": 7})])
+    metrics.Recorder(per_key=True, known_model=lambda name: True).admitted("slots", 0.25, ("key_fair", "fair"))
+    metrics.Recorder(per_key=False, known_model=lambda name: True).admitted("slots", 0.5, None)
+    with_keys = metrics.render(live, per_key=True).decode()
+    assert 'appliance_admission_queue_depth{backend="slots"} 7.0' in with_keys
+    assert 'appliance_admission_admitted_total{backend="slots",key_id="key_fair",key_name="fair"} 1.0' in with_keys
+    assert 'appliance_admission_wait_seconds_count{backend="slots"} 2.0' in with_keys
+    without = metrics.render(live, per_key=False).decode()
+    assert 'appliance_admission_admitted_total{backend="slots"} 1.0' in without and "key_fair" not in without

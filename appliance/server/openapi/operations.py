@@ -43,7 +43,8 @@ _ERRORS = {
     404: ("NotFound", "No such model, object or path."),
     409: ("Conflict", "The object is in a state that does not allow this."),
     413: ("PayloadTooLarge", "The body is larger than `server.max_body_mb` (or the file limits)."),
-    429: ("RateLimited", "A rate limit or budget of the key or model is spent; see Retry-After."),
+    429: ("RateLimited", "A rate limit or budget of the key or model is spent, or the request waited its longest in "
+          "the fair admission queue of a backend at capacity (`backend_overloaded`); see Retry-After."),
     "4XX": ("BackendClientError", "A backend's own 4xx, passed through with its status."),
     "5XX": ("BackendFailure", "502 `backend_unreachable`/`backend_error`, 503 `no_healthy_backend`/"
             "`backend_overloaded`/`shutting_down`, 504 `backend_timeout`, or a backend's own 5xx. The appliance "
