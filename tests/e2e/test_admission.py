@@ -20,6 +20,8 @@ from tests.support.appliance import ADMIN_KEY, Appliance
 from tests.support.ledger import rows_where
 from tests.support.polling import eventually
 
+pytestmark = pytest.mark.frozen  # also run against the one-file binary (tests/run)
+
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 

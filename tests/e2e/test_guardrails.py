@@ -24,6 +24,8 @@ from tests.support.appliance import ADMIN_KEY, Appliance
 from tests.support.batches import CHAT_URL, line, lines_of, poll, upload
 from tests.support.polling import eventually
 
+pytestmark = pytest.mark.frozen  # also run against the one-file binary (tests/run)
+
 PROMPT = "My e-mail is bob@example.com and my card 4111 1111 1111 1111."
 REDACTED_PROMPT = "My e-mail is [EMAIL] and my card [CARD]."
 PII_ANSWER = "Write to [EMAIL] or call [PHONE], thanks."  # script-pii's answer, redacted

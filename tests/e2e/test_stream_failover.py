@@ -28,6 +28,8 @@ from tests.support.appliance import ADMIN_KEY, Appliance
 from tests.support.openapi import validate_event
 from tests.support.polling import eventually
 
+pytestmark = pytest.mark.frozen  # also run against the one-file binary (tests/run)
+
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PREFIX = "Hello"  # what the failing scripts stream before they fail: "He", "llo"
 FROM_RESET = {"from": "flaky/script-reset", "to": "fake/fake-chat", "at_token": 2}
