@@ -45,6 +45,10 @@ FUNCTIONS = [
     ("appliance.core.exchange", "admit"), ("appliance.core.exchange", "price_of"),
     ("appliance.core.exchange", "record"), ("appliance.core.exchange", "observe"),
     ("appliance.core.relay", "_openai_body"), ("appliance.providers.base", "answer_headers"),
+    # issues 16 and 17: what a request that uses none of them still passes through
+    ("appliance.core.guarding", "begin"), ("appliance.core.vision", "has_images"),
+    ("appliance.core.pipeline", "_for_target"), ("appliance.core.exchange", "charge_from"),
+    ("appliance.core.exchange", "compute_cost"),
 ]
 # module, class, method.
 METHODS = [
@@ -58,6 +62,8 @@ METHODS = [
     ("appliance.storage.writer", "BufferedWriter", "add_entry"),
     ("appliance.observe.metrics", "Recorder", "request_finished"),
     ("appliance.observe.accesslog", "AccessLog", "write"),
+    ("appliance.core.admission", "FairQueue", "enter"), ("appliance.core.admission", "FairQueue", "released"),
+    ("appliance.core.admission", "FairQueue", "has_room"),
 ]
 
 
@@ -119,7 +125,7 @@ def process_cpu_s(pid: int) -> float:
 
 def wrk(url: str, key: str, body: Path, conc: int, seconds: float, harness: Path) -> int:
     env = {**os.environ, "BENCH_BODY_FILE": str(body), "BENCH_AUTH": key}
-    out = subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{seconds}s", "-s", str(harness / "wrk" / "post_json.lua"),
+    out = subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{seconds:g}s", "-s", str(harness / "wrk" / "post_json.lua"),
                           url + "/v1/chat/completions"], env=env, capture_output=True, text=True, check=True).stdout
     line = next(line for line in out.splitlines() if "requests in" in line)
     return int(line.split()[0])
