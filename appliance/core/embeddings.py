@@ -15,15 +15,13 @@ from typing import Any
 from cachetools import LRUCache
 
 from appliance.common.config import EmbeddingsSettings
-from appliance.common.errors import CODES, GatewayError
+from appliance.common.errors import GatewayError
+from appliance.core import side_calls
 from appliance.core.catalog import Catalog
 from appliance.observe import metrics
-from appliance.providers.base import EMBEDDINGS, Call, Provider
-from appliance.providers.transport import Limits
+from appliance.providers.base import EMBEDDINGS, Provider
 
 ROUTER, CACHE = "router", "cache"  # purposes, as the metrics label them
-_CONNECT_TIMEOUT_S = 3.0
-_BACKEND_FAILURES = frozenset(code for code, (status, _) in CODES.items() if status >= 500) - {"internal_error"}
 
 # The current catalog and providers (a reload replaces both).
 Backends = Callable[[], tuple[Catalog, Mapping[str, Provider]]]
@@ -70,28 +68,10 @@ class Embedder:
         if model is None:
             raise GatewayError("no_healthy_backend", "No embedding model is configured ([embeddings] model).")
         catalog, providers = self._backends()
-        try:
-            routes = catalog.plan(model).routes
-        except GatewayError:
-            raise GatewayError("no_healthy_backend", f"The embedding model {model!r} is not served by any backend "
-                               "right now.") from None
-        limits = Limits(self.settings.timeout_s, min(self.settings.timeout_s, _CONNECT_TIMEOUT_S))
-        failure: GatewayError | None = None
-        for route in routes:
-            provider = providers.get(route.backend)
-            if provider is None or not provider.supports(EMBEDDINGS):
-                continue
-            call = Call(EMBEDDINGS, {"model": route.upstream_model, "input": texts}, request_id, limits=limits)
-            try:
-                reply = await provider.send(call)
-                return list(vectors.unit_rows(_rows(reply.data, len(texts))))
-            except GatewayError as exc:
-                failure = exc
-            except ValueError as exc:
-                failure = GatewayError("backend_error", f"backend {route.backend!r} sent unusable embeddings: {exc}")
-        if failure is None:
-            failure = GatewayError("no_healthy_backend", "no backend of it serves embeddings")
-        raise _as_backend_failure(model, failure)
+        return await side_calls.ask(
+            catalog, providers, model, EMBEDDINGS, request_id=request_id, timeout_s=self.settings.timeout_s,
+            what="the embedding model", body=lambda route: {"model": route.upstream_model, "input": texts},
+            read=lambda _, reply: list(vectors.unit_rows(_rows(reply.data, len(texts)))))
 
 
 def _rows(data: Any, count: int) -> list[Any]:
@@ -103,11 +83,3 @@ def _rows(data: Any, count: int) -> list[Any]:
         raise ValueError("an item has no embedding list")
     ordered = sorted(items, key=lambda item: item.get("index", 0) if isinstance(item.get("index"), int) else 0)
     return [item["embedding"] for item in ordered]
-
-
-def _as_backend_failure(model: str, exc: GatewayError) -> GatewayError:
-    """Whatever went wrong, a failure of the gateway's own embedding backend: never the client's 4xx, and never
-    an upstream body passed through as if it answered the client's request."""
-    code = exc.code if exc.code in _BACKEND_FAILURES else "backend_error"
-    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("retry-after", "retry-after-ms")}
-    return GatewayError(code, f"The embedding model {model!r} failed: {exc.message}", headers=headers)

@@ -19,8 +19,9 @@ import orjson
 
 from appliance.accounts.usage import Tokens, from_reply
 from appliance.common.config import GuardrailsSettings
-from appliance.common.errors import CODES, GatewayError
+from appliance.common.errors import GatewayError
 from appliance.common.sse import event_data
+from appliance.core import side_calls
 from appliance.core.catalog import Plan
 from appliance.core.exchange import Exchange, upstreams
 from appliance.core.gateway import Gateway
@@ -28,12 +29,9 @@ from appliance.guardrails import moderation, pii, policy, schema, texts
 from appliance.guardrails.policy import BLOCKED, FAILED, MODERATION, PASSED, PII, REDACTED, SCHEMA, Guard
 from appliance.guardrails.stream import StreamGuard
 from appliance.providers.base import CHAT, COMPLETIONS, MODERATIONS, Call
-from appliance.providers.transport import Limits
 
 GUARDED = frozenset((CHAT, COMPLETIONS))
 _INPUT, _OUTPUT = ("input", "both"), ("output", "both")
-_CONNECT_TIMEOUT_S = 3.0
-_BACKEND_FAILURES = frozenset(code for code, (status, _) in CODES.items() if status >= 500) - {"internal_error"}
 
 
 def begin(gw: Gateway, x: Exchange, endpoint: str, body: dict[str, Any], plan: Plan) -> dict[str, Any]:
@@ -122,29 +120,11 @@ async def _moderate(gw: Gateway, x: Exchange, guard: Guard, checked: list[str], 
 async def _model_verdict(gw: Gateway, x: Exchange, model: str, checked: list[str]) -> list[str]:
     """The categories the moderation model flags, asked through the gateway's routing (its own call: no key's
     limits, no ledger row). Any failure is the backend's (a 5xx), never the client's."""
-    timeout_s = gw.settings.guardrails.content_moderation.timeout_s
-    limits = Limits(timeout_s, min(timeout_s, _CONNECT_TIMEOUT_S))
-    providers = upstreams(gw, x).providers
-    failure: GatewayError | None = None
-    try:
-        routes = gw.catalog.plan(model).routes
-    except GatewayError:
-        routes = ()
-    for route in routes:
-        provider = providers.get(route.backend)
-        if provider is None or not provider.supports(MODERATIONS):
-            continue
-        call = Call(MODERATIONS, {"model": route.upstream_model, "input": checked}, x.upstream_id, limits=limits)
-        try:
-            return moderation.model_verdict((await provider.send(call)).data)
-        except GatewayError as exc:
-            failure = exc
-        except ValueError as exc:
-            failure = GatewayError("backend_error", f"backend {route.backend!r} sent no moderation result: {exc}")
-    if failure is None:
-        failure = GatewayError("no_healthy_backend", "no backend serves it right now")
-    code = failure.code if failure.code in _BACKEND_FAILURES else "backend_error"
-    raise GatewayError(code, f"The moderation model {model!r} failed: {failure.message}")
+    return await side_calls.ask(
+        gw.catalog, upstreams(gw, x).providers, model, MODERATIONS, request_id=x.upstream_id,
+        timeout_s=gw.settings.guardrails.content_moderation.timeout_s, what="the moderation model",
+        body=lambda route: {"model": route.upstream_model, "input": checked},
+        read=lambda _, reply: moderation.model_verdict(reply.data))
 
 
 def stored_items(gw: Gateway, x: Exchange, items: list[Any]) -> list[Any]:

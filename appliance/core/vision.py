@@ -27,12 +27,12 @@ from cachetools import LRUCache
 from appliance.accounts.usage import Tokens
 from appliance.common.chat import content_text, token_count
 from appliance.common.config import VisionSettings
-from appliance.common.errors import CODES, GatewayError
+from appliance.common.errors import GatewayError
+from appliance.core import side_calls
 from appliance.core.catalog import Route
 from appliance.core.embeddings import Backends
 from appliance.observe import metrics
-from appliance.providers.base import CHAT, Call
-from appliance.providers.transport import Limits
+from appliance.providers.base import CHAT, Reply
 from appliance.storage import vision_repo
 from appliance.storage.db import Database
 from appliance.storage.writer import BufferedWriter
@@ -40,8 +40,6 @@ from appliance.storage.writer import BufferedWriter
 log = logging.getLogger("appliance.core.vision")
 
 IMAGE_PART = "image_url"
-_CONNECT_TIMEOUT_S = 3.0
-_BACKEND_FAILURES = frozenset(code for code, (status, _) in CODES.items() if status >= 500) - {"internal_error"}
 
 
 class Spent(NamedTuple):
@@ -199,37 +197,20 @@ class Describer:
         model = self.settings.describer
         assert model is not None
         catalog, providers = self._backends()
-        try:
-            routes = catalog.plan(model).routes
-        except GatewayError:
-            raise GatewayError("no_healthy_backend", f"The describer model {model!r} ([vision] describer) is not "
-                               "served by any backend right now.") from None
-        limits = Limits(self.settings.timeout_s, min(self.settings.timeout_s, _CONNECT_TIMEOUT_S))
-        failure: GatewayError | None = None
-        for route in routes:  # an alias's targets in config order, as the embedder tries them
-            provider = providers.get(route.backend)
-            if provider is None or not provider.supports(CHAT):
-                continue
-            body = {"model": route.upstream_model, "max_tokens": self.settings.max_tokens, "stream": False,
+
+        def body(route: Route) -> dict[str, Any]:
+            return {"model": route.upstream_model, "max_tokens": self.settings.max_tokens, "stream": False,
                     "messages": [{"role": "user", "content": [
                         {"type": "text", "text": self.settings.prompt},
                         {"type": IMAGE_PART, "image_url": {"url": url}}]}]}
-            started = time.perf_counter()
-            try:
-                reply = await provider.send(Call(CHAT, body, request_id, limits=limits))
-                data = reply.data if reply.data is not None else orjson.loads(reply.body)
-                return _answer(data, route, time.perf_counter() - started)
-            except GatewayError as exc:
-                failure = exc
-            except (ValueError, orjson.JSONDecodeError) as exc:
-                failure = GatewayError("backend_error", f"backend {route.backend!r} sent an unusable answer: {exc}")
-        if failure is None:
-            failure = GatewayError("no_healthy_backend", "no backend of it serves chat completions")
-        raise _as_backend_failure(model, failure)
+
+        return await side_calls.ask(catalog, providers, model, CHAT, body=body, read=_answer, request_id=request_id,
+                                    timeout_s=self.settings.timeout_s, what="the describer model")
 
 
-def _answer(data: Any, route: Route, seconds: float) -> tuple[str, Spent]:
+def _answer(route: Route, reply: Reply) -> tuple[str, Spent]:
     """The description in a chat answer, and the tokens it took."""
+    data = reply.data if reply.data is not None else orjson.loads(reply.body)
     choices = data.get("choices") if isinstance(data, dict) else None
     message = choices[0].get("message") if isinstance(choices, list) and choices and isinstance(
         choices[0], dict) else None
@@ -238,13 +219,6 @@ def _answer(data: Any, route: Route, seconds: float) -> tuple[str, Spent]:
         raise ValueError("no description in it")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     return text, Spent(route, Tokens(token_count(usage.get("prompt_tokens")),
-                                     token_count(usage.get("completion_tokens"))), seconds)
+                                     token_count(usage.get("completion_tokens"))), reply.upstream_s)
 
 
-def _as_backend_failure(model: str, exc: GatewayError) -> GatewayError:
-    """Whatever went wrong, a failure of the gateway's describer: never the client's 4xx, never the upstream's
-    body passed on as if it answered the client's request."""
-    code = exc.code if exc.code in _BACKEND_FAILURES else "backend_error"
-    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("retry-after", "retry-after-ms")}
-    return GatewayError(code, f"The describer model {model!r} ([vision] describer) failed: {exc.message}",
-                        headers=headers)

@@ -8,6 +8,7 @@ import pytest
 from appliance.common.errors import GatewayError
 from appliance.core import vision
 from appliance.core.catalog import Route
+from appliance.providers.base import Reply
 
 PNG = b"\x89PNG\r\n\x1a\n fake image bytes"
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
@@ -76,8 +77,9 @@ def test_without_a_describer_the_400_says_so():
 
 def test_a_describer_answer_gives_text_and_tokens():
     route = Route("llava", "fake", "llava")
-    text, spent = vision._answer({"choices": [{"message": {"content": " A dog. "}}],
-                                  "usage": {"prompt_tokens": 700, "completion_tokens": 4}}, route, 0.5)
+    answer = {"choices": [{"message": {"content": " A dog. "}}],
+              "usage": {"prompt_tokens": 700, "completion_tokens": 4}}
+    text, spent = vision._answer(route, Reply(b"", answer, 0.5))
     assert text == "A dog." and spent.tokens.prompt == 700 and spent.tokens.completion == 4
     with pytest.raises(ValueError):
-        vision._answer({"choices": [{"message": {"content": ""}}]}, route, 0.1)
+        vision._answer(route, Reply(b"", {"choices": [{"message": {"content": ""}}]}, 0.1))
