@@ -25,7 +25,7 @@ from appliance.api.responses import items as responses_items
 from appliance.api.responses import stream as responses_stream
 from appliance.api.responses import translate as responses
 from appliance.common.errors import GatewayError
-from appliance.common.sse import event_data
+from appliance.common.sse import json_objects
 from appliance.core import guarding
 from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, ms, record, upstreams
 from appliance.core.gateway import Gateway
@@ -51,16 +51,7 @@ class StreamTranslator(Protocol):
 
 def _chunks(events: list[bytes]) -> Iterator[dict[str, Any]]:
     """The chat chunks in a batch of SSE events; a backend's error event raises (after those before it)."""
-    for event in events:
-        data = event_data(event)
-        if not data or data == b"[DONE]":
-            continue
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(chunk, dict):
-            continue
+    for chunk in json_objects(events):
         if "error" in chunk:
             error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             raise GatewayError("backend_error", str(error.get("message") or "the backend failed mid-stream"))

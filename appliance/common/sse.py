@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import orjson
+
 DONE = b"data: [DONE]\n\n"
 
 
@@ -37,6 +42,20 @@ def event_data(event: bytes) -> bytes | None:
         return event[5:].strip()
     lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines) if lines else None
+
+
+def json_objects(events: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The JSON objects the events carry, in order (``[DONE]``, comments and unreadable data skipped)."""
+    for event in events:
+        data = event_data(event)
+        if not data or data == b"[DONE]":
+            continue
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            yield value
 
 
 _FIELDS = frozenset((b"data", b"event", b"id", b"retry"))

@@ -28,7 +28,7 @@ import orjson
 
 from appliance.accounts.usage import Tokens, estimate_prompt
 from appliance.common.errors import GatewayError
-from appliance.common.sse import event_data
+from appliance.common.sse import event_data, json_objects
 from appliance.core import resilience
 from appliance.core.catalog import Route
 from appliance.core.exchange import Exchange, charge_from, compute_cost, upstream_key, upstreams
@@ -65,7 +65,9 @@ def streamed(batches: list[list[bytes]]) -> Streamed:
     tool_call = False
     template: dict[str, Any] = {}
     for batch in batches:
-        for chunk in _parsed(batch):
+        for chunk in json_objects(batch):
+            if "error" in chunk:
+                continue
             if not template:
                 template = {k: chunk[k] for k in _SAME if k in chunk}
             for choice in chunk.get("choices") or ():
@@ -79,21 +81,6 @@ def streamed(batches: list[list[bytes]]) -> Streamed:
                     parts.append(content)
                     events += 1
     return Streamed("".join(parts), events, tool_call, template)
-
-
-def _parsed(batch: list[bytes]) -> list[dict[str, Any]]:
-    chunks = []
-    for event in batch:
-        data = event_data(event)
-        if not data or data == b"[DONE]":
-            continue
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(chunk, dict) and "error" not in chunk:
-            chunks.append(chunk)
-    return chunks
 
 
 def error_at(batch: list[bytes]) -> int | None:
