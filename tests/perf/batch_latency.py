@@ -215,15 +215,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def save(out: Path, tag: str, result: dict[str, Any], report: str) -> None:
+    """``<UTC time>-<tag>.json`` (the figures) and ``.md`` (``report``) in ``out``; the report is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{tag}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+    stem.with_suffix(".md").write_text(report)
+    print(report)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     result = run(a)
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.out / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-batch-latency"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
-    report = render(result)
-    stem.with_suffix(".md").write_text(report)
-    print(report)
+    save(a.out, "batch-latency", result, render(result))
     return 0
 
 

@@ -17,7 +17,6 @@ Reports B's p50/p99 per phase, A's requests/s, and the 429s (none expected: the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from batch_latency import HARNESS, ROOT, free_port, percentile, wait_for
+from batch_latency import HARNESS, ROOT, free_port, percentile, save, wait_for
 
 ADMIN_KEY = "sk-app-bench-fair-queue-0000000000000000"
 MODEL = "mock/mock-model"
@@ -181,12 +180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     result = run(a)
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.out / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-fair-queue"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
-    report = render(result)
-    stem.with_suffix(".md").write_text(report)
-    print(report)
+    save(a.out, "fair-queue", result, render(result))
     return 0
 
 
