@@ -141,7 +141,7 @@ def _key_fields(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, config_file: str | None = None) -> Settings:
-    from appliance.common.config import load_settings
+    from appliance.common.config_file import load_settings
 
     server: dict[str, Any] = {"data_dir": args.data_dir}
     for name in ("host", "port", "workers", "single_process"):

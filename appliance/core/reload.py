@@ -7,7 +7,7 @@ goes up. Each worker watches that number and applies the published text; a worke
 (they inherit the main process's), so they all end up with the same settings; an invalid file is
 refused where it was asked for and the running config stays.
 
-What only a restart can change (the listener, the workers, the data dir: ``config.RESTART_ONLY``) keeps
+What only a restart can change (the listener, the workers, the data dir: ``config_file.RESTART_ONLY``) keeps
 its running value; the answer names those keys.
 """
 
@@ -27,14 +27,8 @@ from typing import Any
 
 import orjson
 
-from appliance.common.config import (
-    ConfigError,
-    Settings,
-    keep_restart_only,
-    load_settings,
-    read_text,
-    restart_only_changes,
-)
+from appliance.common.config import ConfigError, Settings
+from appliance.common.config_file import keep_restart_only, load_settings, read_text, restart_only_changes
 from appliance.storage.shared_rows import SharedRows
 
 log = logging.getLogger("appliance.core.reload")

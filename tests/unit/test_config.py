@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.common.config import ConfigError, load_settings
+from appliance.common.config import ConfigError
+from appliance.common.config_file import load_settings
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -23,7 +23,7 @@ def test_every_config_key_is_documented():
 
 
 def test_every_route_is_documented():
-    from appliance.common.config import load_settings
+    from appliance.common.config_file import load_settings
     from appliance.server.app import create_app
 
     app = create_app(load_settings(environ={}))

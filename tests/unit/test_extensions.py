@@ -9,7 +9,8 @@ import pytest
 
 from appliance.accounts.usage import Tokens, estimate_prompt, from_extension
 from appliance.common import capabilities, multipart
-from appliance.common.config import ConfigError, load_settings
+from appliance.common.config import ConfigError
+from appliance.common.config_file import load_settings
 from appliance.common.errors import GatewayError
 from appliance.core import uploads
 from appliance.providers.base import CAPABILITY_OF, IMAGE_EDITS, RERANK, SCORE, SPEECH, TRANSLATIONS, serves

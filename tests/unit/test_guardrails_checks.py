@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.common.config import ConfigError, load_settings
+from appliance.common.config import ConfigError
+from appliance.common.config_file import load_settings
 from appliance.guardrails import schema
 from appliance.guardrails.moderation import Moderator, model_verdict
 

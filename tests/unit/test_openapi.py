@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
-from appliance.common.config import load_settings
+from appliance.common.config_file import load_settings
 from appliance.common.paths import canonical
 from appliance.server.app import create_app
 from appliance.server.openapi import document, operations, vendored

@@ -8,14 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.common.config import (
-    ConfigError,
-    Settings,
-    keep_restart_only,
-    line_of,
-    load_settings,
-    restart_only_changes,
-)
+from appliance.common.config import ConfigError, Settings
+from appliance.common.config_file import keep_restart_only, line_of, load_settings, restart_only_changes
 from appliance.core import reload
 from appliance.core.cache import ResponseCache
 from appliance.core.exchange import Exchange, upstreams

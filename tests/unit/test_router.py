@@ -13,8 +13,8 @@ from appliance.common.config import (
     RouteCacheSettings,
     RouterProfile,
     RouterSettings,
-    load_settings,
 )
+from appliance.common.config_file import load_settings
 from appliance.common.errors import GatewayError
 from appliance.core import router, vectors
 from appliance.core.cache import Policy, context_key, policy, semantic_prompt
