@@ -17,6 +17,7 @@ from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.engines import Engine, start_postgres, start_redis
 from tests.support.llamacpp import LlamaCpp
 from tests.support.threaded import free_port
 
@@ -81,6 +82,27 @@ def fake_anthropic() -> Iterator[FakeAnthropic]:
     fake.start()
     yield fake
     fake.stop()
+
+
+def _engine(start: Callable[[Path], Engine], workdir: Path) -> Iterator[Engine]:
+    try:
+        engine = start(workdir)
+    except FileNotFoundError as missing:  # tests/run installs both from Debian's packages
+        pytest.skip(f"{missing} is not installed (apt-get install redis-server postgresql)")
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """A real Redis server for the session (tests that kill it start their own)."""
+    yield from _engine(start_redis, tmp_path_factory.mktemp("redis"))
+
+
+@pytest.fixture(scope="session")
+def postgres_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """A real PostgreSQL server for the session; each test module makes its own database on it."""
+    yield from _engine(start_postgres, tmp_path_factory.mktemp("postgres"))
 
 
 @pytest.fixture(scope="session")

@@ -169,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "check-config":
         print(json.dumps(settings.masked(), indent=2))
-        return 0
+        from appliance.cli import engines
+
+        return 0 if engines.check(settings) else EXIT_CONFIG
     if args.command == "serve":
         return _serve(settings)
     if args.command == "reload":

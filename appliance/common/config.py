@@ -379,6 +379,44 @@ class FilesSettings(_Model):
     batch_max_bytes: int = Field(209_715_200, gt=0, description="Largest upload with purpose=batch (200 MB).")
     quota_bytes: int | None = Field(None, gt=0, description="Total bytes of stored files, all keys (none: no cap).")
     sweep_interval_s: float = Field(60, gt=0, description="How often expired files are deleted.")
+    dir: Path | None = Field(None, description="Where file contents are kept (default: <data_dir>/files); with "
+                             "several appliances, a directory every node mounts.")
+
+
+class StateSettings(_Model):
+    url: str | None = Field(None, description="Redis 7 or Valkey (redis://host:6379/0, rediss://, unix://) holding "
+                            "the live state several appliances share: limits, budgets, breakers, backend load, the "
+                            "response cache, stored Responses, batch leases. Unset: this host's shared memory.")
+    on_state_error: Literal["open", "closed"] = Field("open", description="When Redis cannot be reached: 'open' "
+                                                      "lets requests through without their limits (a warning and a "
+                                                      "metric say so), 'closed' refuses them with 503.")
+    timeout_ms: int = Field(250, ge=10, le=60_000, description="Longest wait for one Redis call; a request never "
+                            "waits longer on it.")
+    retry_s: float = Field(1.0, gt=0, le=300, description="After a failed call, how long Redis is taken as down "
+                           "before it is tried again (requests meanwhile do not wait on it).")
+    prefix: str = Field("appliance:", min_length=1, max_length=64, description="Prefix of every Redis key (several "
+                        "gateways may share one Redis).")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+
+class DatabaseSettings(_Model):
+    url: str | None = Field(None, description="PostgreSQL (postgresql://user:password@host:5432/db) for the durable "
+                            "records: keys, usage, request log, files and batches, templates. Unset: SQLite in "
+                            "the data dir.")
+    pool_size: int = Field(4, ge=1, le=100, description="PostgreSQL connections per worker.")
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        return value
 
 
 class BatchesSettings(_Model):
@@ -434,6 +472,8 @@ class Settings(_Model):
     batches: BatchesSettings = Field(default_factory=BatchesSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     guardrails: GuardrailsSettings = Field(default_factory=GuardrailsSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     config_file: Path | None = Field(None, description="Where these settings came from (not a TOML key).")
 
     @model_validator(mode="after")
@@ -478,7 +518,21 @@ class Settings(_Model):
 
     def masked(self) -> dict[str, Any]:
         """The resolved settings as plain data, secrets replaced by '********'."""
-        return self.model_dump(mode="json", by_alias=True)  # the keys as a file writes them ("schema")
+        data = self.model_dump(mode="json", by_alias=True)  # the keys as a file writes them ("schema")
+        for section in ("state", "database"):
+            data[section]["url"] = masked_url(data[section]["url"])
+        return data
+
+
+def masked_url(url: str | None) -> str | None:
+    """``url`` with its password (if any) replaced by '********': engine URLs may carry one."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:********@{host}").geturl()
 
 
 def is_loopback(host: str) -> bool:

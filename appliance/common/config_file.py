@@ -138,7 +138,8 @@ def read_file(path: Path, environ: dict[str, str], text: str | None = None) -> d
 # What a running appliance cannot take without a restart: the listener, the workers and the data dir, the
 # shared tables' geometry (limits, breaker buckets), the key cache, the batch runner's own copy, and the
 # size of each worker's memory cache. A reload keeps their running values.
-RESTART_ONLY = ("server", "limits", "auth", "batches", "routing.breaker_window_s", "cache.memory_entries")
+RESTART_ONLY = ("server", "limits", "auth", "batches", "state", "database", "files.dir", "routing.breaker_window_s",
+                "cache.memory_entries")
 
 
 def restart_only_changes(running: Settings, new: Settings) -> list[str]:
