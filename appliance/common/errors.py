@@ -37,6 +37,8 @@ CODES: dict[str, tuple[int, str]] = {
     "no_healthy_backend": (503, "server_error"),
     "backend_overloaded": (503, "server_error"),
     "shutting_down": (503, "server_error"),
+    # [state] on_state_error = "closed" and the shared state (Redis) cannot be reached: limits cannot be checked.
+    "state_unavailable": (503, "server_error"),
     "backend_timeout": (504, "server_error"),
     "internal_error": (500, "server_error"),
     # A key's own upstream credential that this appliance cannot decrypt (its key file is missing or replaced).

@@ -34,6 +34,7 @@ from appliance.providers.base import ModelInfo, Provider
 from appliance.providers.transport import Limits, Transport
 from appliance.storage import requests_repo, responses_repo, stats_repo
 from appliance.storage.db import Database
+from appliance.storage.state import SharedState
 from appliance.storage.writer import BufferedWriter
 
 log = logging.getLogger("appliance.core.gateway")
@@ -76,6 +77,7 @@ class Gateway:
     breakers: Breakers
     cache: ResponseCache
     queue: QueueTable | None = None  # the fair admission queue all workers share (None: this process's own)
+    state: SharedState | None = None  # [state] url: the live state several appliances share (None: this host's)
     catalog: Catalog = field(init=False)
     prices: Prices = field(init=False)
     compute: ComputeRates = field(init=False)  # beside prices: what a backend's busy seconds cost
@@ -304,10 +306,15 @@ class Gateway:
             except asyncio.CancelledError:
                 pass
         await self.writer.stop()
+        if self.state is not None:
+            await self.state.close()
 
     def degraded(self) -> list[str]:
         """What works less well than it should while answers still flow."""
-        return ["database writes failing"] if self.writer.failing_since is not None else []
+        found = ["database writes failing"] if self.writer.failing_since is not None else []
+        if self.state is not None and self.state.down:
+            found.append(f"shared state unreachable (on_state_error={self.state.settings.on_state_error})")
+        return found
 
     def readiness(self) -> tuple[bool, str]:
         if self.draining:

@@ -101,11 +101,14 @@ GUARDRAILS = Counter("appliance_guardrail", "Guardrail checks, by outcome (passe
                      ("guardrail", "outcome"), registry=None)
 STREAM_FAILOVERS = Counter("appliance_stream_failovers", "Streams whose backend failed after the first token and "
                            "that went on on another target.", ("from_backend", "to_backend"), registry=None)
+STATE_ERRORS = Counter("appliance_state_errors", "Calls to the shared state (Redis, [state] url) that failed; "
+                       "each outage's requests then follow on_state_error.", ("error",), registry=None)
 WORKERS = Gauge("appliance_workers", "Worker processes serving.", multiprocess_mode="livesum", registry=None)
 BUILD_INFO = Gauge("appliance_build_info", "The running version (value 1).", ("version",),
                    multiprocess_mode="livemax", registry=None)
 
-_COMMON = (INFLIGHT, RETRIES, FALLBACKS, RATELIMIT_REJECTIONS, WRITE_QUEUE, DB_WRITE_FAILURES, WORKERS, BUILD_INFO,
+_COMMON = (INFLIGHT, RETRIES, FALLBACKS, RATELIMIT_REJECTIONS, WRITE_QUEUE, DB_WRITE_FAILURES, STATE_ERRORS, WORKERS,
+           BUILD_INFO,
            REQUEST_SECONDS, UPSTREAM_SECONDS, OVERHEAD_SECONDS, TTFT_SECONDS, EMBEDDED_TEXTS, EMBEDDING_FAILURES,
            DESCRIBED_IMAGES, COMPUTE_COST, GUARDRAILS, STREAM_FAILOVERS, ADMISSION_WAIT_SECONDS)
 
@@ -271,6 +274,10 @@ class Recorder:
     @staticmethod
     def write_failed() -> None:
         DB_WRITE_FAILURES.inc()
+
+    @staticmethod
+    def state_failed(error: str) -> None:
+        STATE_ERRORS.labels(error).inc()
 
 
 def embedded(purpose: str, *, from_memory: int, from_backend: int) -> None:

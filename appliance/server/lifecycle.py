@@ -32,6 +32,7 @@ from appliance.storage import keys_repo
 from appliance.storage.db import Database
 from appliance.storage.journal import Journal, journal_dir
 from appliance.storage.migrate import database_path
+from appliance.storage.state import SharedState
 from appliance.storage.writer import BufferedWriter
 
 log = logging.getLogger("appliance.server")
@@ -123,7 +124,9 @@ async def open_gateway(app: Sanic) -> None:
     breakers.forget_worker()
     cache = ResponseCache(db, writer, settings.cache)
     cache.start()
-    gateway = Gateway(settings, transport, db, writer, authenticator, limiter, breakers, cache, app.ctx.queue_table)
+    state = SharedState.connect(settings.state, on_error=metrics.Recorder.state_failed) if settings.state.url else None
+    gateway = Gateway(settings, transport, db, writer, authenticator, limiter, breakers, cache, app.ctx.queue_table,
+                      state)
     gateway.admission.forget_worker()  # a dead predecessor's places in the queue are gone with it
     gateway.start()
     app.ctx.gateway = gateway
