@@ -102,6 +102,7 @@ class Admission:
     counts_tokens: bool = True
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    ident: str = ""  # in Redis: its entry in the in-flight sets of the scopes with a max_concurrent
 
 
 def period_of(kind: str, now: float) -> int:
@@ -263,45 +264,28 @@ class Limiter:
         return Admission(scopes, tokens, cost, counts_tokens, headers)
 
     def _check(self, scope: Scope, slot: Any, tokens: float, cost: float, compute: bool, now: float) -> None:
-        who = "this key" if not scope.owner.startswith("model:") else f"the model {scope.owner[6:]!r}"
         if scope.rpm is not None and slot.req_total + 1 > scope.rpm:
-            wait = self._freed_in(slot, "req", slot.req_total + 1 - scope.rpm, now)
-            raise _limited(f"Rate limit reached for {who}: {scope.rpm} requests per {self._per()}.", wait,
-                           "requests")
+            raise refusal(scope, "requests", self._window, self._freed_in(slot, "req", slot.req_total + 1 - scope.rpm,
+                                                                         now))
         if scope.tpm is not None and tokens:
             if tokens > scope.tpm:
-                raise GatewayError("rate_limit_exceeded", f"Request too large for {who}: about {int(tokens)} "
-                                   f"tokens, the limit is {scope.tpm} tokens per {self._per()}.",
-                                   status=429, type="rate_limit_error", headers={"x-should-retry": "false"})
+                raise refusal(scope, "too_large", self._window, tokens=tokens)
             if slot.tok_total + tokens > scope.tpm:
-                wait = self._freed_in(slot, "tok", slot.tok_total + tokens - scope.tpm, now)
-                raise _limited(f"Rate limit reached for {who}: {scope.tpm} tokens per {self._per()}.", wait,
-                               "tokens")
+                raise refusal(scope, "tokens", self._window,
+                              self._freed_in(slot, "tok", slot.tok_total + tokens - scope.tpm, now))
         if scope.max_concurrent is not None and slot.inflight_total + 1 > scope.max_concurrent:
-            raise _limited(f"Too many requests in flight for {who}: at most {scope.max_concurrent}.", 1.0,
-                           "concurrency")
+            raise refusal(scope, "concurrency", self._window, 1.0)
         if scope.budget_period:
-            if scope.budget_usd is not None and _over(scope, slot, cost, compute):
-                raise _over_budget(f"Budget of ${scope.budget_usd:g} per {scope.budget_period} used up for {who}.")
+            if scope.budget_usd is not None and over_budget(scope, slot.spent_usd + slot.reserved_usd, cost, compute):
+                raise refusal(scope, "budget_usd", self._window)
             if scope.budget_tokens is not None and tokens and \
                     slot.spent_tokens + slot.reserved_tokens + tokens > scope.budget_tokens:
-                raise _over_budget(f"Budget of {scope.budget_tokens} tokens per {scope.budget_period} used up "
-                                   f"for {who}.")
-
-    def _per(self) -> str:
-        return "minute" if self._window == 60 else f"{self._window:g} s"
+                raise refusal(scope, "budget_tokens", self._window)
 
     def _headers(self, scope: Scope, slot: Any, now: float) -> dict[str, str]:
-        headers = {}
-        if scope.rpm is not None:
-            headers["x-ratelimit-limit-requests"] = str(scope.rpm)
-            headers["x-ratelimit-remaining-requests"] = str(max(0, int(scope.rpm - slot.req_total)))
-            headers["x-ratelimit-reset-requests"] = duration(self._last_expiry(slot, "req", now))
-        if scope.tpm is not None:
-            headers["x-ratelimit-limit-tokens"] = str(scope.tpm)
-            headers["x-ratelimit-remaining-tokens"] = str(max(0, int(scope.tpm - slot.tok_total)))
-            headers["x-ratelimit-reset-tokens"] = duration(self._last_expiry(slot, "tok", now))
-        return headers
+        return rate_headers(scope, slot.req_total, slot.tok_total,
+                            self._last_expiry(slot, "req", now) if scope.rpm is not None else 0.0,
+                            self._last_expiry(slot, "tok", now) if scope.tpm is not None else 0.0)
 
     def settle(self, admission: Admission, *, tokens: float, cost: float, compute_cost: float = 0.0) -> None:
         """The request ended: replace the estimates with what it really used (token prices ``cost``, and
@@ -346,16 +330,61 @@ class Limiter:
             slot = self._slot(scope, now)
             spent_usd, spent_tokens = slot.spent_usd, slot.spent_tokens
             requests, tokens = slot.req_total, slot.tok_total
-        state: dict[str, Any] = {"requests_in_window": int(requests), "tokens_in_window": int(tokens)}
-        if scope.budget_period:
-            state.update(period=scope.budget_period, period_start=period_start_day(scope.budget_period, now),
-                         spent_usd=round(spent_usd, 9), spent_tokens=int(spent_tokens),
-                         resets_at=int(period_end(scope.budget_period, now)))
-            if scope.budget_usd is not None:
-                state["remaining_usd"] = round(max(0.0, scope.budget_usd - spent_usd), 9)
-            if scope.budget_tokens is not None:
-                state["remaining_tokens"] = max(0, int(scope.budget_tokens - spent_tokens))
-        return state
+        return budget_view(scope, now, requests, tokens, spent_usd, spent_tokens)
+
+
+# ---------------------------------------------------------------- shared by this limiter and the one in Redis
+
+
+def rate_headers(scope: Scope, requests: float, tokens: float, reset_requests_s: float,
+                 reset_tokens_s: float) -> dict[str, str]:
+    """The x-ratelimit-* headers of a scope holding ``requests`` and ``tokens`` in its window."""
+    headers = {}
+    if scope.rpm is not None:
+        headers["x-ratelimit-limit-requests"] = str(scope.rpm)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, int(scope.rpm - requests)))
+        headers["x-ratelimit-reset-requests"] = duration(reset_requests_s)
+    if scope.tpm is not None:
+        headers["x-ratelimit-limit-tokens"] = str(scope.tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, int(scope.tpm - tokens)))
+        headers["x-ratelimit-reset-tokens"] = duration(reset_tokens_s)
+    return headers
+
+
+def budget_view(scope: Scope, now: float, requests: float, tokens: float, spent_usd: float,
+                spent_tokens: float) -> dict[str, Any]:
+    """What GET /v1/key shows of a scope's window and budget period."""
+    state: dict[str, Any] = {"requests_in_window": int(requests), "tokens_in_window": int(tokens)}
+    if scope.budget_period:
+        state.update(period=scope.budget_period, period_start=period_start_day(scope.budget_period, now),
+                     spent_usd=round(spent_usd, 9), spent_tokens=int(spent_tokens),
+                     resets_at=int(period_end(scope.budget_period, now)))
+        if scope.budget_usd is not None:
+            state["remaining_usd"] = round(max(0.0, scope.budget_usd - spent_usd), 9)
+        if scope.budget_tokens is not None:
+            state["remaining_tokens"] = max(0, int(scope.budget_tokens - spent_tokens))
+    return state
+
+
+def refusal(scope: Scope, limit: str, window_s: float, wait_s: float = 1.0, *, tokens: float = 0) -> GatewayError:
+    """The 429 for a request that ``limit`` of ``scope`` refuses: requests, tokens, concurrency, too_large (the
+    request alone is over tpm), budget_usd or budget_tokens; ``wait_s``: when it may pass (Retry-After)."""
+    who = "this key" if not scope.owner.startswith("model:") else f"the model {scope.owner[6:]!r}"
+    per = "minute" if window_s == 60 else f"{window_s:g} s"
+    if limit == "requests":
+        return _limited(f"Rate limit reached for {who}: {scope.rpm} requests per {per}.", wait_s, "requests")
+    if limit == "tokens":
+        return _limited(f"Rate limit reached for {who}: {scope.tpm} tokens per {per}.", wait_s, "tokens")
+    if limit == "too_large":
+        return GatewayError("rate_limit_exceeded", f"Request too large for {who}: about {int(tokens)} tokens, the "
+                            f"limit is {scope.tpm} tokens per {per}.", status=429, type="rate_limit_error",
+                            headers={"x-should-retry": "false"})
+    if limit == "concurrency":
+        return _limited(f"Too many requests in flight for {who}: at most {scope.max_concurrent}.", wait_s,
+                        "concurrency")
+    if limit == "budget_usd":
+        return _over_budget(f"Budget of ${scope.budget_usd:g} per {scope.budget_period} used up for {who}.")
+    return _over_budget(f"Budget of {scope.budget_tokens} tokens per {scope.budget_period} used up for {who}.")
 
 
 def _limited(message: str, wait_s: float, limit: str) -> GatewayError:
@@ -366,12 +395,12 @@ def _limited(message: str, wait_s: float, limit: str) -> GatewayError:
                         extra={"retry_after": seconds, "limit": limit})
 
 
-def _over(scope: Scope, slot: Any, cost: float, compute: bool) -> bool:
-    """Would this request overrun the scope's budget_usd? A price estimate must fit what is left; a compute
-    cost (unknown until the end) needs something left. A request that costs nothing the budget counts
-    always passes (a $0 model never consumes or is blocked by a USD budget)."""
+def over_budget(scope: Scope, used: float, cost: float, compute: bool) -> bool:
+    """Would this request overrun the scope's budget_usd, ``used`` (spent and reserved) of it already? A price
+    estimate must fit what is left; a compute cost (unknown until the end) needs something left. A request that
+    costs nothing the budget counts always passes (a $0 model never consumes or is blocked by a USD budget)."""
     price = cost if scope.counts_price else 0.0
-    used = slot.spent_usd + slot.reserved_usd + price
+    used += price
     if compute and scope.counts_compute:
         return used >= scope.budget_usd  # type: ignore[operator]
     return price > 0 and used > scope.budget_usd  # type: ignore[operator]

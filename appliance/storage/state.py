@@ -81,6 +81,25 @@ class SharedState:
     async def run(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await self.call(lambda: script(keys=list(keys), args=list(args)))
 
+    async def run_all(self, calls: Sequence[tuple[Any, Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Several scripts in one round trip: a pipeline, not a transaction (each script is atomic alone)."""
+        async def send() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for script, keys, args in calls:
+                    await script(keys=list(keys), args=list(args), client=pipe)  # queued, not sent
+                return await pipe.execute()
+
+        return await self.call(send)
+
+    async def pipeline(self, fill: Callable[[Any], None]) -> list[Any]:
+        """Plain commands in one round trip: ``fill`` queues them on the pipeline it is handed."""
+        async def send() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                fill(pipe)
+                return await pipe.execute()
+
+        return await self.call(send)
+
     def _failed(self, exc: BaseException) -> None:
         self._down_until = self._clock() + self.settings.retry_s
         if not self._down:
