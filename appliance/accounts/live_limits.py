@@ -22,8 +22,8 @@ import asyncio
 import itertools
 import logging
 import math
+import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -244,7 +244,7 @@ class RedisLimiter:
         self._read = state.script(_READ)
         self._preload = state.script(_PRELOAD)
         self._ids = itertools.count()
-        self._node = uuid.uuid4().hex[:12]
+        self._node = os.urandom(6).hex()  # this worker's admission ids: unique across nodes
         self._held: dict[str, tuple[str, ...]] = {}  # admission id -> the in-flight sets it has a place in
         self._pending: list[tuple[list[str], list[Any]]] = []  # settles not sent yet
         self._flushing: asyncio.Task[None] | None = None

@@ -7,16 +7,21 @@ behind); what a key may still spend comes from the live counters, which are exac
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from typing import Any
 
 import orjson
 
 from appliance.accounts.auth import Principal, public_view
-from appliance.accounts.limits import Limiter, key_scope, period_start_day
+from appliance.accounts.limits import Limiter, Scope, key_scope, period_start_day
+from appliance.accounts.live_limits import RedisLimiter
 from appliance.common.errors import GatewayError
 from appliance.storage import keys_repo, requests_repo, usage_repo
 from appliance.storage.db import Database
+from appliance.storage.state import StateUnavailable
+
+log = logging.getLogger("appliance.reports")
 
 GROUPS = ("day", "model", "key")
 RECENT = 20
@@ -38,7 +43,7 @@ async def report(db: Database, *, key_id: str | None = None, model: str | None =
                                    day_to=_day(end, "to"), group_by=group_by)
 
 
-async def key_view(db: Database, limiter: Limiter, principal: Principal) -> dict[str, Any]:
+async def key_view(db: Database, limiter: Limiter | RedisLimiter, principal: Principal) -> dict[str, Any]:
     """A key's own role, limits, budget left and recent usage."""
     row = await keys_repo.get(db, principal.key_id)
     view: dict[str, Any] = public_view(row) if row else {"id": principal.key_id, "object": "api_key",
@@ -46,7 +51,7 @@ async def key_view(db: Database, limiter: Limiter, principal: Principal) -> dict
     scope = key_scope(principal)
     view["limits"] = {"rpm": principal.rpm, "tpm": principal.tpm, "max_concurrent": principal.max_concurrent,
                       "window_s": limiter.window_s}
-    view["state"] = limiter.budget_state(scope) if scope is not None else None
+    view["state"] = await _budget_state(limiter, scope) if scope is not None else None
     today = usage_repo.day_of(time.time())
     view["usage"] = {
         "today": (await usage_repo.report(db, key_id=principal.key_id, day_from=today, day_to=today) or [None])[0],
@@ -55,7 +60,17 @@ async def key_view(db: Database, limiter: Limiter, principal: Principal) -> dict
     return view
 
 
-async def recount_budget(db: Database, limiter: Limiter, row: dict[str, Any]) -> None:
+async def _budget_state(limiter: Limiter | RedisLimiter, scope: Scope) -> dict[str, Any]:
+    if isinstance(limiter, Limiter):
+        return limiter.budget_state(scope)
+    try:
+        return await limiter.budget_state(scope)
+    except StateUnavailable:
+        raise GatewayError("state_unavailable", "This key's live limits and spend are in the gateway's shared "
+                           "state, unreachable right now; try again shortly.", headers={"Retry-After": "1"}) from None
+
+
+async def recount_budget(db: Database, limiter: Limiter | RedisLimiter, row: dict[str, Any]) -> None:
     """A key's budget now counts something else (budget_counts changed): what its period already spent, counted
     the new way, from the ledger (at most one flush interval behind), as at start."""
     scope = key_scope(Principal.from_row(row))
@@ -63,7 +78,13 @@ async def recount_budget(db: Database, limiter: Limiter, row: dict[str, Any]) ->
         return
     usd, tokens = await usage_repo.spent(db, scope.owner, period_start_day(scope.budget_period, time.time()),
                                          scope.budget_counts)
-    limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
+    if isinstance(limiter, Limiter):
+        limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
+    else:
+        try:
+            await limiter.preload(scope, spent_usd=usd, spent_tokens=tokens, replace=True)
+        except StateUnavailable:
+            log.warning("key %s: its budget's spend not recounted in the shared state (unreachable)", scope.owner)
 
 
 REQUESTS_LIMIT = 100

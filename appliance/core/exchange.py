@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import orjson
 
 from appliance.accounts.auth import Principal, model_not_allowed
-from appliance.accounts.limits import Admission, key_scope
+from appliance.accounts.limits import Admission, Limiter, key_scope
 from appliance.accounts.usage import NO_COST, Cost, Tokens, cost_of, estimate_prompt
 from appliance.common.errors import GatewayError
 from appliance.core.catalog import MayUse, Route
@@ -206,7 +206,7 @@ def begin(gw: Gateway, x: Exchange) -> None:
         gw.metrics.request_started()
 
 
-def admit(gw: Gateway, x: Exchange, body: dict[str, Any], route: Route, *, counts_tokens: bool = True) -> None:
+async def admit(gw: Gateway, x: Exchange, body: dict[str, Any], route: Route, *, counts_tokens: bool = True) -> None:
     """Count the request against its key's and its model's limits and budget, or refuse it (429)."""
     scopes = tuple(scope for scope in (key_scope(x.principal), gw.model_scopes.of(route.backend, route.upstream_model))
                    if scope is not None)
@@ -217,25 +217,40 @@ def admit(gw: Gateway, x: Exchange, body: dict[str, Any], route: Route, *, count
     expected = Tokens(prompt, most if isinstance(most, int) else 0)
     cost = cost_of(gw.prices.of(route.backend, route.upstream_model), expected).total
     shown = next((scope for scope in scopes if scope.rpm or scope.tpm), None)
+    limiter = gw.limiter
+    compute = gw.compute.per_second(route.backend) > 0
     try:
-        x.admission = gw.limiter.admit(scopes, tokens=prompt, cost=cost, counts_tokens=counts_tokens,
-                                       headers_for=shown, compute=gw.compute.per_second(route.backend) > 0)
+        if isinstance(limiter, Limiter):
+            x.admission = limiter.admit(scopes, tokens=prompt, cost=cost, counts_tokens=counts_tokens,
+                                        headers_for=shown, compute=compute)
+        else:  # [state] url: one round trip to Redis
+            x.admission = await limiter.admit(scopes, tokens=prompt, cost=cost, counts_tokens=counts_tokens,
+                                              headers_for=shown, compute=compute)
     except GatewayError as exc:
-        gw.metrics.rejected(_limit_of(exc))
+        _refused(gw, exc)
         raise
 
 
-def admit_key(gw: Gateway, x: Exchange) -> None:
+async def admit_key(gw: Gateway, x: Exchange) -> None:
     """A request that names no model (a /proxy call): only its key's request and concurrency limits apply."""
     scope = key_scope(x.principal)
     if scope is None:
         return
+    limiter = gw.limiter
+    shown = scope if scope.rpm else None
     try:
-        x.admission = gw.limiter.admit((scope,), tokens=0, cost=0, counts_tokens=False,
-                                       headers_for=scope if scope.rpm else None)
+        if isinstance(limiter, Limiter):
+            x.admission = limiter.admit((scope,), tokens=0, cost=0, counts_tokens=False, headers_for=shown)
+        else:
+            x.admission = await limiter.admit((scope,), tokens=0, cost=0, counts_tokens=False, headers_for=shown)
     except GatewayError as exc:
-        gw.metrics.rejected(_limit_of(exc))
+        _refused(gw, exc)
         raise
+
+
+def _refused(gw: Gateway, refusal: GatewayError) -> None:
+    if refusal.status == 429:  # not a 503 state_unavailable: no limit refused that one
+        gw.metrics.rejected(_limit_of(refusal))
 
 
 def _limit_of(refusal: GatewayError) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from appliance.accounts.auth import Authenticator
 from appliance.accounts.limits import Limiter, ModelScopes
+from appliance.accounts.live_limits import RedisLimiter
 from appliance.accounts.usage import ComputeRates, Prices
 from appliance.common.config import BackendSettings, Settings
 from appliance.common.errors import GatewayError
@@ -73,7 +74,7 @@ class Gateway:
     db: Database
     writer: BufferedWriter
     authenticator: Authenticator
-    limiter: Limiter
+    limiter: Limiter | RedisLimiter  # RedisLimiter when [state] url is set
     breakers: Breakers
     cache: ResponseCache
     queue: QueueTable | None = None  # the fair admission queue all workers share (None: this process's own)
@@ -306,6 +307,8 @@ class Gateway:
             except asyncio.CancelledError:
                 pass
         await self.writer.stop()
+        if isinstance(self.limiter, RedisLimiter):
+            await self.limiter.close()  # its queued settles go out, its places in flight are given back
         if self.state is not None:
             await self.state.close()
 

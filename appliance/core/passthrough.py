@@ -166,7 +166,7 @@ async def _forward(gw: Gateway, x: Exchange, call: Call, responder: RawResponder
         raise GatewayError("not_found", f"Unknown backend {call.backend!r} (known: {known}).", param="backend")
     x.backend = call.backend
     _check_declared_size(call.headers, gw.settings.server.max_body_mb)
-    admit_key(gw, x)
+    await admit_key(gw, x)
     settings = upstreams(gw, x).backends[call.backend]
     limits = Limits(settings.timeout_s, settings.connect_timeout_s)
     url = f"{provider.root}/{path}" + (f"?{call.query}" if call.query else "")

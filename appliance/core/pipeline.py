@@ -242,7 +242,7 @@ async def route(gw: Gateway, raw: bytes, x: Exchange, responder: Responder) -> N
     try:
         await gw.wait_discovered()
         decision, chosen = await _decide(gw, x, body, options)
-        admit(gw, x, body, chosen.route, counts_tokens=False)  # an embedding call, no generation: rpm only
+        await admit(gw, x, body, chosen.route, counts_tokens=False)  # an embedding call, no generation: rpm only
         x.notes = {router.HEADER: decision.profile}
         record(gw, x, 200)
         await responder.complete(200, x.response_headers(), orjson.dumps(decision.as_dict()))
@@ -326,7 +326,7 @@ async def serve(gw: Gateway, endpoint: str, body: dict[str, Any], x: Exchange, r
                 if hit is not None:
                     await _serve_hit(gw, x, body, hit, responder)
                     return
-        admit(gw, x, body, x.route)
+        await admit(gw, x, body, x.route)
         await _dispatch(gw, endpoint, body, plan, x, responder, surface, store)
     except (Exception, asyncio.CancelledError) as exc:
         record_failure(gw, x, exc)
@@ -385,7 +385,7 @@ async def _look_up(gw: Gateway, endpoint: str, body: dict[str, Any], plan: Plan,
 
 async def _serve_hit(gw: Gateway, x: Exchange, body: dict[str, Any], hit: cache.Hit, responder: Responder) -> None:
     """A stored answer: counts toward the key's rpm, not its tokens or budget, and costs nothing."""
-    admit(gw, x, body, x.route, counts_tokens=False)  # type: ignore[arg-type]
+    await admit(gw, x, body, x.route, counts_tokens=False)  # type: ignore[arg-type]
     headers = {**x.response_headers(), "X-Appliance-Cache-Age": str(int(hit.age_s)),
                "X-Appliance-Cost-Usd": f"{0:.9f}"}
     latency = time.perf_counter() - x.started

@@ -15,6 +15,7 @@ from sanic import Sanic
 from appliance.accounts.auth import Authenticator
 from appliance.accounts.credentials import Vault
 from appliance.accounts.limits import Limiter, worker_index
+from appliance.accounts.live_limits import RedisLimiter
 from appliance.batches.files import FileStore
 from appliance.batches.runner import BatchRunner
 from appliance.common.config import ConfigError, Settings
@@ -118,13 +119,17 @@ async def open_gateway(app: Sanic) -> None:
     authenticator = Authenticator(db, await keys_repo.install_secret(db), settings.auth.cache_ttl_s,
                                   enabled=settings.auth.mode == "keys", vault=Vault(settings.data_dir))
     worker = worker_index()
-    limiter = Limiter(app.ctx.limit_table, settings.limits.window_s, worker)
-    limiter.forget_worker()  # a worker that replaces a dead one inherits its column, not its count
+    state = SharedState.connect(settings.state, on_error=metrics.Recorder.state_failed) if settings.state.url else None
+    limiter: Limiter | RedisLimiter
+    if state is not None:
+        limiter = RedisLimiter(state, settings.limits.window_s)  # shared with every worker of every node
+    else:
+        limiter = Limiter(app.ctx.limit_table, settings.limits.window_s, worker)
+        limiter.forget_worker()  # a worker that replaces a dead one inherits its column, not its count
     breakers = Breakers(app.ctx.backend_table, settings.routing, worker)
     breakers.forget_worker()
     cache = ResponseCache(db, writer, settings.cache)
     cache.start()
-    state = SharedState.connect(settings.state, on_error=metrics.Recorder.state_failed) if settings.state.url else None
     gateway = Gateway(settings, transport, db, writer, authenticator, limiter, breakers, cache, app.ctx.queue_table,
                       state)
     gateway.admission.forget_worker()  # a dead predecessor's places in the queue are gone with it

@@ -23,7 +23,8 @@ from sanic.mixins import startup
 from sanic.worker.constants import ProcessState
 
 from appliance.accounts import auth
-from appliance.accounts.limits import Limiter, SharedTable, key_scope, period_start_day, table_size
+from appliance.accounts.limits import Limiter, Scope, SharedTable, key_scope, period_start_day, table_size
+from appliance.accounts.live_limits import RedisLimiter
 from appliance.batches.runner import prepare_data_dir
 from appliance.common.config import ConfigError, Settings
 from appliance.common.resources import migrations_dir
@@ -36,6 +37,7 @@ from appliance.server.app import configure_logging, create_app
 from appliance.storage import usage_repo
 from appliance.storage.db import Database
 from appliance.storage.migrate import database_path, migrate
+from appliance.storage.state import SharedState, StateUnavailable
 
 log = logging.getLogger("appliance.server")
 
@@ -181,16 +183,38 @@ async def prepare_keys(settings: Settings, table: SharedTable) -> None:
                                                 slots=settings.limits.key_slots)
         if generated and settings.auth.mode == "keys":
             _announce(generated)
-        limiter = Limiter(table, settings.limits.window_s)
         now = time.time()
+        spent = []
         for row in await auth.list_keys(db):
             scope = key_scope(auth.Principal.from_row(row))
             if scope is not None and scope.budget_period:
-                usd, tokens = await usage_repo.spent(db, scope.owner, period_start_day(scope.budget_period, now),
-                                                     scope.budget_counts)
-                limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
+                spent.append((scope, *await usage_repo.spent(db, scope.owner,
+                                                             period_start_day(scope.budget_period, now),
+                                                             scope.budget_counts)))
     finally:
         await db.close()
+    if settings.state.url:
+        await _preload_shared(settings, spent)
+        return
+    limiter = Limiter(table, settings.limits.window_s)
+    for scope, usd, tokens in spent:
+        limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
+
+
+async def _preload_shared(settings: Settings, spent: list[tuple[Scope, float, float]]) -> None:
+    """[state] url: the period's spend goes to Redis where it holds nothing of this period yet (the node that
+    starts first seeds it; the others, and restarts, leave the live counters as they are)."""
+    if not spent:
+        return
+    state = SharedState.connect(settings.state)
+    try:
+        limiter = RedisLimiter(state, settings.limits.window_s)
+        for scope, usd, tokens in spent:
+            await limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
+    except StateUnavailable as exc:
+        log.warning("budgets not seeded in the shared state (%s): they count from what it holds", exc)
+    finally:
+        await state.close()
 
 
 def _announce(key: str) -> None:
