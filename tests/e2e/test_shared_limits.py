@@ -1,0 +1,101 @@
+"""Two appliances (2 workers each) sharing their limits through one Redis ([state] url), driven alternately.
+
+Each node keeps its own SQLite data dir (keys are not shared without [database]), so the limit under test is a
+model's: a [[models]] entry with an rpm binds every caller, no key needed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import base_config
+from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.engines import Engine, start_redis
+from tests.support.polling import eventually
+
+MODEL = "fake/fake-slow-2"  # no other module limits it
+
+
+def config(fake_openai: Any, fake_ollama: Any, llamacpp_port: int, redis_url: str, rpm: int) -> dict[str, Any]:
+    settings = base_config(fake_openai, fake_ollama, llamacpp_port)
+    settings["models"] = [*settings["models"], {"name": MODEL, "rpm": rpm}]
+    # retry_s short: a worker tries a Redis that came back soon after (it never waits on one that is down)
+    settings["state"] = {"url": redis_url, "prefix": f"e2e:{uuid.uuid4().hex[:8]}:", "retry_s": 0.2}
+    return settings
+
+
+@contextmanager
+def two_nodes(root: Path, settings: dict[str, Any]) -> Iterator[tuple[Appliance, Appliance]]:
+    nodes = (Appliance(root / "a", settings), Appliance(root / "b", settings))
+    try:
+        for node in nodes:
+            node.start()
+            node.wait_ready()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def chat(node: Appliance) -> httpx.Response:
+    """One chat on a fresh connection: either worker of the node takes it."""
+    return httpx.post(node.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def alternating(nodes: tuple[Appliance, Appliance], n: int) -> list[httpx.Response]:
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda i: chat(nodes[i % 2]), range(n)))
+
+
+@pytest.fixture
+def shared(tmp_path: Path, fake_openai: Any, fake_ollama: Any, llamacpp_port: int,
+           redis_engine: Engine) -> Iterator[tuple[Appliance, Appliance]]:
+    with two_nodes(tmp_path, config(fake_openai, fake_ollama, llamacpp_port, redis_engine.url, rpm=10)) as nodes:
+        yield nodes
+
+
+def test_an_rpm_of_10_admits_exactly_10_across_both_nodes(shared: tuple[Appliance, Appliance]) -> None:
+    responses = alternating(shared, 30)
+    assert sorted(r.status_code for r in responses) == [200] * 10 + [429] * 20
+    for refused in (r for r in responses if r.status_code == 429):
+        error = refused.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
+        assert error["request_id"] == refused.headers["x-request-id"]
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert refused.headers["x-ratelimit-limit-requests"] == "10"
+    # The SDK sees the same: a RateLimitError on either node.
+    for node in shared:
+        sdk = openai.OpenAI(base_url=node.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_with_redis_killed_requests_flow_and_the_limit_holds_again_once_it_is_back(
+        tmp_path: Path, fake_openai: Any, fake_ollama: Any, llamacpp_port: int) -> None:
+    redis = start_redis(tmp_path / "redis")
+    try:
+        settings = config(fake_openai, fake_ollama, llamacpp_port, redis.url, rpm=5)
+        with two_nodes(tmp_path, settings) as nodes:
+            assert sorted(r.status_code for r in alternating(nodes, 8)) == [200] * 5 + [429] * 3
+            redis.kill()
+            assert [r.status_code for r in alternating(nodes, 8)] == [200] * 8  # on_state_error = "open"
+            redis.start()  # empty again: the window fills anew
+
+            def both_refused() -> None:
+                codes = [chat(node) for node in nodes]
+                assert [r.status_code for r in codes] == [429, 429], [r.text for r in codes]
+                assert {r.json()["error"]["code"] for r in codes} == {"rate_limit_exceeded"}
+
+            eventually(both_refused)
+    finally:
+        redis.stop()
