@@ -99,3 +99,41 @@ def test_with_redis_killed_requests_flow_and_the_limit_holds_again_once_it_is_ba
             eventually(both_refused)
     finally:
         redis.stop()
+
+
+PRICED = {"name": "priced", "target": "fake/fake-chat", "input_per_mtok": 1_000_000, "output_per_mtok": 2_000_000}
+
+
+def test_a_budgets_spend_lives_in_redis_and_a_restart_seeds_it_once(
+        tmp_path: Path, fake_openai: Any, fake_ollama: Any, llamacpp_port: int, redis_engine: Engine) -> None:
+    """The ledger's spend goes to Redis at start only where Redis has nothing of the period: a restart on a
+    Redis that kept it does not add it again; a Redis that lost it gets it back from the ledger."""
+    settings = config(fake_openai, fake_ollama, llamacpp_port, redis_engine.url, rpm=10)
+    settings["models"].append(PRICED)
+
+    def spent(node: Appliance, key: str) -> float:
+        status, view, _ = node.get("/v1/key", {"Authorization": f"Bearer {key}"})
+        assert status == 200, view
+        return view["state"]["spent_usd"]
+
+    node = Appliance(tmp_path / "node", settings).start()
+    try:
+        status, made, _ = node.post("/admin/keys", {"name": "budget", "budget_usd": 100, "budget_period": "day"})
+        assert status == 201, made
+        sdk = openai.OpenAI(base_url=node.url + "/v1", api_key=made["key"], max_retries=0)
+        for _ in range(2):  # $21 each (the fake's usage at these prices)
+            sdk.chat.completions.create(model="priced", messages=[{"role": "user", "content": "hi"}])
+
+        def settled() -> None:  # settles go to Redis just after each answer
+            assert spent(node, made["key"]) == 42
+
+        eventually(settled)
+    finally:
+        node.stop()
+    for prefix in (settings["state"]["prefix"], f"e2e:{uuid.uuid4().hex[:8]}:"):  # kept by Redis, then not
+        settings["state"] = {**settings["state"], "prefix": prefix}
+        node = Appliance(tmp_path / "node", settings).start()
+        try:
+            assert spent(node, made["key"]) == 42, prefix
+        finally:
+            node.stop()
