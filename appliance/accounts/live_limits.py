@@ -19,6 +19,7 @@ refuses with 503 state_unavailable.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -32,7 +33,6 @@ from appliance.accounts.limits import (
     Admission,
     Scope,
     budget_view,
-    period_end,
     period_of,
     rate_headers,
     refusal,
@@ -84,18 +84,25 @@ end
 """
 
 # KEYS: per scope its hash, then its in-flight set. ARGV after now and bucket_s: admission id, lease deadline,
-# lease ttl, tokens, cost, counts_tokens, compute, the scope whose headers to show (0: none), then per scope:
-# rpm, tpm, max_concurrent, budget_usd, budget_tokens, period, counts_price, counts_compute, ttl ('' = None).
+# lease ttl, tokens, cost, flags (counts_tokens, compute: "10"), the scope whose headers to show (0: none), then
+# per scope: its limits ("rpm tpm max_concurrent budget_usd budget_tokens counts_price counts_compute", "-" for
+# none: one argument, fewer to pack on the request path), period ('' none), ttl.
 # Returns {'ok', headers...} or {'refused', scope, limit, wait, headers...}; headers: requests and tokens in the
 # window, seconds until each is empty (limits.Limiter._headers's figures).
 _ADMIT = _COMMON + """
 local id, deadline, lease_ttl = ARGV[3], ARGV[4], ARGV[5]
 local tokens, cost = tonumber(ARGV[6]), tonumber(ARGV[7])
-local counts_tokens, compute, shown = ARGV[8] == '1', ARGV[9] == '1', tonumber(ARGV[10])
-local FIRST, PER = 11, 9
+local counts_tokens, compute, shown = ARGV[8]:sub(1, 1) == '1', ARGV[8]:sub(2, 2) == '1', tonumber(ARGV[9])
+local FIRST, PER = 10, 3
 local n = #KEYS / 2
 
 local function arg(i, k) return ARGV[FIRST + (i - 1) * PER + k] end
+local LIMITS = {}
+for i = 1, n do
+  local limits = {}
+  for v in string.gmatch(arg(i, 0), '%S+') do limits[#limits + 1] = v end
+  LIMITS[i] = limits
+end
 
 local function freed_in(s, series, excess)
   local dropped = 0
@@ -123,8 +130,9 @@ local function over_usd(s, budget, counts_price, counts_compute)
 end
 
 local function check(i, s)
-  local rpm, tpm, most = tonumber(arg(i, 0)), tonumber(arg(i, 1)), tonumber(arg(i, 2))
-  local usd, budget_tokens = tonumber(arg(i, 3)), tonumber(arg(i, 4))
+  local L = LIMITS[i]
+  local rpm, tpm, most, usd, budget_tokens = tonumber(L[1]), tonumber(L[2]), tonumber(L[3]), tonumber(L[4]),
+                                             tonumber(L[5])
   if rpm and s.rt + 1 > rpm then return 'requests', freed_in(s, 'r', s.rt + 1 - rpm) end
   if tpm and tokens ~= 0 then
     if tokens > tpm then return 'too_large', 0 end
@@ -134,8 +142,8 @@ local function check(i, s)
     redis.call('ZREMRANGEBYSCORE', KEYS[2 * i], '-inf', ARGV[1])  -- places whose holder stopped renewing them
     if redis.call('ZCARD', KEYS[2 * i]) + 1 > most then return 'concurrency', 1 end
   end
-  if arg(i, 5) ~= '' then
-    if usd and over_usd(s, usd, arg(i, 6) == '1', arg(i, 7) == '1') then return 'budget_usd', 0 end
+  if arg(i, 1) ~= '' then
+    if usd and over_usd(s, usd, L[6] == '1', L[7] == '1') then return 'budget_usd', 0 end
     if budget_tokens and tokens ~= 0 and s.st + s.rk + tokens > budget_tokens then return 'budget_tokens', 0 end
   end
   return nil
@@ -148,12 +156,12 @@ local function view()
   return {fmt(s.rt), fmt(s.tt), fmt(last_expiry(s, 'r')), fmt(last_expiry(s, 't'))}
 end
 
-for i = 1, n do STATES[i] = roll(KEYS[2 * i - 1], arg(i, 5)) end
+for i = 1, n do STATES[i] = roll(KEYS[2 * i - 1], arg(i, 1)) end
 for i = 1, n do
   local limit, wait = check(i, STATES[i])
   if limit then
     local shows = view()
-    for j = 1, n do save(STATES[j], arg(j, 8)) end  -- what slid out of the window stays out
+    for j = 1, n do save(STATES[j], arg(j, 2)) end  -- what slid out of the window stays out
     return {'refused', tostring(i), limit, fmt(wait), unpack(shows)}
   end
 end
@@ -165,37 +173,37 @@ for i = 1, n do
   if counts_tokens then
     redis.call('HINCRBYFLOAT', s.key, 't' .. idx, fmt(tokens))
     s.tt = s.tt + tokens
-    if arg(i, 5) ~= '' then
-      if arg(i, 6) == '1' then s.ru = s.ru + cost end
+    if arg(i, 1) ~= '' then
+      if LIMITS[i][6] == '1' then s.ru = s.ru + cost end
       s.rk = s.rk + tokens
     end
   end
-  if arg(i, 2) ~= '' then
+  if LIMITS[i][3] ~= '-' then
     redis.call('ZADD', KEYS[2 * i], deadline, id)
     redis.call('EXPIRE', KEYS[2 * i], lease_ttl)
   end
-  save(s, arg(i, 8))
+  save(s, arg(i, 2))
 end
 return {'ok', unpack(view())}
 """
 
 # KEYS as admit's. ARGV after now and bucket_s: admission id, counts_tokens, tokens used, tokens estimated, cost
-# estimated, then per scope: period, counts_price, charged (its budget's share of the real cost), ttl,
-# has max_concurrent. limits.Limiter.settle's math.
+# estimated, then per scope: flags (counts_price, has a max_concurrent: "10"), period, charged (its budget's
+# share of the real cost), ttl. limits.Limiter.settle's math.
 _SETTLE = _COMMON + """
 local id, counts_tokens = ARGV[3], ARGV[4] == '1'
 local tokens, estimated, estimated_cost = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local FIRST, PER = 8, 5
+local FIRST, PER = 8, 4
 for i = 1, #KEYS / 2 do
   local function arg(k) return ARGV[FIRST + (i - 1) * PER + k] end
-  if arg(4) == '1' then redis.call('ZREM', KEYS[2 * i], id) end
+  if arg(0):sub(2, 2) == '1' then redis.call('ZREM', KEYS[2 * i], id) end
   if counts_tokens then
-    local s = roll(KEYS[2 * i - 1], arg(0))
+    local s = roll(KEYS[2 * i - 1], arg(1))
     local delta = tokens - estimated
     redis.call('HINCRBYFLOAT', s.key, 't' .. (s.epoch % N), fmt(delta))
     s.tt = math.max(0, s.tt + delta)
-    if arg(0) ~= '' then
-      if arg(1) == '1' then s.ru = math.max(0, s.ru - estimated_cost) end
+    if arg(1) ~= '' then
+      if arg(0):sub(1, 1) == '1' then s.ru = math.max(0, s.ru - estimated_cost) end
       s.rk = math.max(0, s.rk - estimated)
       s.su = s.su + tonumber(arg(2))
       s.st = s.st + tokens
@@ -224,8 +232,16 @@ return seeded and 1 or 0
 """
 
 
-def _arg(value: float | None) -> str:
-    return "" if value is None else repr(value)
+# How long a scope's hash outlives its last use: past its window, or past the end of its budget period.
+_PERIOD_TTL_S = {"day": 2 * 86400, "week": 8 * 86400, "month": 32 * 86400}
+
+
+@functools.lru_cache(maxsize=4096)
+def _limits_arg(scope: Scope) -> str:
+    """A scope's limits as the admit script reads them: one argument, made once per scope."""
+    values = (scope.rpm, scope.tpm, scope.max_concurrent, scope.budget_usd, scope.budget_tokens)
+    return " ".join(["-" if v is None else repr(v) for v in values]
+                    + [str(int(scope.counts_price)), str(int(scope.counts_compute))])
 
 
 class RedisLimiter:
@@ -238,6 +254,8 @@ class RedisLimiter:
         self._bucket_s = window_s / BUCKETS
         self._clock = clock
         self._lease_s = lease_s
+        self._lease_ttl = math.ceil(lease_s) + 1  # an in-flight set nobody renews goes away whole
+        self._bucket_arg = repr(self._bucket_s)
         self._closed = state.settings.on_state_error == "closed"
         self._admit = state.script(_ADMIT)
         self._settle = state.script(_SETTLE)
@@ -257,12 +275,8 @@ class RedisLimiter:
     def _keys(self, scope: Scope) -> tuple[str, str]:
         return self._state.key("limits", scope.owner), self._state.key("inflight", scope.owner)
 
-    def _ttl(self, scope: Scope, now: float) -> int:
-        """How long a scope's hash outlives its last use: its window, or to the end of its budget period."""
-        until = self._window + 60
-        if scope.budget_period:
-            until = max(until, period_end(scope.budget_period, now) - now + self._window)
-        return math.ceil(until)
+    def _ttl(self, scope: Scope) -> int:
+        return math.ceil(self._window + _PERIOD_TTL_S.get(scope.budget_period or "", 60))
 
     # ---------------------------------------------------------------- the request path
 
@@ -274,14 +288,13 @@ class RedisLimiter:
         ident = f"{self._node}:{next(self._ids)}"
         keys: list[str] = []
         counted_tokens, counted_cost = (float(tokens), float(cost)) if counts_tokens else (0.0, 0.0)
-        args: list[Any] = [repr(now), repr(self._bucket_s), ident, repr(now + self._lease_s),
-                           math.ceil(self._lease_s) + 1, repr(counted_tokens), repr(counted_cost), int(counts_tokens),
-                           int(counts_tokens and compute), scopes.index(headers_for) + 1 if headers_for else 0]
+        args: list[Any] = [repr(now), self._bucket_arg, ident, repr(now + self._lease_s), self._lease_ttl,
+                           repr(counted_tokens), repr(counted_cost),
+                           "1" + ("1" if compute else "0") if counts_tokens else "00",
+                           scopes.index(headers_for) + 1 if headers_for else 0]
         for scope in scopes:
             keys.extend(self._keys(scope))
-            args.extend((_arg(scope.rpm), _arg(scope.tpm), _arg(scope.max_concurrent), _arg(scope.budget_usd),
-                         _arg(scope.budget_tokens), _period(scope, now), int(scope.counts_price),
-                         int(scope.counts_compute), self._ttl(scope, now)))
+            args.extend((_limits_arg(scope), _period(scope, now), self._ttl(scope)))
         try:
             answer = await self._state.run(self._admit, keys, args)
         except StateUnavailable:
@@ -324,12 +337,13 @@ class RedisLimiter:
             return  # nothing to release: its request counts in the window as it should
         now = self._clock()
         keys: list[str] = []
-        args: list[Any] = [repr(now), repr(self._bucket_s), admission.ident, int(admission.counts_tokens),
+        args: list[Any] = [repr(now), self._bucket_arg, admission.ident, int(admission.counts_tokens),
                            repr(float(tokens)), repr(float(admission.tokens)), repr(float(admission.cost))]
         for scope in admission.scopes:
+            flags = ("1" if scope.counts_price else "0") + ("1" if scope.max_concurrent is not None else "0")
             keys.extend(self._keys(scope))
-            args.extend((_period(scope, now), int(scope.counts_price), repr(float(scope.charged(cost, compute_cost))),
-                         self._ttl(scope, now), int(scope.max_concurrent is not None)))
+            args.extend((flags, _period(scope, now), repr(float(scope.charged(cost, compute_cost))),
+                         self._ttl(scope)))
         self._pending.append((keys, args))
         if self._flushing is None:
             self._flushing = asyncio.get_running_loop().create_task(self._flush(), name="limits-settle")
@@ -375,6 +389,7 @@ class RedisLimiter:
             for ident, sets in held:
                 for key in sets:
                     pipe.zadd(key, {ident: deadline}, xx=True)
+                    pipe.expire(key, self._lease_ttl)
 
         await self._state.pipeline(fill)
 
@@ -387,16 +402,16 @@ class RedisLimiter:
         now = self._clock()
         key, _ = self._keys(scope)
         seeded = await self._state.run(self._preload, [key], [
-            repr(now), repr(self._bucket_s), _period(scope, now), repr(float(spent_usd)), repr(float(spent_tokens)),
-            int(replace), self._ttl(scope, now)])
+            repr(now), self._bucket_arg, _period(scope, now), repr(float(spent_usd)), repr(float(spent_tokens)),
+            int(replace), self._ttl(scope)])
         return bool(seeded)
 
     async def budget_state(self, scope: Scope) -> dict[str, Any]:
         """limits.Limiter.budget_state from Redis. Raises StateUnavailable when it cannot be reached."""
         now = self._clock()
         key, _ = self._keys(scope)
-        figures = await self._state.run(self._read, [key], [repr(now), repr(self._bucket_s), _period(scope, now),
-                                                            self._ttl(scope, now)])
+        figures = await self._state.run(self._read, [key], [repr(now), self._bucket_arg, _period(scope, now),
+                                                            self._ttl(scope)])
         requests, tokens, spent_usd, spent_tokens = (float(f) for f in figures)
         return budget_view(scope, now, requests, tokens, spent_usd, spent_tokens)
 

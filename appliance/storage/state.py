@@ -82,12 +82,26 @@ class SharedState:
         return await self.call(lambda: script(keys=list(keys), args=list(args)))
 
     async def run_all(self, calls: Sequence[tuple[Any, Sequence[str], Sequence[Any]]]) -> list[Any]:
-        """Several scripts in one round trip: a pipeline, not a transaction (each script is atomic alone)."""
+        """Several scripts in one round trip: a pipeline, not a transaction (each script is atomic alone).
+
+        Sent by SHA alone (redis-py's scripts in a pipeline would ask SCRIPT EXISTS first: a second round trip
+        each time); those a restarted Redis no longer knows are loaded and run again, once.
+        """
+        from redis.exceptions import NoScriptError
+
         async def send() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
                 for script, keys, args in calls:
-                    await script(keys=list(keys), args=list(args), client=pipe)  # queued, not sent
-                return await pipe.execute()
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+            for i, result in enumerate(results):
+                if isinstance(result, NoScriptError):  # it did not run: run it now, loading it
+                    script, keys, args = calls[i]
+                    results[i] = await script(keys=list(keys), args=list(args))
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return results
 
         return await self.call(send)
 

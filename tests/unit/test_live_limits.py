@@ -253,7 +253,7 @@ async def test_redis_down_open_passes_closed_refuses_and_both_recover(tmp_path: 
         async def recovered(limiter: RedisLimiter) -> Admission:
             for _ in range(100):  # each is refused at once while Redis is taken as down (retry_s)
                 try:
-                    admission = await limiter.admit((scope,), tokens=0, cost=0)
+                    admission = await limiter.admit((scope,), tokens=5, cost=0)
                 except GatewayError as exc:
                     assert exc.code == "state_unavailable"
                     admission = None
@@ -263,7 +263,9 @@ async def test_redis_down_open_passes_closed_refuses_and_both_recover(tmp_path: 
             raise AssertionError("Redis did not come back")
 
         for limiter in (fails_open, fails_closed):
-            await recovered(limiter)
+            limiter.settle(await recovered(limiter), tokens=7, cost=0)  # the restarted Redis lost the scripts too
+            await limiter.settled()
+            assert (await limiter.budget_state(scope))["tokens_in_window"] == 7
             refused = (await outcomes([limiter.admit((scope,), tokens=0, cost=0)]))[1][0]
             assert refused.code == "rate_limit_exceeded"  # the limit holds again
     finally:
