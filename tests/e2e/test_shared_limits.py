@@ -137,3 +137,29 @@ def test_a_budgets_spend_lives_in_redis_and_a_restart_seeds_it_once(
             assert spent(node, made["key"]) == 42, prefix
         finally:
             node.stop()
+
+
+def test_on_state_error_closed_refuses_with_503_while_redis_is_down(
+        tmp_path: Path, fake_openai: Any, fake_ollama: Any, llamacpp_port: int) -> None:
+    redis = start_redis(tmp_path / "redis")
+    settings = config(fake_openai, fake_ollama, llamacpp_port, redis.url, rpm=100)
+    settings["state"]["on_state_error"] = "closed"
+    node = Appliance(tmp_path / "node", settings)
+    try:
+        node.start()
+        assert chat(node).status_code == 200
+        redis.kill()
+        refused = chat(node)
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "state_unavailable" and error["type"] == "server_error"
+        assert error["request_id"] == refused.headers["x-request-id"] and refused.headers["Retry-After"] == "1"
+        redis.start()
+
+        def served() -> None:
+            assert chat(node).status_code == 200
+
+        eventually(served)
+    finally:
+        node.stop()
+        redis.stop()
