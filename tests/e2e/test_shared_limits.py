@@ -28,8 +28,10 @@ MODEL = "fake/fake-slow-2"  # no other module limits it
 def config(fake_openai: Any, fake_ollama: Any, llamacpp_port: int, redis_url: str, rpm: int) -> dict[str, Any]:
     settings = base_config(fake_openai, fake_ollama, llamacpp_port)
     settings["models"] = [*settings["models"], {"name": MODEL, "rpm": rpm}]
-    # retry_s short: a worker tries a Redis that came back soon after (it never waits on one that is down)
-    settings["state"] = {"url": redis_url, "prefix": f"e2e:{uuid.uuid4().hex[:8]}:", "retry_s": 0.2}
+    # retry_s short: a worker tries a Redis that came back soon after (it never waits on one that is down);
+    # timeout_ms generous: a slow connect on a busy test machine must not read as Redis down (and fail open).
+    settings["state"] = {"url": redis_url, "prefix": f"e2e:{uuid.uuid4().hex[:8]}:", "retry_s": 0.2,
+                         "timeout_ms": 3000}
     return settings
 
 

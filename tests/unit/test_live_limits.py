@@ -42,7 +42,9 @@ class Nodes:
     """Limiters on one Redis under one fresh prefix, each with its own connection (as separate nodes)."""
 
     def __init__(self, url: str, **settings: Any) -> None:
-        self.settings = StateSettings(url=url, prefix=f"test:{uuid.uuid4().hex[:8]}:", **settings)
+        # A generous timeout: a slow call on a busy test machine must not read as Redis down (and fail open).
+        self.settings = StateSettings(url=url, prefix=f"test:{uuid.uuid4().hex[:8]}:", **{"timeout_ms": 5000,
+                                                                                           **settings})
         self.made: list[RedisLimiter] = []
         self.states: list[SharedState] = []
 
