@@ -31,7 +31,6 @@ from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, ms, reco
 from appliance.core.gateway import Gateway
 from appliance.core.relay import Surface, answer_rendered, first_events
 from appliance.providers.base import Call
-from appliance.storage import responses_repo
 
 
 class StreamTranslator(Protocol):
@@ -212,7 +211,7 @@ CONTINUABLE = ("completed", "incomplete")
 
 async def stored_response(gw: Gateway, response_id: str, key_id: str | None) -> dict[str, Any] | None:
     """A stored response this key may see (its own), or None."""
-    row = await responses_repo.get(gw.db, response_id, time.time())
+    row = await gw.responses.get(response_id, time.time())
     if row is None or (key_id is not None and row["key_id"] not in (None, key_id) and key_id != ANONYMOUS_ID):
         return None
     return row
@@ -239,9 +238,9 @@ class ResponsesTurn:
         if self.request.get("store") is False:
             return
         now = time.time()
-        await responses_repo.save(gw.db, response=response, key_id=self.key_id, input_items=self.items,
-                                  conversation=conversation, created_at=now,
-                                  expires_at=now + gw.settings.responses.keep_days * 86400)
+        await gw.responses.save(response=response, key_id=self.key_id, input_items=self.items,
+                                conversation=conversation, created_at=now,
+                                expires_at=now + gw.settings.responses.keep_days * 86400)
 
 
 async def responses_turn(gw: Gateway, body: dict[str, Any], key_id: str | None,

@@ -24,6 +24,7 @@ from appliance.core.embeddings import Embedder
 from appliance.core.resilience import Breakers
 from appliance.core.router import Router
 from appliance.core.routing import Selector, Target
+from appliance.core.stored_responses import StoredResponses
 from appliance.core.templates import Library
 from appliance.core.vision import Describer
 from appliance.guardrails.moderation import Moderator
@@ -32,7 +33,7 @@ from appliance.observe.metrics import Recorder
 from appliance.providers import registry
 from appliance.providers.base import ModelInfo, Provider
 from appliance.providers.transport import Limits, Transport
-from appliance.storage import requests_repo, responses_repo, stats_repo
+from appliance.storage import requests_repo, stats_repo
 from appliance.storage.db import Database
 from appliance.storage.state import SharedState
 from appliance.storage.writer import BufferedWriter
@@ -83,6 +84,7 @@ class Gateway:
     compute: ComputeRates = field(init=False)  # beside prices: what a backend's busy seconds cost
     model_scopes: ModelScopes = field(init=False)
     admission: FairQueue = field(init=False)
+    responses: StoredResponses = field(init=False)  # in the database, or in the shared state
     selector: Selector = field(default_factory=Selector, init=False)
     rng: random.Random = field(default_factory=random.Random, init=False)  # retry jitter
     upstreams: Upstreams = field(default_factory=Upstreams, init=False)
@@ -99,6 +101,7 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.settings.models)
+        self.responses = StoredResponses(self.db, self.state)
         self._derive()
         for backend in self.settings.backends:
             self._add(backend, kind=backend.type)
@@ -284,7 +287,7 @@ class Gateway:
 
         Every worker sweeps on its own loop: deleting what is already gone is harmless.
         """
-        await responses_repo.sweep(self.db, now)
+        await self.responses.sweep(now)
         cutoff = now - self.settings.log.keep_days * 86400
         await requests_repo.sweep(self.db, cutoff)
         await stats_repo.sweep_traffic(self.db, cutoff)
