@@ -114,7 +114,7 @@ def serve(settings: Settings) -> None:
         applied = migrate(database_path(settings.data_dir), migrations_dir())
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-        prepare_data_dir(settings.data_dir, database_path(settings.data_dir))
+        prepare_data_dir(settings.data_dir, database_path(settings.data_dir), clear_lease=settings.state.url is None)
         shared = not server.single_process  # one process needs no shared memory (nor its tracker process)
         table = SharedTable(table_size(settings), shared=shared)
         asyncio.run(prepare_keys(settings, table))
