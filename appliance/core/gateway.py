@@ -24,6 +24,7 @@ from appliance.core.embeddings import Embedder
 from appliance.core.resilience import Breakers
 from appliance.core.router import Router
 from appliance.core.routing import Selector, Target
+from appliance.core.shared_breakers import BreakerSync
 from appliance.core.stored_responses import StoredResponses
 from appliance.core.templates import Library
 from appliance.core.vision import Describer
@@ -79,6 +80,7 @@ class Gateway:
     cache: ResponseCache
     queue: QueueTable | None = None  # the fair admission queue all workers share (None: this process's own)
     state: SharedState | None = None  # [state] url: the live state several appliances share (None: this host's)
+    breaker_sync: BreakerSync | None = None  # with state: the breakers and load shared with the other nodes
     catalog: Catalog = field(init=False)
     prices: Prices = field(init=False)
     compute: ComputeRates = field(init=False)  # beside prices: what a backend's busy seconds cost
@@ -309,6 +311,8 @@ class Gateway:
             except asyncio.CancelledError:
                 pass
         await self.writer.stop()
+        if self.breaker_sync is not None:
+            await self.breaker_sync.stop()
         if self.state is not None:
             await self.state.close()
 

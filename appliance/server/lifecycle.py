@@ -22,6 +22,7 @@ from appliance.core import reload
 from appliance.core.cache import ResponseCache
 from appliance.core.gateway import Gateway
 from appliance.core.resilience import Breakers
+from appliance.core.shared_breakers import BreakerSync
 from appliance.core.shared_cache import SharedCache
 from appliance.core.timings import RecentTimings
 from appliance.observe import metrics
@@ -126,8 +127,11 @@ async def open_gateway(app: Sanic) -> None:
     state = SharedState.connect(settings.state, on_error=metrics.Recorder.state_failed) if settings.state.url else None
     cache = ResponseCache(db, writer, settings.cache, shared=SharedCache(state) if state is not None else None)
     cache.start()
+    sync = BreakerSync(state, breakers, app.ctx.node_id) if state is not None else None
     gateway = Gateway(settings, transport, db, writer, authenticator, limiter, breakers, cache, app.ctx.queue_table,
-                      state)
+                      state, sync)
+    if sync is not None:
+        sync.start()
     gateway.admission.forget_worker()  # a dead predecessor's places in the queue are gone with it
     gateway.start()
     app.ctx.gateway = gateway
