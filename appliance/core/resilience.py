@@ -41,7 +41,8 @@ RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
 # Transport-level failures: always worth another try (elsewhere, or after a pause).
 _RETRY_CODES = frozenset(("backend_unreachable", "backend_timeout", "backend_overloaded"))
 # The gateway's own refusals and outcomes that another try cannot change.
-_FINAL_CODES = frozenset(("budget_exceeded", "unsupported", "no_healthy_backend", "shutting_down", "client_closed"))
+_FINAL_CODES = frozenset(("budget_exceeded", "unsupported", "no_healthy_backend", "shutting_down", "client_closed",
+                          "state_unavailable"))
 
 BACKEND_SLOTS = 1024  # backends, plus backend/model pairs counted in flight
 BUCKETS = 30  # of the failure-rate window

@@ -182,11 +182,23 @@ def test_with_redis_killed_requests_flow_and_sharing_returns_with_it(nodes: tupl
     answers = [chat(app, temperature=0, seed=marker) for app in (a, b, a, b)]
     assert [r.status_code for r in answers] == [200] * 4  # nothing waits on Redis
     assert answers[1].headers["x-cache"] == "MISS"  # B cannot see what A stored: a miss, not an error
-    status, ready, _ = a.get("/ready")
-    assert status == 200 and any("shared state unreachable" in d for d in ready["degraded"])
+
+    def degraded() -> None:  # still ready: answers flow
+        status, ready, _ = a.get("/ready")
+        assert status == 200 and any("shared state unreachable" in d for d in ready["degraded"])
+
+    eventually(degraded)
     with pytest.raises(openai.APIStatusError) as info:  # a stored response cannot be looked up: 503, not 404
         sdk(b).responses.retrieve("resp_" + uuid.uuid4().hex)
     assert info.value.status_code == 503 and info.value.code == "state_unavailable"
+    before = len(fake_openai.chats())
+    with pytest.raises(openai.APIStatusError) as info:  # it could not be kept: refused before the client sees it
+        sdk(a).responses.create(model="chat", input="hi")
+    assert info.value.status_code == 503 and info.value.code == "state_unavailable"
+    assert len(fake_openai.chats()) == before + 1  # not retried, and no breaker failure (see below)
+    assert sdk(a).responses.create(model="chat", input="hi", store=False).status == "completed"
+    with sdk(b).responses.stream(model="chat", input="hi") as stream:  # streamed out whole, not kept
+        assert stream.get_final_response().status == "completed"
 
     redis.start()
     again = uuid.uuid4().int % 10**9
@@ -197,3 +209,4 @@ def test_with_redis_killed_requests_flow_and_sharing_returns_with_it(nodes: tupl
 
     eventually(shared_again, timeout=20)
     eventually(lambda: a.get("/ready")[1]["degraded"] == [] or _fail())
+    assert {breaker_of(app, "fake") for app in nodes} == {"closed"}
