@@ -33,12 +33,18 @@ log = logging.getLogger("appliance.core.shared_breakers")
 POLL_S = 0.25
 _EXPIRY_POLLS = 8  # this node's counts outlive it by this many polls
 
-# KEYS: breakers hash, trial key. ARGV: tag, state, opened_at. Returns the new version.
+# KEYS: breakers hash, trial key. ARGV: tag, state, opened_at. Returns the new version: Redis's clock in
+# microseconds (past the previous version), so a Redis that restarted empty does not hand out versions the
+# nodes have seen already.
 _CHANGE = """
+local time = redis.call('TIME')
+local version = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local held = redis.call('HGET', KEYS[1], ARGV[1])
-local version = 1
-if held then version = tonumber(string.match(held, '^(%d+)|')) + 1 end
-redis.call('HSET', KEYS[1], ARGV[1], version .. '|' .. ARGV[2] .. '|' .. ARGV[3])
+if held then
+  local previous = tonumber(string.match(held, '^(%d+)|'))
+  if previous >= version then version = previous + 1 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', version) .. '|' .. ARGV[2] .. '|' .. ARGV[3])
 redis.call('DEL', KEYS[2])
 return version
 """
@@ -47,7 +53,7 @@ return version
 _SYNC = """
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local expires = now + tonumber(ARGV[2])
+local expires = string.format('%d', now + tonumber(ARGV[2]))
 for i = 3, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[1] .. '|' .. ARGV[i], ARGV[i + 1] .. '|' .. expires)
 end

@@ -100,6 +100,26 @@ def test_a_failed_trial_reopens_on_every_node(redis_engine: Engine) -> None:
     two_nodes(redis_engine.url, test)
 
 
+def test_changes_still_reach_the_nodes_after_redis_lost_its_data(redis_engine: Engine) -> None:
+    async def test(a: Node, b: Node, clock: Clock) -> None:
+        await a.fail("vllm", 2)
+        await b.sync.poll()
+        assert b.breakers.state("vllm")["state"] == "open"
+        # A Redis restarted without its data (only this test's keys: the server is the session's).
+        keys = [key async for key in a.state.client.scan_iter(match=a.state.prefix + "*")]
+        assert keys
+        await a.state.client.delete(*keys)
+        clock.now += 15
+        await b.sync.poll()
+        assert b.breakers.allow("vllm")
+        b.breakers.record("vllm", ok=True)
+        await b.sync.published()
+        await a.sync.poll()  # the versions went on from Redis's clock, not from 1 again
+        assert a.breakers.state("vllm")["state"] == "closed"
+
+    two_nodes(redis_engine.url, test)
+
+
 def test_in_flight_is_summed_across_nodes(redis_engine: Engine) -> None:
     async def test(a: Node, b: Node, clock: Clock) -> None:
         a.breakers.begin("vllm", "m")
