@@ -5,12 +5,16 @@ own lease. In Redis the lease is one key holding ``owner|expires_at``, taken whe
 would) and renewed only by its owner, both by one Lua compare-and-set; its PX expiry lets a dead node's lease
 go. The expiry in the value follows the runner's clock (injectable), as the database lease does.
 Nothing clears a Redis lease at start: a node starting must not take the lease of another that still runs.
+
+The lease goes to Redis only when the batches it guards are shared too (``[database] url``): nodes that each
+keep their batches in their own SQLite each need their own runner, so each keeps its own lease there.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+from appliance.common.config import Settings
 from appliance.storage import batches_repo
 from appliance.storage.db import Database
 from appliance.storage.state import SharedState
@@ -71,5 +75,10 @@ class SharedLease:
         await self._state.run(self._release, [self._key], [owner])
 
 
-def lease_for(db: Database, state: SharedState | None) -> Lease:
-    return SharedLease(state) if state is not None else DatabaseLease(db)
+def shared(settings: Settings) -> bool:
+    """Is the lease in Redis: shared state, and batches every node sees?"""
+    return settings.state.url is not None and settings.database.url is not None
+
+
+def lease_for(settings: Settings, db: Database, state: SharedState | None) -> Lease:
+    return SharedLease(state) if state is not None and shared(settings) else DatabaseLease(db)

@@ -1,7 +1,8 @@
 """The batch runner: validates input files, runs each line through the pipeline, writes the output files.
 
 One runner for the whole appliance: every worker starts one, and only the holder of the lease (renewed every
-lease_s / 3; in SQLite, or in Redis with ``[state] url`` so one runner acts across all nodes: see lease.py)
+lease_s / 3; in the database, or in Redis when nodes share ``[state]`` and ``[database]`` so one runner acts
+across all nodes: see lease.py)
 acts; if its worker dies another takes over when the lease runs out. HTTP
 workers only insert ``validating`` batches and flip them to ``cancelling``; everything else is written
 here. Every line's result is written once, with its batch's counters, in one transaction fenced by the
@@ -94,7 +95,7 @@ class BatchRunner:
         self.clock = clock
         self.owner = owner or f"{os.getpid()}-{secrets.token_hex(4)}"
         self.admission = Admission(gw, self.settings, clock)
-        self.lease = lease_for(gw.db, gw.state)
+        self.lease = lease_for(gw.settings, gw.db, gw.state)
         self.holding = False
         self._running: dict[tuple[str, int], _Running] = {}
         self._principals: dict[str, tuple[float, Principal | None]] = {}
@@ -440,7 +441,7 @@ def prepare_data_dir(data_dir: Path, db_path: Path, *, clear_lease: bool = True)
     """In the main process, before any worker, under the data-dir lock: whoever held the runner lease is
     gone; partial uploads and content files without a row (a crash between rename and insert) go.
 
-    ``clear_lease`` False (the lease is in Redis, shared with other nodes): it is left to expire instead.
+    ``clear_lease`` False (the lease is shared with other nodes): it is left to expire instead.
     """
     store = FileStore(data_dir)
     store.sweep_tmp()

@@ -195,6 +195,18 @@ def test_the_batch_lease_has_one_holder_across_nodes(tmp_path: Path, redis_engin
     run_with(tmp_path, redis_engine.url, body)
 
 
+def test_the_lease_is_in_redis_only_when_the_batches_are_shared_too(tmp_path: Path) -> None:
+    from appliance.batches.lease import DatabaseLease, SharedLease, lease_for
+    from appliance.common.config import Settings
+
+    state = state_for("redis://127.0.0.1:1/0", "test:")  # no connection is made here
+    both = Settings(state={"url": "redis://127.0.0.1:1/0"}, database={"url": "postgresql://u@127.0.0.1:1/db"})
+    redis_only = Settings(state={"url": "redis://127.0.0.1:1/0"})
+    assert isinstance(lease_for(both, None, state), SharedLease)  # type: ignore[arg-type]
+    assert isinstance(lease_for(redis_only, None, state), DatabaseLease)  # type: ignore[arg-type]
+    assert isinstance(lease_for(Settings(), None, None), DatabaseLease)  # type: ignore[arg-type]
+
+
 def test_a_start_with_the_lease_in_redis_clears_no_lease(tmp_path: Path) -> None:
     import sqlite3
 
