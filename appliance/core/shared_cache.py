@@ -12,7 +12,7 @@ A Redis failure is a miss (or a skipped store), never an error: the cache only e
 from __future__ import annotations
 
 import logging
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import orjson
 
@@ -109,18 +109,3 @@ class SharedCache:
         except StateUnavailable:
             return False
         return True
-
-    async def stats(self) -> dict[str, Any]:
-        """Entries and their bytes as counted against the cap (None each when Redis cannot be asked)."""
-        try:
-            entries, total = await self._state.call(lambda: _pair(self._state.client, self._index, self._total))
-        except StateUnavailable:
-            return {"entries": None, "bytes": None}
-        return {"entries": int(entries), "bytes": int(total or 0)}
-
-
-async def _pair(client: Any, index: str, total: str) -> tuple[Any, Any]:
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.zcard(index)
-        pipe.get(total)
-        return tuple(await pipe.execute())  # type: ignore[return-value]
