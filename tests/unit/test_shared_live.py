@@ -213,7 +213,7 @@ def test_the_lease_is_in_redis_only_when_the_batches_are_shared_too(tmp_path: Pa
     assert isinstance(lease_for(Settings(), None, None), DatabaseLease)  # type: ignore[arg-type]
 
 
-def test_a_start_with_the_lease_in_redis_clears_no_lease(tmp_path: Path) -> None:
+def test_a_start_with_a_shared_lease_clears_none(tmp_path: Path) -> None:
     import sqlite3
 
     from appliance.batches.runner import prepare_data_dir
