@@ -9,6 +9,7 @@ Anthropic backend with a Messages request is not translated at all: api/messages
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from appliance.core.exchange import CLIENT_CLOSED, Exchange, Responder, ms, reco
 from appliance.core.gateway import Gateway
 from appliance.core.relay import Surface, answer_rendered, first_events
 from appliance.providers.base import Call
-from appliance.storage import responses_repo
+
+log = logging.getLogger("appliance.api.surfaces")
 
 
 class StreamTranslator(Protocol):
@@ -212,7 +214,7 @@ CONTINUABLE = ("completed", "incomplete")
 
 async def stored_response(gw: Gateway, response_id: str, key_id: str | None) -> dict[str, Any] | None:
     """A stored response this key may see (its own), or None."""
-    row = await responses_repo.get(gw.db, response_id, time.time())
+    row = await gw.responses.get(response_id, time.time())
     if row is None or (key_id is not None and row["key_id"] not in (None, key_id) and key_id != ANONYMOUS_ID):
         return None
     return row
@@ -239,9 +241,9 @@ class ResponsesTurn:
         if self.request.get("store") is False:
             return
         now = time.time()
-        await responses_repo.save(gw.db, response=response, key_id=self.key_id, input_items=self.items,
-                                  conversation=conversation, created_at=now,
-                                  expires_at=now + gw.settings.responses.keep_days * 86400)
+        await gw.responses.save(response=response, key_id=self.key_id, input_items=self.items,
+                                conversation=conversation, created_at=now,
+                                expires_at=now + gw.settings.responses.keep_days * 86400)
 
 
 async def responses_turn(gw: Gateway, body: dict[str, Any], key_id: str | None,
@@ -294,14 +296,20 @@ class _ResponsesTranslator:
         else:
             self._tokens = Tokens(self._tokens.prompt, self._content, estimated=True)
         if self._stream.response is not None:
-            await self._turn.store(self._gw, self._stream.response)  # before the final event goes out
+            await self._store(self._stream.response)  # before the final event goes out
         return _sse(events)
 
     async def error(self, err: GatewayError) -> bytes:
         events = self._stream.fail(err)
         if self._stream.response is not None:  # stored as failed: GET shows it, a continuation is refused
-            await self._turn.store(self._gw, self._stream.response, continuable=False)
+            await self._store(self._stream.response, continuable=False)
         return _sse(events)
+
+    async def _store(self, response: dict[str, Any], *, continuable: bool = True) -> None:
+        try:
+            await self._turn.store(self._gw, response, continuable=continuable)
+        except GatewayError as exc:  # the shared state is down: the answer streamed out whole, it is not kept
+            log.warning("response %s not stored: %s", response.get("id"), exc.message)
 
     @property
     def tokens(self) -> Tokens:

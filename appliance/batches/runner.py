@@ -1,7 +1,9 @@
 """The batch runner: validates input files, runs each line through the pipeline, writes the output files.
 
-One runner for the whole appliance: every worker starts one, and only the holder of the SQLite lease
-(renewed every lease_s / 3) acts; if its worker dies another takes over when the lease runs out. HTTP
+One runner for the whole appliance: every worker starts one, and only the holder of the lease (renewed every
+lease_s / 3; in the database, or in Redis when nodes share ``[state]`` and ``[database]`` so one runner acts
+across all nodes: see lease.py)
+acts; if its worker dies another takes over when the lease runs out. HTTP
 workers only insert ``validating`` batches and flip them to ``cancelling``; everything else is written
 here. Every line's result is written once, with its batch's counters, in one transaction fenced by the
 line's attempt number, so after a crash and restart each custom_id has exactly one output line
@@ -34,12 +36,14 @@ from appliance.api import surfaces
 from appliance.batches import batch as batches
 from appliance.batches.admission import Admission
 from appliance.batches.files import BATCH_OUTPUT, DEFAULT_BATCH_EXPIRY_S, FileStore, new_file_id
+from appliance.batches.lease import lease_for
 from appliance.common.errors import GatewayError
 from appliance.core import pipeline, resilience
 from appliance.core.exchange import Exchange, allowed_routes, record
 from appliance.core.gateway import Gateway
 from appliance.providers.base import CHAT
 from appliance.storage import batches_repo, files_repo, keys_repo
+from appliance.storage.state import StateUnavailable
 
 log = logging.getLogger("appliance.batches.batch")
 
@@ -91,6 +95,7 @@ class BatchRunner:
         self.clock = clock
         self.owner = owner or f"{os.getpid()}-{secrets.token_hex(4)}"
         self.admission = Admission(gw, self.settings, clock)
+        self.lease = lease_for(gw.settings, gw.db, gw.state)
         self.holding = False
         self._running: dict[tuple[str, int], _Running] = {}
         self._principals: dict[str, tuple[float, Principal | None]] = {}
@@ -116,7 +121,7 @@ class BatchRunner:
         await self._give_back_all()
         if self.holding:
             with contextlib.suppress(Exception):
-                await batches_repo.release_lease(self.gw.db, self.owner)
+                await self.lease.release(self.owner)
             self.holding = False
 
     def wake(self) -> None:
@@ -140,7 +145,12 @@ class BatchRunner:
         now = self.clock()
         if self.holding and now - self._renewed_at < self.settings.lease_s / 3:
             return True
-        held = await batches_repo.take_lease(self.gw.db, self.owner, now, self.settings.lease_s)
+        try:
+            held = await self.lease.take(self.owner, now, self.settings.lease_s)
+        except StateUnavailable:  # Redis cannot say: a holder keeps on until its lease would have run out
+            held = self.holding and now - self._renewed_at < self.settings.lease_s
+            if held:
+                return True
         if held and not self.holding:
             requeued = await batches_repo.requeue_running(self.gw.db)
             log.info("batch runner started in pid %d%s", os.getpid(),
@@ -427,14 +437,18 @@ class BatchRunner:
                 await batches_repo.give_back(self.gw.db, batch_id, lines)
 
 
-def prepare_data_dir(data_dir: Path, db_path: Path) -> None:
+def prepare_data_dir(data_dir: Path, db_path: Path, *, clear_lease: bool = True) -> None:
     """In the main process, before any worker, under the data-dir lock: whoever held the runner lease is
-    gone; partial uploads and content files without a row (a crash between rename and insert) go."""
+    gone; partial uploads and content files without a row (a crash between rename and insert) go.
+
+    ``clear_lease`` False (the lease is shared with other nodes): it is left to expire instead.
+    """
     store = FileStore(data_dir)
     store.sweep_tmp()
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
-        batches_repo.clear_lease_sync(conn)
+        if clear_lease:
+            batches_repo.clear_lease_sync(conn)
         known = files_repo.all_ids_sync(conn)
     finally:
         conn.close()

@@ -34,6 +34,7 @@ from appliance.common.chat import content_text
 from appliance.common.config import CacheSettings, RouteCacheSettings
 from appliance.common.errors import GatewayError
 from appliance.common.sse import DONE
+from appliance.core.shared_cache import Entry, SharedCache
 from appliance.storage import cache_repo
 from appliance.storage.db import Database
 from appliance.storage.writer import BufferedWriter
@@ -178,12 +179,15 @@ def context_key(body: dict[str, Any], served: str, scope: str | None, embedding_
 class ResponseCache:
     """A per-worker LRU in front of the SQLite table shared by all workers.
 
-    Failures of the table are logged and read as a miss: the cache never fails a request.
+    With ``shared`` (``[state] url``), exact-match entries live in Redis instead, for every node (see
+    shared_cache.py); the table keeps only the semantic cache's entries (they are found by their vectors there).
+    Failures of either store are logged and read as a miss: the cache never fails a request.
     """
 
     def __init__(self, db: Database, writer: BufferedWriter, settings: CacheSettings,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, shared: SharedCache | None = None) -> None:
         self._db = db
+        self._shared = shared
         self._writer = writer
         self._settings = settings
         self._clock = clock
@@ -204,9 +208,12 @@ class ResponseCache:
             entry = memory.get(key)
             if entry is not None:
                 if entry[2] > now:
-                    cache_repo.touch(self._writer, key, now)
+                    if self._shared is None:
+                        cache_repo.touch(self._writer, key, now)
                     return Hit(entry[0], now - entry[1], Tokens(entry[3], entry[4], entry[5]))
                 memory.pop(key, None)
+        if self._shared is not None:
+            return self._remember(key, await self._shared.get(key), now)
         try:
             row = await cache_repo.get(self._db, key, now)
         except (sqlite3.Error, ValueError) as exc:
@@ -220,6 +227,14 @@ class ResponseCache:
             memory[key] = (body, created_at, expires_at, prompt, completion, bool(estimated))
         cache_repo.touch(self._writer, key, now)
         return Hit(body, now - created_at, Tokens(prompt, completion, bool(estimated)))
+
+    def _remember(self, key: str, entry: Entry | None, now: float) -> Hit | None:
+        """A shared entry as a hit, kept in this worker's LRU too."""
+        if entry is None or entry.expires_at <= now:
+            return None
+        if self._memory is not None and len(entry.body) <= MEMORY_MAX_BODY:
+            self._memory[key] = entry
+        return Hit(entry.body, now - entry.created_at, Tokens(entry.prompt, entry.completion, entry.estimated))
 
     async def similar(self, context: str, vector: array, threshold: float) -> Similar | None:
         """The live entry of ``context`` whose vector is nearest ``vector``, when at least ``threshold`` similar."""
@@ -250,6 +265,12 @@ class ResponseCache:
             blob = vectors.to_bytes(vector)
         if self._memory is not None and len(body) <= MEMORY_MAX_BODY:
             self._memory[key] = (body, now, expires_at, tokens.prompt, tokens.completion, tokens.estimated)
+        if self._shared is not None:
+            shared = Entry(body, now, expires_at, tokens.prompt, tokens.completion, tokens.estimated)
+            if not await self._shared.put(key, shared, int(self._settings.max_mb * 1024 * 1024)):
+                log.debug("cache store in the shared state failed: the answer is not shared")
+            if blob is None:
+                return  # exact-match only: Redis holds it (the table keeps what the semantic cache searches)
         entry = cache_repo.CacheEntry(key, scope, endpoint, served, body, tokens.prompt, tokens.completion,
                                       tokens.estimated, cache_repo.size_of(body, blob), now, expires_at,
                                       context, blob)

@@ -25,6 +25,8 @@ from appliance.core.embeddings import Embedder
 from appliance.core.resilience import Breakers
 from appliance.core.router import Router
 from appliance.core.routing import Selector, Target
+from appliance.core.shared_breakers import BreakerSync
+from appliance.core.stored_responses import StoredResponses
 from appliance.core.templates import Library
 from appliance.core.vision import Describer
 from appliance.guardrails.moderation import Moderator
@@ -33,7 +35,7 @@ from appliance.observe.metrics import Recorder
 from appliance.providers import registry
 from appliance.providers.base import ModelInfo, Provider
 from appliance.providers.transport import Limits, Transport
-from appliance.storage import requests_repo, responses_repo, stats_repo
+from appliance.storage import requests_repo, stats_repo
 from appliance.storage.db import Database
 from appliance.storage.state import SharedState
 from appliance.storage.writer import BufferedWriter
@@ -79,11 +81,13 @@ class Gateway:
     cache: ResponseCache
     queue: QueueTable | None = None  # the fair admission queue all workers share (None: this process's own)
     state: SharedState | None = None  # [state] url: the live state several appliances share (None: this host's)
+    breaker_sync: BreakerSync | None = None  # with state: the breakers and load shared with the other nodes
     catalog: Catalog = field(init=False)
     prices: Prices = field(init=False)
     compute: ComputeRates = field(init=False)  # beside prices: what a backend's busy seconds cost
     model_scopes: ModelScopes = field(init=False)
     admission: FairQueue = field(init=False)
+    responses: StoredResponses = field(init=False)  # in the database, or in the shared state
     selector: Selector = field(default_factory=Selector, init=False)
     rng: random.Random = field(default_factory=random.Random, init=False)  # retry jitter
     upstreams: Upstreams = field(default_factory=Upstreams, init=False)
@@ -100,6 +104,7 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.settings.models)
+        self.responses = StoredResponses(self.db, self.state)
         self._derive()
         for backend in self.settings.backends:
             self._add(backend, kind=backend.type)
@@ -285,7 +290,7 @@ class Gateway:
 
         Every worker sweeps on its own loop: deleting what is already gone is harmless.
         """
-        await responses_repo.sweep(self.db, now)
+        await self.responses.sweep(now)
         cutoff = now - self.settings.log.keep_days * 86400
         await requests_repo.sweep(self.db, cutoff)
         await stats_repo.sweep_traffic(self.db, cutoff)
@@ -309,6 +314,8 @@ class Gateway:
         await self.writer.stop()
         if isinstance(self.limiter, RedisLimiter):
             await self.limiter.close()  # its queued settles go out, its places in flight are given back
+        if self.breaker_sync is not None:
+            await self.breaker_sync.stop()
         if self.state is not None:
             await self.state.close()
 

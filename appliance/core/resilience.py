@@ -8,8 +8,8 @@
   window holds ``breaker_min_requests``; open backends are skipped; after ``breaker_cooldown_s`` exactly
   one caller, across all workers, gets a trial (half-open); its success closes the breaker, its failure
   opens it again. A trial that never reports back expires after another cooldown.
-- Requests in flight per backend (one counter per worker) and the backend's own latest load sample,
-  combined by ``Breakers.busy`` for least_busy routing.
+- Requests in flight per backend (one counter per worker, plus the other nodes' sum with ``[state] url``) and
+  the backend's own latest load sample, combined by ``Breakers.busy`` for least_busy routing.
 - The backend's busy time, shared out among the requests that ran together (processor sharing): each
   request's share of the busy seconds (``begin`` gives a mark, ``share_since`` the share since it), which
   ``cost_per_hour`` turns into a compute cost; and the total busy seconds, for /metrics.
@@ -41,7 +41,8 @@ RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
 # Transport-level failures: always worth another try (elsewhere, or after a pause).
 _RETRY_CODES = frozenset(("backend_unreachable", "backend_timeout", "backend_overloaded"))
 # The gateway's own refusals and outcomes that another try cannot change.
-_FINAL_CODES = frozenset(("budget_exceeded", "unsupported", "no_healthy_backend", "shutting_down", "client_closed"))
+_FINAL_CODES = frozenset(("budget_exceeded", "unsupported", "no_healthy_backend", "shutting_down", "client_closed",
+                          "state_unavailable"))
 
 BACKEND_SLOTS = 1024  # backends, plus backend/model pairs counted in flight
 BUCKETS = 30  # of the failure-rate window
@@ -175,6 +176,10 @@ class _Slot(ctypes.Structure):
         ("arrivals", ctypes.c_uint64),
         ("finished_at", ctypes.c_double),  # wall time of the latest end
         ("finish_gap_s", ctypes.c_double),  # smoothed seconds between two ends (0: not measured yet)
+        # [state] url (core/shared_breakers.py): requests in flight on the other nodes, and the version of the
+        # shared breaker state this row last took or wrote.
+        ("remote_inflight", ctypes.c_int32),
+        ("remote_version", ctypes.c_int64),
     ]
 
 
@@ -259,6 +264,10 @@ class Breakers:
         self._bucket_s = settings.breaker_window_s / BUCKETS
         self._stale_s = load_stale_s if load_stale_s is not None else 3 * settings.probe_interval_s
         self._rows: dict[str, Any] = {}  # name -> its row (rows are never freed, so this never goes stale)
+        # [state] url (core/shared_breakers.py): told of each open and close; while the gate says so, half-open
+        # trials are granted by it (one across the nodes) rather than by ``allow``.
+        self.on_change: Callable[[int, int, float], None] | None = None
+        self.trial_gate: Callable[[], bool] | None = None
 
     def reconfigure(self, settings: RoutingSettings) -> None:
         """A reload's routing settings (the bucket width stays: routing.breaker_window_s needs a restart)."""
@@ -285,6 +294,17 @@ class Breakers:
     def worker(self) -> int:
         """This process's column for in-flight counts."""
         return self._worker
+
+    @property
+    def cooldown_s(self) -> float:
+        return self._settings.breaker_cooldown_s
+
+    def now(self) -> float:
+        return self._clock()
+
+    def rows(self) -> Any:
+        """Every row of the table (a claimed one has a tag); read them under ``lock``."""
+        return self._table.slots
 
     @property
     def lock(self) -> Any:
@@ -320,23 +340,32 @@ class Breakers:
             if slot is None or slot.state == CLOSED:
                 return True
             if slot.state == OPEN:
-                if now - slot.opened_at < cooldown:
+                if now - slot.opened_at < cooldown or self._gated():
                     return False
                 slot.state = HALF_OPEN
-            elif slot.trial and now - slot.trial_at < cooldown:
+            elif slot.trial and (now - slot.trial_at < cooldown or self._gated()):
                 return False  # half-open, the trial is out (one that never reported expires after a cooldown)
             slot.trial = 1
             slot.trial_at = now
             return True
 
+    def _gated(self) -> bool:
+        return self.trial_gate is not None and self.trial_gate()
+
     def record(self, backend: str, ok: bool) -> None:
         """The outcome of an attempt (or a probe) against ``backend``."""
+        changed = self._record(backend, ok)
+        if changed is not None and self.on_change is not None:
+            self.on_change(*changed)
+
+    def _record(self, backend: str, ok: bool) -> tuple[int, int, float] | None:
+        """``record``; returns the change of state it made: (tag, OPEN or CLOSED, opened_at), else None."""
         now = self._clock()
         settings = self._settings
         with self._table.lock:
             slot = self._row(backend)
             if slot is None:
-                return
+                return None
             self._advance(slot, now)
             bucket = int(now // self._bucket_s) % BUCKETS
             if ok:
@@ -349,30 +378,34 @@ class Breakers:
             if state == HALF_OPEN:
                 # The first outcome while half-open decides (the trial's, or a straggler's: as telling).
                 if ok:
-                    self._close(slot)
-                else:
-                    slot.failures += 1
-                    self._open(slot, now)
-            elif state == CLOSED:
+                    self.close_row(slot)
+                    return slot.tag, CLOSED, 0.0
+                slot.failures += 1
+                self.open_row(slot, now)
+                return slot.tag, OPEN, now
+            if state == CLOSED:
                 if ok:
                     slot.failures = 0
-                    return
+                    return None
                 slot.failures += 1
                 seen = slot.ok_total + slot.fail_total
                 if slot.failures >= settings.breaker_failures or (
                         seen >= settings.breaker_min_requests
                         and slot.fail_total >= settings.breaker_failure_rate * seen):
-                    self._open(slot, now)
-            # OPEN: a straggler that started before it opened; counted in the window only.
+                    self.open_row(slot, now)
+                    return slot.tag, OPEN, now
+            return None  # OPEN: a straggler that started before it opened; counted in the window only.
 
     @staticmethod
-    def _open(slot: Any, now: float) -> None:
+    def open_row(slot: Any, now: float) -> None:
+        """Open ``slot``'s breaker (under the lock)."""
         slot.state = OPEN
         slot.opened_at = now
         slot.trial = 0
 
     @staticmethod
-    def _close(slot: Any) -> None:
+    def close_row(slot: Any) -> None:
+        """Close ``slot``'s breaker and forget its window (under the lock)."""
         slot.state = CLOSED
         slot.failures = slot.trial = 0
         slot.opened_at = slot.trial_at = 0.0
@@ -441,7 +474,7 @@ class Breakers:
                 "retry_after_s": round(self._wait(slot, now), 3),
                 "window_ok": slot.ok_total,
                 "window_fail": slot.fail_total,
-                "in_flight": slot.inflight_sum,
+                "in_flight": slot.inflight_sum + slot.remote_inflight,  # all nodes
                 "load": load,
                 "up": _PROBE_UP[slot.probe],
                 "probed_at": slot.probed_at or None,
@@ -534,7 +567,7 @@ class Breakers:
         never freed.
         """
         slot = self._known(backend if model is None else f"{backend}/{model}", claim=False)
-        return slot.inflight_sum if slot is not None else 0
+        return slot.inflight_sum + slot.remote_inflight if slot is not None else 0
 
     def set_load(self, backend: str, load: Load) -> None:
         """The backend's own load, as just sampled (by the poller)."""
@@ -565,10 +598,10 @@ class Breakers:
         sampled_at = slot.sampled_at
         if sampled_at and self._clock() - sampled_at <= self._stale_s:
             waiting = slot.queue_waiting
-            work = max(slot.running + waiting, float(slot.inflight_sum)) + waiting
+            work = max(slot.running + waiting, float(slot.inflight_sum + slot.remote_inflight)) + waiting
             return work / slot.slots_total if slot.slots_total > 0 else work
         if model is not None:
             slot = self._known(f"{backend}/{model}")
             if slot is None:
                 return 0.0
-        return float(slot.inflight_sum)
+        return float(slot.inflight_sum + slot.remote_inflight)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import secrets
+import socket
 import sys
 import time
 
@@ -77,6 +79,8 @@ def create_app(settings: Settings, limit_table: SharedTable | None = None,
     app.ctx.queue_table = queue_table or QueueTable(shared=False)
     app.ctx.reload_board = reload_board or reload.Board(1, shared=False)
     app.ctx.started_at = started_at or time.time()
+    # This appliance among those sharing [state] url: made before the workers fork, so all of them share it.
+    app.ctx.node_id = f"{socket.gethostname()}-{secrets.token_hex(4)}"
     app.blueprint(openai_routes.bp)
     app.blueprint(extension_routes.bp)
     app.blueprint(anthropic_routes.bp)

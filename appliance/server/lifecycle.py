@@ -23,6 +23,8 @@ from appliance.core import reload
 from appliance.core.cache import ResponseCache
 from appliance.core.gateway import Gateway
 from appliance.core.resilience import Breakers
+from appliance.core.shared_breakers import BreakerSync
+from appliance.core.shared_cache import SharedCache
 from appliance.core.timings import RecentTimings
 from appliance.observe import metrics
 from appliance.observe.profiler import LoopProfiler
@@ -128,10 +130,13 @@ async def open_gateway(app: Sanic) -> None:
         limiter.forget_worker()  # a worker that replaces a dead one inherits its column, not its count
     breakers = Breakers(app.ctx.backend_table, settings.routing, worker)
     breakers.forget_worker()
-    cache = ResponseCache(db, writer, settings.cache)
+    cache = ResponseCache(db, writer, settings.cache, shared=SharedCache(state) if state is not None else None)
     cache.start()
+    sync = BreakerSync(state, breakers, app.ctx.node_id) if state is not None else None
     gateway = Gateway(settings, transport, db, writer, authenticator, limiter, breakers, cache, app.ctx.queue_table,
-                      state)
+                      state, sync)
+    if sync is not None:
+        sync.start()
     gateway.admission.forget_worker()  # a dead predecessor's places in the queue are gone with it
     gateway.start()
     app.ctx.gateway = gateway

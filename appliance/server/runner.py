@@ -25,6 +25,7 @@ from sanic.worker.constants import ProcessState
 from appliance.accounts import auth
 from appliance.accounts.limits import Limiter, Scope, SharedTable, key_scope, period_start_day, table_size
 from appliance.accounts.live_limits import RedisLimiter
+from appliance.batches import lease
 from appliance.batches.runner import prepare_data_dir
 from appliance.common.config import ConfigError, Settings
 from appliance.common.resources import migrations_dir
@@ -116,7 +117,7 @@ def serve(settings: Settings) -> None:
         applied = migrate(database_path(settings.data_dir), migrations_dir())
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-        prepare_data_dir(settings.data_dir, database_path(settings.data_dir))
+        prepare_data_dir(settings.data_dir, database_path(settings.data_dir), clear_lease=not lease.shared(settings))
         shared = not server.single_process  # one process needs no shared memory (nor its tracker process)
         table = SharedTable(table_size(settings), shared=shared)
         asyncio.run(prepare_keys(settings, table))

@@ -68,8 +68,9 @@ def test_the_gateways_own_refusals_are_final() -> None:
     assert not retryable(limiter_429)
     assert retryable(GatewayError("rate_limit_exceeded", "upstream says slow down", status=429))
     for code in ("budget_exceeded", "unsupported", "no_healthy_backend", "shutting_down", "client_closed",
-                 "invalid_value", "context_length_exceeded"):
+                 "invalid_value", "context_length_exceeded", "state_unavailable"):
         assert not retryable(GatewayError(code, "no"))
+        assert not breaker_failure(GatewayError(code, "no"))  # the shared state down is no backend's fault
     assert not retryable(GatewayError("backend_error", "no", status=503, headers={"X-Should-Retry": "false"}))
     assert retryable(GatewayError("backend_error", "non-JSON answer"))  # 502
 

@@ -17,7 +17,6 @@ from appliance.providers.base import CHAT
 from appliance.server.query import query_args
 from appliance.server.responses import SanicResponder, exchange, json_response
 from appliance.server.routes import Routes
-from appliance.storage import responses_repo
 
 bp = Routes("responses")
 
@@ -58,7 +57,7 @@ async def get_response(request: Request, response_id: str) -> HTTPResponse:
 @bp.delete("/v1/responses/<response_id>")
 async def delete_response(request: Request, response_id: str) -> HTTPResponse:
     await _stored(request, response_id)
-    await responses_repo.delete(request.app.ctx.gateway.db, response_id)
+    await request.app.ctx.gateway.responses.delete(response_id)
     return json_response(orjson.dumps({"id": response_id, "object": "response", "deleted": True}), request)
 
 

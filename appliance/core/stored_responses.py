@@ -1,0 +1,78 @@
+"""Where stored Responses live: the database, or with ``[state] url`` Redis, so every node can continue them.
+
+In Redis a response is one JSON string under ``responses:<id>`` that expires with ``[responses] keep_days``
+(no sweep needed). A lookup that Redis cannot answer is a 503 ``state_unavailable``, never a 404: the response
+may well exist, and the client should try again rather than start the conversation over.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+
+from appliance.common.errors import GatewayError
+from appliance.storage import responses_repo
+from appliance.storage.db import Database
+from appliance.storage.state import SharedState, StateUnavailable
+
+
+def _unavailable(exc: StateUnavailable) -> GatewayError:
+    return GatewayError("state_unavailable", "Stored responses are unavailable for a moment (the shared state "
+                        f"did not answer: {exc}); try again shortly.", headers={"Retry-After": "1"})
+
+
+class StoredResponses:
+    """save / get / delete / sweep of stored Responses, over the database or the shared state."""
+
+    def __init__(self, db: Database, state: SharedState | None) -> None:
+        self._db = db
+        self._state = state
+
+    def _key(self, response_id: str) -> str:
+        assert self._state is not None
+        return self._state.key("responses", response_id)
+
+    async def save(self, *, response: dict[str, Any], key_id: str | None, input_items: list[dict[str, Any]],
+                   conversation: list[dict[str, Any]], created_at: float, expires_at: float) -> None:
+        """Kept at once (before the client sees the answer): the next turn may arrive anywhere."""
+        state = self._state
+        if state is None:
+            await responses_repo.save(self._db, response=response, key_id=key_id, input_items=input_items,
+                                      conversation=conversation, created_at=created_at, expires_at=expires_at)
+            return
+        row = {"id": response["id"], "key_id": key_id, "created_at": created_at, "expires_at": expires_at,
+               "status": response.get("status", "completed"), "input_items": input_items,
+               "conversation": conversation, "response": response}
+        ttl_ms = max(1, math.ceil((expires_at - created_at) * 1000))
+        try:
+            await state.call(lambda: state.client.set(self._key(response["id"]), orjson.dumps(row), px=ttl_ms))
+        except StateUnavailable as exc:
+            raise _unavailable(exc) from exc
+
+    async def get(self, response_id: str, now: float) -> dict[str, Any] | None:
+        state = self._state
+        if state is None:
+            return await responses_repo.get(self._db, response_id, now)
+        try:
+            raw = await state.call(lambda: state.client.get(self._key(response_id)))
+        except StateUnavailable as exc:
+            raise _unavailable(exc) from exc
+        if raw is None:
+            return None
+        row: dict[str, Any] = orjson.loads(raw)
+        return row if row["expires_at"] > now else None
+
+    async def delete(self, response_id: str) -> bool:
+        state = self._state
+        if state is None:
+            return await responses_repo.delete(self._db, response_id)
+        try:
+            return bool(await state.call(lambda: state.client.delete(self._key(response_id))))
+        except StateUnavailable as exc:
+            raise _unavailable(exc) from exc
+
+    async def sweep(self, now: float) -> int:
+        """Drop the expired ones from the database (Redis expires its own)."""
+        return 0 if self._state is not None else await responses_repo.sweep(self._db, now)
