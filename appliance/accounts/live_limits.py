@@ -385,13 +385,8 @@ class RedisLimiter:
         deadline = self._clock() + self._lease_s
         held = list(self._held.items())
 
-        def fill(pipe: Any) -> None:
-            for ident, sets in held:
-                for key in sets:
-                    pipe.zadd(key, {ident: deadline}, xx=True)
-                    pipe.expire(key, self._lease_ttl)
-
-        await self._state.pipeline(fill)
+        await self._state.commands([command for ident, sets in held for key in sets for command in (
+            ("ZADD", key, "XX", repr(deadline), ident), ("EXPIRE", key, self._lease_ttl))])
 
     # ---------------------------------------------------------------- off the request path
 
@@ -423,13 +418,8 @@ class RedisLimiter:
         if self._held:
             held, self._held = self._held, {}
 
-            def fill(pipe: Any) -> None:
-                for ident, sets in held.items():
-                    for key in sets:
-                        pipe.zrem(key, ident)
-
             try:
-                await self._state.pipeline(fill)
+                await self._state.commands([("ZREM", key, ident) for ident, sets in held.items() for key in sets])
             except StateUnavailable:
                 pass  # they free themselves at their deadline
 

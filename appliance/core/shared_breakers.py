@@ -159,8 +159,8 @@ class BreakerSync:
         self._take_states(states)
         for tag in self._due_trials(rows):
             key = self._trial_key(tag)
-            won = await self._state.call(lambda key=key: self._state.client.set(
-                key, self._node, nx=True, px=max(1, int(self._breakers.cooldown_s * 1000))))
+            won = await self._state.command("SET", key, self._node, "NX", "PX",
+                                            max(1, int(self._breakers.cooldown_s * 1000)))
             if won:
                 self._grant(tag)
 

@@ -81,7 +81,7 @@ class SharedCache:
     async def get(self, key: str) -> Entry | None:
         """The live entry under ``key``; None when there is none or Redis cannot be asked (a miss)."""
         try:
-            raw = await self._state.call(lambda: self._state.client.get(self._entry_prefix + key))
+            raw = await self._state.command("GET", self._entry_prefix + key)
         except StateUnavailable:
             return None
         if raw is None:

@@ -47,7 +47,7 @@ class StoredResponses:
                "conversation": conversation, "response": response}
         ttl_ms = max(1, math.ceil((expires_at - created_at) * 1000))
         try:
-            await state.call(lambda: state.client.set(self._key(response["id"]), orjson.dumps(row), px=ttl_ms))
+            await state.command("SET", self._key(response["id"]), orjson.dumps(row), "PX", ttl_ms)
         except StateUnavailable as exc:
             raise _unavailable(exc) from exc
 
@@ -56,7 +56,7 @@ class StoredResponses:
         if state is None:
             return await responses_repo.get(self._db, response_id, now)
         try:
-            raw = await state.call(lambda: state.client.get(self._key(response_id)))
+            raw = await state.command("GET", self._key(response_id))
         except StateUnavailable as exc:
             raise _unavailable(exc) from exc
         if raw is None:
@@ -69,7 +69,7 @@ class StoredResponses:
         if state is None:
             return await responses_repo.delete(self._db, response_id)
         try:
-            return bool(await state.call(lambda: state.client.delete(self._key(response_id))))
+            return bool(await state.command("DEL", self._key(response_id)))
         except StateUnavailable as exc:
             raise _unavailable(exc) from exc
 

@@ -62,8 +62,8 @@ def cache_on(db: Database, writer: BufferedWriter, state: SharedState, clock: Cl
 
 async def stats(state: SharedState) -> tuple[int, int]:
     """Entries in the shared cache's index, and their bytes as counted against the cap."""
-    return (await state.client.zcard(state.key("cache", "index")),
-            int(await state.client.get(state.key("cache", "bytes")) or 0))
+    return (await state.command("ZCARD", state.key("cache", "index")),
+            int(await state.command("GET", state.key("cache", "bytes")) or 0))
 
 
 async def put(cache: ResponseCache, key: str, body: bytes = ANSWER, ttl_s: float = 60) -> None:
@@ -84,7 +84,7 @@ def test_an_entry_stored_by_one_node_is_a_hit_on_another(tmp_path: Path, redis_e
             assert hit is not None and hit.body == ANSWER and hit.age_s == 5 and hit.tokens == Tokens(9, 1)
             assert (await db.fetchall("SELECT count(*) FROM response_cache"))[0][0] == 0  # Redis holds it
             assert await stats(b) == (1, pytest.approx(len(ANSWER) + 300, abs=50))
-            ttl = await b.client.pttl(b.key("cache", "e", "k1"))
+            ttl = await b.command("PTTL", b.key("cache", "e", "k1"))
             assert 55_000 < ttl <= 60_000  # the entry's own TTL
         finally:
             await a.close()
@@ -143,7 +143,7 @@ def test_stored_responses_live_in_redis_with_their_ttl(tmp_path: Path, redis_eng
             assert found is not None and found["key_id"] == "key_a" and found["input_items"] == [{"id": "msg_1"}]
             assert found["response"] == RESPONSE and found["conversation"] == [{"role": "user"}]
             assert await other.get("resp_1", now=100.0 + 86400) is None  # past keep_days
-            assert 86_000_000 < await b.client.pttl(b.key("responses", "resp_1")) <= 86_400_000
+            assert 86_000_000 < await b.command("PTTL", b.key("responses", "resp_1")) <= 86_400_000
             assert (await db.fetchall("SELECT count(*) FROM responses"))[0][0] == 0
             assert await other.delete("resp_1") is True
             assert await other.delete("resp_1") is False
@@ -190,9 +190,9 @@ def test_the_batch_lease_has_one_holder_across_nodes(tmp_path: Path, redis_engin
             assert await node_a.take("node1-11-aa", now=42.0, ttl_s=30) is False
             await node_a.release("node1-11-aa")  # not its lease any more: nothing happens
             assert await node_b.take("node2-22-bb", now=43.0, ttl_s=30) is True
-            assert 0 < await b.client.pttl(b.key("lease", "batches")) <= 30_000  # a dead node's lease goes
+            assert 0 < await b.command("PTTL", b.key("lease", "batches")) <= 30_000  # a dead node's lease goes
             await node_b.release("node2-22-bb")
-            assert await a.client.exists(a.key("lease", "batches")) == 0
+            assert await a.command("EXISTS", a.key("lease", "batches")) == 0
             assert await node_a.take("node1-11-aa", now=44.0, ttl_s=30) is True
         finally:
             await a.close()
