@@ -34,8 +34,8 @@ from appliance.observe import metrics, metricsdir
 from appliance.server import lifecycle
 from appliance.server.app import configure_logging, create_app
 from appliance.storage import usage_repo
-from appliance.storage.db import Database
-from appliance.storage.migrate import database_path, migrate
+from appliance.storage.db import open_database
+from appliance.storage.migrate import migrate_database
 
 log = logging.getLogger("appliance.server")
 
@@ -111,10 +111,10 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the reload handler is in place (children inherit it)
     with data_dir_lock(settings.data_dir):
         metricsdir.remove_stale()
-        applied = migrate(database_path(settings.data_dir), migrations_dir())
+        applied = migrate_database(settings.data_dir, settings.database.url, migrations_dir())
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-        prepare_data_dir(settings.data_dir, database_path(settings.data_dir))
+        prepare_data_dir(settings)
         shared = not server.single_process  # one process needs no shared memory (nor its tracker process)
         table = SharedTable(table_size(settings), shared=shared)
         asyncio.run(prepare_keys(settings, table))
@@ -175,7 +175,7 @@ def _manager_that_stops_with_us() -> SyncManager:
 
 async def prepare_keys(settings: Settings, table: SharedTable) -> None:
     """Before the workers start: an admin key exists, and budgets carry what this period already spent."""
-    db = await Database.open(database_path(settings.data_dir))
+    db = await open_database(settings.data_dir, settings.database)
     try:
         generated = await auth.ensure_admin_key(db, os.environ.get("APPLIANCE_ADMIN_KEY"),
                                                 slots=settings.limits.key_slots)
