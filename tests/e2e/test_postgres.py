@@ -1,0 +1,139 @@
+"""Two appliances (2 workers each) on one PostgreSQL and one shared files dir: what one node records, the other
+sees. Each node has its own data dir (journal, vault, locks), as two hosts would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import base_config
+from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.engines import Engine, create_database
+from tests.support.ledger import query
+from tests.support.polling import eventually
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, postgres_engine: Engine) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("pg-shared")
+    return {"database": {"url": create_database(postgres_engine, "two_nodes"), "pool_size": 2},
+            "files": {"dir": str(root / "files")}}
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory, shared: dict[str, Any], fake_openai: Any, fake_ollama: Any,
+          llamacpp_port: int) -> Iterator[tuple[Appliance, Appliance]]:
+    config = {**base_config(fake_openai, fake_ollama, llamacpp_port), **shared}
+    a = Appliance(tmp_path_factory.mktemp("node-a"), config)
+    b = Appliance(tmp_path_factory.mktemp("node-b"), config)
+    a.start()
+    b.start()  # a second start on a migrated database: nothing to apply, the same admin key
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def client(app: Appliance, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=app.url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def new_key(app: Appliance, name: str) -> dict[str, Any]:
+    status, body, _ = app.post("/admin/keys", {"name": name, "role": "user"})
+    assert status == 201, body
+    return body
+
+
+def test_a_key_created_on_one_node_works_on_the_other(nodes: tuple[Appliance, Appliance]) -> None:
+    a, b = nodes
+    made = new_key(a, "made-on-a")
+    reply = client(b, made["key"]).chat.completions.create(model="chat",
+                                                           messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+    listed = httpx.get(b.url + "/admin/keys", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    assert made["id"] in {key["id"] for key in listed["data"]}
+
+
+def test_usage_from_both_nodes_lands_in_one_ledger(nodes: tuple[Appliance, Appliance]) -> None:
+    a, b = nodes
+    key = new_key(a, "usage-both")
+    ok = 0
+    for i in range(12):
+        node = (a, b)[i % 2]
+        reply = client(node, key["key"]).chat.completions.with_raw_response.create(
+            model="chat", messages=[{"role": "user", "content": f"count {i}"}])
+        ok += reply.status_code == 200
+    assert ok == 12
+
+    def counted() -> bool:
+        rows = query(a, "SELECT count(*), count(DISTINCT id) FROM requests WHERE key_id = ? AND status = 200",
+                     (key["id"],))
+        usage = query(a, "SELECT sum(requests) FROM usage_daily WHERE key_id = ?", (key["id"],))
+        return tuple(rows[0]) == (ok, ok) and usage[0][0] == ok
+
+    eventually(counted)
+    status, report, _ = b.get(f"/admin/usage?key={key['id']}&group_by=model")
+    assert status == 200, report
+    assert sum(row["requests"] for row in report["data"]) == ok
+
+
+def test_a_file_uploaded_on_one_node_is_read_on_the_other(nodes: tuple[Appliance, Appliance],
+                                                          shared: dict[str, Any]) -> None:
+    a, b = nodes
+    key = new_key(a, "files-both")["key"]
+    content = b'{"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'
+    created = client(a, key).files.create(file=("in.jsonl", content), purpose="batch")
+    assert client(b, key).files.retrieve(created.id).bytes == len(content)
+    assert client(b, key).files.content(created.id).read() == content
+    assert (Path(shared["files"]["dir"]) / created.id).read_bytes() == content
+    assert not (a.data_dir / "files").exists() and not (b.data_dir / "files").exists()
+
+
+def test_a_batch_made_on_one_node_is_seen_on_the_other(nodes: tuple[Appliance, Appliance]) -> None:
+    a, b = nodes
+    key = new_key(a, "batch-both")["key"]
+    line = (b'{"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", '
+            b'"body": {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}}\n')
+    file_id = client(a, key).files.create(file=("in.jsonl", line), purpose="batch").id
+    batch = client(a, key).batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                          completion_window="24h")
+
+    def done() -> Any:
+        found = client(b, key).batches.retrieve(batch.id)
+        return found if found.status == "completed" else None
+
+    finished = eventually(done, timeout=60)
+    assert finished.request_counts.completed == 1
+    output = client(a, key).files.content(finished.output_file_id).read()
+    assert b'"custom_id":"r1"' in output.replace(b" ", b"")
+
+
+def test_a_template_made_on_one_node_is_used_on_the_other(nodes: tuple[Appliance, Appliance]) -> None:
+    a, b = nodes
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"id": "pg-greeting", "messages": [{"role": "system", "content": "Greet {{name}}."}],
+            "variables": {"name": {"default": "you"}}}
+    status, made, _ = a.post("/admin/templates", body, headers=admin)
+    assert status in (200, 201), made
+    status, found, _ = b.get("/admin/templates/pg-greeting", headers=admin)
+    assert status == 200 and found["id"] == "pg-greeting", found
+
+
+def test_check_config_reports_the_schema(nodes: tuple[Appliance, Appliance]) -> None:
+    a, _ = nodes
+    checked = a.cli("check-config")
+    assert checked.returncode == 0, checked.stderr
+    assert "database: postgresql://" in checked.stderr and "PostgreSQL 15" in checked.stderr
+    assert "schema at 0016_stream_failover.sql, 0 migrations pending" in checked.stderr
+
+
+def test_backup_points_to_pg_dump(nodes: tuple[Appliance, Appliance], tmp_path: Path) -> None:
+    a, _ = nodes
+    done = a.cli("backup", str(tmp_path / "copy.db"))
+    assert done.returncode == 1 and "pg_dump" in done.stderr
+    assert not (tmp_path / "copy.db").exists()
