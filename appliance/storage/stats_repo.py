@@ -47,7 +47,7 @@ async def backend_counts(db: Database, first_minute: int) -> dict[str, tuple[int
 
 
 # The newest first through the created_at index: a read costs its LIMIT in rows, whatever the traffic.
-TIMINGS = ("SELECT backend, backend_model, latency_ms, CASE WHEN stream THEN ttft_ms END FROM requests "
+TIMINGS = ("SELECT backend, backend_model, latency_ms, CASE WHEN stream != 0 THEN ttft_ms END FROM requests "
            "WHERE created_at >= ? AND backend IS NOT NULL AND latency_ms IS NOT NULL "
            "AND (cache IS NULL OR cache NOT IN ('HIT', 'HIT-SEMANTIC')) AND status != 429 "
            "ORDER BY created_at DESC LIMIT ?")
