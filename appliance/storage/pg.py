@@ -259,7 +259,10 @@ def migrate(url: str, folder: Path) -> list[str]:
     """Apply pending migrations in order, each in its own transaction, under the advisory lock; returns the
     names applied. Refuses a database that has migrations this code does not know."""
     files = known_migrations(folder)
-    conn = connect_sync(url)
+    try:
+        conn = connect_sync(url)
+    except sqlite3.Error as exc:
+        raise SchemaError(f"{masked_url(url)}: {exc}") from exc
     try:
         with _errors():
             conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))

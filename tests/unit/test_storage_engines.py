@@ -261,3 +261,23 @@ def test_cache_responses_and_image_descriptions(run: Callable[[Work], Any]) -> N
         assert await responses_repo.sweep(db, now=500.0) == 1
 
     run(work)
+
+
+def test_two_nodes_creating_keys_at_once_take_distinct_slots(tmp_path: Path, database_url: str | None) -> None:
+    migrate_database(tmp_path, database_url, migrations_dir())
+
+    async def main() -> None:
+        nodes = [await open_database(tmp_path, DatabaseSettings(url=database_url)) for _ in range(2)]
+        try:
+            made = await asyncio.gather(*(auth.create_key(nodes[i % 2], {"name": f"k{i}"}, slots=16)
+                                          for i in range(8)))
+            assert sorted(row["slot"] for row, _ in made) == list(range(8))
+            secret = "sk-app-" + "x" * 40  # APPLIANCE_ADMIN_KEY, made by both nodes as they start together
+            await asyncio.gather(*(auth.ensure_admin_key(node, secret, slots=16) for node in nodes))
+            admins = [row for row in await keys_repo.list_all(nodes[0]) if row["role"] == "admin"]
+            assert len(admins) == 1
+        finally:
+            for node in nodes:
+                await node.close()
+
+    asyncio.run(main())
