@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.support.threaded import free_port
 
@@ -133,7 +134,26 @@ def create_database(engine: Engine, name: str) -> str:
     """A new, empty database on ``engine``; returns its URL."""
     bin_dir = postgres_bin_dir()
     assert bin_dir is not None
-    subprocess.run([str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(engine.port), "-U", "appliance",
-                    "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", f'CREATE DATABASE "{name}"'],
-                   check=True, capture_output=True)
+    argv = [str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(engine.port), "-U", "appliance", "-d", "postgres",
+            "-v", "ON_ERROR_STOP=1", "-c", f'CREATE DATABASE "{name}"']
+    deadline = time.monotonic() + 30
+    while True:
+        made = subprocess.run(argv, capture_output=True)
+        if made.returncode == 0:
+            break
+        # The port opens before the server takes connections ("the database system is starting up").
+        if b"starting up" not in made.stderr or time.monotonic() > deadline:
+            raise RuntimeError(f"CREATE DATABASE {name}: {made.stderr.decode(errors='replace')}")
+        time.sleep(0.1)
     return engine.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+ENGINES = ("sqlite", "postgresql")
+
+
+def database_config(request: Any, name: str) -> dict[str, Any]:
+    """The ``[database]`` section of a module's appliance whose fixture is parametrized over ENGINES: nothing
+    for SQLite, a new database ``name`` on the session's PostgreSQL (the ``postgres_engine`` fixture) else."""
+    if request.param == "sqlite":
+        return {}
+    return {"database": {"url": create_database(request.getfixturevalue("postgres_engine"), name)}}
