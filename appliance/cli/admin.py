@@ -22,7 +22,7 @@ from appliance.common.config import Settings, masked_url
 from appliance.common.errors import GatewayError
 from appliance.common.resources import migrations_dir
 from appliance.storage import db as storage
-from appliance.storage.migrate import database_path, migrate_database
+from appliance.storage.migrate import SchemaError, database_path, migrate_database
 
 EXIT_FAILED = 1
 _FIELDS = ("name", "role", "rpm", "tpm", "max_concurrent", "budget_usd", "budget_tokens", "budget_period",
@@ -38,7 +38,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
               "pg_dump (e.g. pg_dump -Fc -f appliance.dump DBNAME); `appliance backup` copies SQLite only",
               file=sys.stderr)
         return EXIT_FAILED
-    migrate_database(settings.data_dir, settings.database.url, migrations_dir())
+    try:
+        migrate_database(settings.data_dir, settings.database.url, migrations_dir())
+    except SchemaError as exc:  # e.g. PostgreSQL unreachable, or a database newer than this appliance
+        print(f"appliance: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if args.command == "backup":
         path = database_path(settings.data_dir)
         try:

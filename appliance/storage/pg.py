@@ -33,6 +33,8 @@ from appliance.storage.migrate import SchemaError, known_migrations, newer_datab
 T = TypeVar("T")
 
 DIALECT = "postgresql"
+WAIT_S = 5.0  # longest wait for a pooled connection
+CONNECT_TIMEOUT_S = 5  # libpq's connect_timeout, whole seconds
 
 
 class PgError(sqlite3.DatabaseError):
@@ -187,8 +189,11 @@ class PgDatabase(Database):
 
     @classmethod
     async def connect(cls, url: str, pool_size: int) -> PgDatabase:  # type: ignore[override]
+        # Bounded waits: with the database down, a read fails after WAIT_S instead of holding its request for
+        # the pool's default 30 s (the writer's rows wait in memory and the journal meanwhile).
         pool = AsyncConnectionPool(url, min_size=1, max_size=pool_size, open=False, configure=_configure_async,
-                                   kwargs={"autocommit": True}, name="appliance")
+                                   kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+                                   timeout=WAIT_S, name="appliance")
         with _errors():
             await pool.open(wait=True, timeout=10)
         return cls(url, pool)
@@ -220,7 +225,7 @@ class PgDatabase(Database):
 def connect_sync(url: str) -> psycopg.Connection[Any]:
     """A plain connection for the main process (migrations, start-up chores), closed before workers fork."""
     with _errors():
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
     _configure(conn)
     return conn
 

@@ -4,6 +4,7 @@ sees. Each node has its own data dir (journal, vault, locks), as two hosts would
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import base_config
-from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.appliance import ADMIN_KEY, Appliance, appliance_cmd
 from tests.support.engines import Engine, create_database
 from tests.support.ledger import query
 from tests.support.polling import eventually
@@ -137,3 +138,27 @@ def test_backup_points_to_pg_dump(nodes: tuple[Appliance, Appliance], tmp_path: 
     done = a.cli("backup", str(tmp_path / "copy.db"))
     assert done.returncode == 1 and "pg_dump" in done.stderr
     assert not (tmp_path / "copy.db").exists()
+
+
+def test_the_cli_works_on_the_shared_database(nodes: tuple[Appliance, Appliance]) -> None:
+    a, b = nodes
+    made = a.cli("keys", "create", "--name", "cli-on-pg", "--role", "user")
+    assert made.returncode == 0, made.stderr
+    secret = next(word for word in made.stdout.split() if word.startswith("sk-app-"))
+    reply = client(b, secret).chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+    listed = b.cli("keys", "list", "--json")
+    assert listed.returncode == 0 and "cli-on-pg" in listed.stdout
+
+
+def test_an_unreachable_database_stops_the_start_with_a_clear_error(tmp_path: Path, postgres_engine: Engine) -> None:
+    gone = postgres_engine.url.rsplit("/", 1)[0] + "/never_created"
+    app = Appliance(tmp_path / "node", {"discovery": {"enabled": False}, "database": {"url": gone}}, workers=1)
+    served = subprocess.run([*appliance_cmd(), "serve", "--config", str(app.config_path)], cwd=app.root,
+                            env=app.env, capture_output=True, text=True, timeout=60)
+    assert served.returncode == 2 and "never_created" in served.stderr and "Traceback" not in served.stderr
+    checked = app.cli("check-config")
+    assert checked.returncode == 2 and "database: postgresql://" in checked.stderr
+    assert "unreachable" in checked.stderr and "never_created" in checked.stderr
+    listed = app.cli("keys", "list")
+    assert listed.returncode == 1 and "never_created" in listed.stderr and "Traceback" not in listed.stderr
