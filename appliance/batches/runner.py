@@ -40,7 +40,7 @@ from appliance.core.exchange import Exchange, allowed_routes, record
 from appliance.core.gateway import Gateway
 from appliance.providers.base import CHAT
 from appliance.storage import batches_repo, files_repo, keys_repo
-from appliance.storage.db import connect_sync
+from appliance.storage.engine import connect_sync
 
 log = logging.getLogger("appliance.batches.batch")
 

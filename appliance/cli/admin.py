@@ -22,7 +22,8 @@ from appliance.common.config import Settings, masked_url
 from appliance.common.errors import GatewayError
 from appliance.common.resources import migrations_dir
 from appliance.storage import db as storage
-from appliance.storage.migrate import SchemaError, database_path, migrate_database
+from appliance.storage.engine import migrate_database, open_database
+from appliance.storage.migrate import SchemaError, database_path
 
 EXIT_FAILED = 1
 _FIELDS = ("name", "role", "rpm", "tpm", "max_concurrent", "budget_usd", "budget_tokens", "budget_period",
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings, fields: dict[str, Any]) -> int:
-    db = await storage.open_database(settings.data_dir, settings.database)
+    db = await open_database(settings.data_dir, settings.database)
     try:
         if args.command == "usage":
             rows = await reports.report(db, key_id=args.key, model=args.model, start=args.start, end=args.end,

@@ -29,7 +29,7 @@ from appliance.providers.transport import Transport
 from appliance.server.responses import RequestIds
 from appliance.server.statsz import StatszCache
 from appliance.storage import keys_repo
-from appliance.storage.db import open_database
+from appliance.storage.engine import open_database
 from appliance.storage.journal import Journal, journal_dir
 from appliance.storage.state import SharedState
 from appliance.storage.writer import BufferedWriter

@@ -34,8 +34,7 @@ from appliance.observe import metrics, metricsdir
 from appliance.server import lifecycle
 from appliance.server.app import configure_logging, create_app
 from appliance.storage import usage_repo
-from appliance.storage.db import open_database
-from appliance.storage.migrate import migrate_database
+from appliance.storage.engine import migrate_database, open_database
 
 log = logging.getLogger("appliance.server")
 

@@ -15,9 +15,6 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from appliance.common.config import DatabaseSettings
-from appliance.storage.migrate import DB_FILENAME
-
 log = logging.getLogger("appliance.storage")
 
 T = TypeVar("T")
@@ -36,7 +33,7 @@ async def _connect(path: Path) -> aiosqlite.Connection:
 class Database:
     """Two connections per worker: reads never queue behind the writer's transactions.
 
-    With ``[database] url`` set, ``open_database`` gives pg.PgDatabase instead: the same interface.
+    With ``[database] url`` set, engine.open_database gives pg.PgDatabase instead: the same interface.
     """
 
     dialect = "sqlite"
@@ -71,25 +68,6 @@ class Database:
                 raise
             await self._writer.execute("COMMIT")
             return result
-
-
-async def open_database(data_dir: Path, settings: DatabaseSettings) -> Database:
-    """The configured engine: SQLite in ``data_dir`` when ``[database] url`` is unset, else PostgreSQL."""
-    if settings.url is None:
-        return await Database.open(data_dir / DB_FILENAME)
-    from appliance.storage.pg import PgDatabase  # psycopg only when it is used
-
-    return await PgDatabase.connect(settings.url, settings.pool_size)
-
-
-def connect_sync(data_dir: Path, url: str | None) -> Any:
-    """A plain connection for the main process's start-up chores (``execute(sql, params)`` returns rows;
-    ``close()``): sqlite3's, or pg.SyncConnection. Never kept across the fork of the workers."""
-    if url is None:
-        return sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
-    from appliance.storage import pg
-
-    return pg.SyncConnection(pg.connect_sync(url))
 
 
 def backup(source: Path, target: str | Path) -> None:

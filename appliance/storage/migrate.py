@@ -103,11 +103,3 @@ def applied_migrations(db_path: Path) -> list[str]:
     finally:
         conn.close()
 
-
-def migrate_database(data_dir: Path, url: str | None, folder: Path) -> list[str]:
-    """Migrate the configured engine: SQLite in ``data_dir``, or PostgreSQL at ``url``."""
-    if url is None:
-        return migrate(database_path(data_dir), folder)
-    from appliance.storage import pg  # psycopg only when it is used
-
-    return pg.migrate(url, folder)

@@ -20,9 +20,9 @@ import pytest
 from appliance.common.config import DatabaseSettings
 from appliance.common.resources import migrations_dir
 from appliance.storage import ledger
-from appliance.storage.db import Database, open_database
+from appliance.storage.db import Database
+from appliance.storage.engine import migrate_database, open_database
 from appliance.storage.journal import Journal
-from appliance.storage.migrate import migrate_database
 from appliance.storage.requests_repo import RequestRecord
 from appliance.storage.usage_repo import day_of
 from appliance.storage.writer import BufferedWriter

@@ -30,8 +30,8 @@ from appliance.storage import (
     usage_repo,
     vision_repo,
 )
-from appliance.storage.db import Database, connect_sync, open_database
-from appliance.storage.migrate import migrate_database
+from appliance.storage.db import Database
+from appliance.storage.engine import connect_sync, migrate_database, open_database
 from appliance.storage.requests_repo import RequestRecord
 from appliance.storage.writer import BufferedWriter
 
