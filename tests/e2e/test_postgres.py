@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import base_config
 from tests.support.appliance import ADMIN_KEY, Appliance, appliance_cmd
+from tests.support.batches import poll
 from tests.support.engines import Engine, create_database
 from tests.support.ledger import query
 from tests.support.polling import eventually
@@ -71,11 +72,11 @@ def test_usage_from_both_nodes_lands_in_one_ledger(nodes: tuple[Appliance, Appli
         ok += reply.status_code == 200
     assert ok == 12
 
-    def counted() -> bool:
+    def counted() -> None:
         rows = query(a, "SELECT count(*), count(DISTINCT id) FROM requests WHERE key_id = ? AND status = 200",
                      (key["id"],))
         usage = query(a, "SELECT sum(requests) FROM usage_daily WHERE key_id = ?", (key["id"],))
-        return tuple(rows[0]) == (ok, ok) and usage[0][0] == ok
+        assert tuple(rows[0]) == (ok, ok) and usage[0][0] == ok, (tuple(rows[0]), usage[0][0])
 
     eventually(counted)
     status, report, _ = b.get(f"/admin/usage?key={key['id']}&group_by=model")
@@ -104,11 +105,8 @@ def test_a_batch_made_on_one_node_is_seen_on_the_other(nodes: tuple[Appliance, A
     batch = client(a, key).batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
                                           completion_window="24h")
 
-    def done() -> Any:
-        found = client(b, key).batches.retrieve(batch.id)
-        return found if found.status == "completed" else None
-
-    finished = eventually(done, timeout=60)
+    finished = poll(client(b, key), batch.id)
+    assert finished.status == "completed", finished
     assert finished.request_counts.completed == 1
     output = client(a, key).files.content(finished.output_file_id).read()
     assert b'"custom_id":"r1"' in output.replace(b" ", b"")
