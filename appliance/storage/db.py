@@ -30,6 +30,10 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return conn
 
 
+class DatabaseUnavailable(sqlite3.OperationalError):
+    """The database server cannot be reached (PostgreSQL; SQLite, a file, has no such failure)."""
+
+
 class Database:
     """Two connections per worker: reads never queue behind the writer's transactions.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -27,7 +28,7 @@ from psycopg.adapt import Dumper, Loader
 from psycopg_pool import AsyncConnectionPool
 
 from appliance.common.config import masked_url
-from appliance.storage.db import Database
+from appliance.storage.db import Database, DatabaseUnavailable
 from appliance.storage.migrate import SchemaError, known_migrations, newer_database, postgres_sql
 
 T = TypeVar("T")
@@ -35,6 +36,7 @@ T = TypeVar("T")
 DIALECT = "postgresql"
 WAIT_S = 5.0  # longest wait for a pooled connection
 CONNECT_TIMEOUT_S = 5  # libpq's connect_timeout, whole seconds
+DOWN_RETRY_S = 1.0  # after an unreachable server, how long reads fail at once before one tries again
 
 
 class PgError(sqlite3.DatabaseError):
@@ -45,9 +47,15 @@ class PgIntegrityError(sqlite3.IntegrityError):
     """A constraint said no (unique, check, foreign key)."""
 
 
+class PgUnavailable(PgError, DatabaseUnavailable):
+    """No connection to the server (down, unreachable, the pool's wait ran out)."""
+
+
 def _wrapped(exc: psycopg.Error) -> sqlite3.Error:
     if isinstance(exc, psycopg.IntegrityError):
         return PgIntegrityError(str(exc))
+    if isinstance(exc, psycopg.OperationalError):
+        return PgUnavailable(str(exc))
     return PgError(str(exc))
 
 
@@ -186,6 +194,7 @@ class PgDatabase(Database):
         self.path = None  # type: ignore[assignment]
         self.url = url
         self._pool = pool
+        self._down_until = 0.0  # monotonic time until which reads fail at once (the server was unreachable)
 
     @classmethod
     async def connect(cls, url: str, pool_size: int) -> PgDatabase:  # type: ignore[override]
@@ -202,15 +211,31 @@ class PgDatabase(Database):
         await self._pool.close()
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:  # type: ignore[override]
-        with _errors():
-            async with self._pool.connection() as conn:
-                cursor = await conn.execute(translate(sql), tuple(params))
-                return await cursor.fetchall()
+        """Reads are on request paths: for DOWN_RETRY_S after the server was found unreachable they fail at
+        once rather than each wait for a pooled connection (the writer's flushes go on trying)."""
+        if self._down_until and time.monotonic() < self._down_until:
+            raise PgUnavailable("PostgreSQL is unreachable (tried again shortly)")
+        try:
+            with _errors():
+                async with self._pool.connection() as conn:
+                    cursor = await conn.execute(translate(sql), tuple(params))
+                    rows = await cursor.fetchall()
+        except PgUnavailable:
+            self._down_until = time.monotonic() + DOWN_RETRY_S
+            raise
+        self._down_until = 0.0
+        return rows
 
     async def write(self, work: Callable[[Any], Awaitable[T]]) -> T:
         """Run ``work`` in one transaction (READ COMMITTED; the repos' statements are each atomic)."""
-        async with self._transaction() as conn:
-            return await work(Connection(conn))
+        try:
+            async with self._transaction() as conn:
+                result = await work(Connection(conn))
+        except PgUnavailable:
+            self._down_until = time.monotonic() + DOWN_RETRY_S
+            raise
+        self._down_until = 0.0
+        return result
 
     @asynccontextmanager
     async def _transaction(self) -> Any:

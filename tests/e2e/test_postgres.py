@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import base_config
 from tests.support.appliance import ADMIN_KEY, Appliance, appliance_cmd
 from tests.support.batches import poll
-from tests.support.engines import Engine, create_database
+from tests.support.engines import Engine, create_database, start_postgres
 from tests.support.ledger import query
 from tests.support.polling import eventually
 
@@ -160,3 +160,44 @@ def test_an_unreachable_database_stops_the_start_with_a_clear_error(tmp_path: Pa
     assert "unreachable" in checked.stderr and "never_created" in checked.stderr
     listed = app.cli("keys", "list")
     assert listed.returncode == 1 and "never_created" in listed.stderr and "Traceback" not in listed.stderr
+
+
+def test_answers_go_on_while_the_database_is_down_and_their_rows_land_after(
+        tmp_path: Path, fake_openai: Any, fake_ollama: Any, llamacpp_port: int) -> None:
+    engine = start_postgres(tmp_path / "pg")  # this test kills it: its own server
+    try:
+        config = {**base_config(fake_openai, fake_ollama, llamacpp_port), "auth": {"cache_ttl_s": 60},
+                  "database": {"url": create_database(engine, "outage")}}
+        app = Appliance(tmp_path / "node", config, workers=1)  # one worker: the key is in its cache
+        app.start()
+        try:
+            key = new_key(app, "outage")
+            user = client(app, key["key"])
+            ask = [{"role": "user", "content": "before"}]
+            assert user.chat.completions.with_raw_response.create(model="chat", messages=ask).status_code == 200
+            engine.kill()
+            for i in range(5):
+                ask = [{"role": "user", "content": f"during {i}"}]
+                assert user.chat.completions.with_raw_response.create(model="chat", messages=ask).status_code == 200
+            unknown = httpx.post(app.url + "/v1/chat/completions", json={"model": "chat", "messages": ask},
+                                 headers={"Authorization": "Bearer sk-app-" + "q" * 43}, timeout=30)
+            assert unknown.status_code == 503, unknown.text
+            assert unknown.json()["error"]["code"] == "database_unavailable"
+            assert unknown.headers["x-request-id"]
+
+            def degraded() -> None:
+                _, ready, _ = app.get("/ready")
+                assert "database writes failing" in ready.get("degraded", []), ready
+
+            eventually(degraded)
+            engine.start()
+
+            def landed() -> None:
+                rows = query(app, "SELECT count(*) FROM requests WHERE key_id = ?", (key["id"],))
+                assert rows[0][0] == 6, rows[0][0]
+
+            eventually(landed, timeout=30)
+        finally:
+            app.stop()
+    finally:
+        engine.stop()
