@@ -1,11 +1,11 @@
 """PostgreSQL for the durable records when ``[database] url`` is set: the same ``Database`` interface as SQLite.
 
-Imported only then (psycopg's import time is not paid by a single appliance). The repos keep writing
-SQLite's SQL, which is also PostgreSQL's except for three mechanical things this module handles once per
-statement (and caches): ``?`` placeholders become ``%s``, ``INSERT OR IGNORE`` becomes ``ON CONFLICT DO
-NOTHING``, and SQLite's scalar ``round(real, n)`` and two-argument ``max``/``min`` exist as small SQL
-functions in the PostgreSQL schema (migrations/postgresql/0001_init.sql). Where SQL truly differs, a repo
-asks ``db.dialect``.
+Imported only then (psycopg's import time is not paid by a single appliance). The repos write one SQL for
+both engines: the subset the two share (upserts as ``ON CONFLICT ... DO UPDATE`` with table-qualified
+columns, ``WHERE TRUE``, comparisons not used as numbers). What remains is mechanical: ``?`` placeholders
+become ``%s`` (once per statement, cached), and SQLite's scalar ``round(real, n)`` and two-argument ``max``
+exist as small SQL functions in the PostgreSQL schema (migrations/postgresql/0001_init.sql). Where SQL
+truly differs, a repo asks ``db.dialect``.
 
 Errors are raised as the DB-API classes of the sqlite3 module (``PgError`` is a ``sqlite3.DatabaseError``,
 ``PgIntegrityError`` a ``sqlite3.IntegrityError``), so the callers that tolerate a failing database catch
@@ -15,7 +15,6 @@ one family whichever engine runs.
 from __future__ import annotations
 
 import functools
-import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -70,16 +69,10 @@ def _errors() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ SQL
 
 
-_INSERT_OR_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.IGNORECASE)
-
-
 @functools.lru_cache(maxsize=1024)
 def translate(sql: str) -> str:
-    """SQLite's SQL as PostgreSQL takes it (statements are few and fixed: cached)."""
-    out = sql.replace("%", "%%").replace("?", "%s")
-    if _INSERT_OR_IGNORE.match(out):
-        out = _INSERT_OR_IGNORE.sub("INSERT INTO", out, count=1).rstrip().rstrip(";") + " ON CONFLICT DO NOTHING"
-    return out
+    """SQLite's placeholders as psycopg's (statements are few and fixed: cached). A literal % is doubled."""
+    return sql.replace("%", "%%").replace("?", "%s")
 
 
 # ------------------------------------------------------------------------------------------ rows

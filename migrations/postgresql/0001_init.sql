@@ -1,12 +1,10 @@
 -- PostgreSQL's form of ../0001_init.sql (same table), and the SQLite scalar functions the repos' SQL uses:
--- round(real, digits) and two-argument max/min, so one statement text serves both engines.
+-- round(real, digits) and two-argument max, so one statement text serves both engines.
 
 CREATE FUNCTION round(double precision, integer) RETURNS double precision
     LANGUAGE sql IMMUTABLE AS 'SELECT round($1::numeric, $2)::double precision';
 CREATE FUNCTION max(double precision, double precision) RETURNS double precision
     LANGUAGE sql IMMUTABLE AS 'SELECT greatest($1, $2)';
-CREATE FUNCTION min(double precision, double precision) RETURNS double precision
-    LANGUAGE sql IMMUTABLE AS 'SELECT least($1, $2)';
 
 -- The request log: one row per request the gateway answered (no prompt or completion text).
 CREATE TABLE requests (
