@@ -98,9 +98,11 @@ def start_redis(workdir: Path) -> Engine:
     return Engine("redis", workdir, port, argv, f"redis://127.0.0.1:{port}/0").start()
 
 
-def start_postgres(workdir: Path) -> Engine:
+def start_postgres(workdir: Path, *, survives_kill: bool = False) -> Engine:
     """``workdir`` holds the log; the cluster goes in a temp dir of its own (the postgres user must reach it,
-    and pytest's temp dirs are private to root)."""
+    and pytest's temp dirs are private to root). Tuned for speed: synchronous_commit=off acknowledges a
+    commit before its WAL reaches the kernel, so a kill -9 loses the last commits; a test that kills the
+    server asks ``survives_kill`` (fsync stays off: what the kernel has survives the process)."""
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
         raise FileNotFoundError("postgres")
@@ -122,8 +124,8 @@ def start_postgres(workdir: Path) -> Engine:
         raise RuntimeError(f"initdb failed: {made.stderr.decode(errors='replace')}")
     port = free_port()
     argv = [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(cluster), "-h", "127.0.0.1",
-            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-            "-c", "max_connections=200"]
+            "-c", "fsync=off", "-c", f"synchronous_commit={'on' if survives_kill else 'off'}",
+            "-c", "full_page_writes=off", "-c", "max_connections=200"]
     engine = Engine("postgres", workdir, port, argv, f"postgresql://appliance@127.0.0.1:{port}/postgres",
                     as_user=as_user)
     engine.cleanup = lambda: shutil.rmtree(cluster, ignore_errors=True)
