@@ -6,6 +6,7 @@ process start a private one with ``start_appliance``.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.support.appliance import ADMIN_KEY, Appliance
-from tests.support.engines import Engine, start_postgres, start_redis
+from tests.support.engines import Engine, create_database, start_postgres, start_redis
 from tests.support.llamacpp import LlamaCpp
 from tests.support.threaded import free_port
 
@@ -103,6 +104,15 @@ def redis_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
 def postgres_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """A real PostgreSQL server for the session; each test module makes its own database on it."""
     yield from _engine(start_postgres, tmp_path_factory.mktemp("postgres"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """Storage tests run on both engines: None (SQLite in the test's data dir) or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    engine = request.getfixturevalue("postgres_engine")
+    return create_database(engine, f"t_{uuid.uuid4().hex[:16]}")
 
 
 @pytest.fixture(scope="session")

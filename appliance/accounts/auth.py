@@ -9,6 +9,7 @@ opened when its Principal is built, so they are cached with it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import hmac
@@ -307,8 +308,9 @@ async def ensure_admin_key(db: Database, env_key: str | None, *, slots: int) -> 
             raise ValueError(f"APPLIANCE_ADMIN_KEY must look like {KEY_PREFIX}<at least 16 characters>")
         digest = key_hash(env_key, await keys_repo.install_secret(db))
         if await keys_repo.find_by_hash(db, digest) is None:
-            await create_key(db, {"name": "admin (APPLIANCE_ADMIN_KEY)", "role": "admin"}, slots=slots,
-                             secret=env_key)
+            with contextlib.suppress(keys_repo.DuplicateKey):  # another node, starting too, made it just now
+                await create_key(db, {"name": "admin (APPLIANCE_ADMIN_KEY)", "role": "admin"}, slots=slots,
+                                 secret=env_key)
         return None
     if await keys_repo.count(db):
         return None

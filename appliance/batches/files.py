@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from appliance.common.config import Settings
 from appliance.common.errors import GatewayError
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
@@ -101,11 +102,16 @@ def too_large(limit: int) -> GatewayError:
 
 
 class FileStore:
-    """The content files of one data dir."""
+    """The content files: ``[files] dir``, by default <data_dir>/files (with several nodes, a directory they
+    all mount). Uploads are written under its tmp/ and renamed in place, so tmp/ is on the same file system."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.root = data_dir / "files"
+    def __init__(self, root: Path) -> None:
+        self.root = root
         self.tmp = self.root / "tmp"
+
+    @classmethod
+    def of(cls, settings: Settings) -> FileStore:
+        return cls(settings.files.dir or settings.data_dir / "files")
 
     def path(self, file_id: str) -> Path:
         return self.root / file_id
@@ -135,11 +141,20 @@ class FileStore:
         """The content, opened for reading (FileNotFoundError once deleted); read it with ``chunks``."""
         return await asyncio.to_thread(open, self.path(file_id), "rb")
 
-    def sweep_tmp(self) -> None:
-        """Partial uploads of a process that died mid-upload (only run while no upload is in progress)."""
+    def sweep_tmp(self, older_than: float | None = None) -> None:
+        """Partial uploads of a process that died mid-upload (only run while no upload is in progress, or,
+        in a directory other nodes share, ``older_than`` a unix time no upload in progress can be)."""
         if self.tmp.is_dir():
             for leftover in self.tmp.glob("*.part"):
-                leftover.unlink(missing_ok=True)
+                if older_than is None or _mtime(leftover) < older_than:
+                    leftover.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 async def chunks(handle: BinaryIO, size: int = READ_CHUNK) -> AsyncIterator[bytes]:

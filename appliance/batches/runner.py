@@ -21,7 +21,6 @@ import hashlib
 import logging
 import os
 import secrets
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,12 +36,14 @@ from appliance.batches import batch as batches
 from appliance.batches.admission import Admission
 from appliance.batches.files import BATCH_OUTPUT, DEFAULT_BATCH_EXPIRY_S, FileStore, new_file_id
 from appliance.batches.lease import lease_for
+from appliance.common.config import Settings
 from appliance.common.errors import GatewayError
 from appliance.core import pipeline, resilience
 from appliance.core.exchange import Exchange, allowed_routes, record
 from appliance.core.gateway import Gateway
 from appliance.providers.base import CHAT
 from appliance.storage import batches_repo, files_repo, keys_repo
+from appliance.storage.engine import connect_sync
 from appliance.storage.state import StateUnavailable
 
 log = logging.getLogger("appliance.batches.batch")
@@ -437,25 +438,39 @@ class BatchRunner:
                 await batches_repo.give_back(self.gw.db, batch_id, lines)
 
 
-def prepare_data_dir(data_dir: Path, db_path: Path, *, clear_lease: bool = True) -> None:
+# With a shared database, other nodes may be uploading into the shared files dir while this one starts:
+# only what is older than this is a leftover of a crash.
+SHARED_LEFTOVER_AGE_S = 86400.0
+
+
+def prepare_data_dir(settings: Settings) -> None:
     """In the main process, before any worker, under the data-dir lock: whoever held the runner lease is
     gone; partial uploads and content files without a row (a crash between rename and insert) go.
 
-    ``clear_lease`` False (the lease is shared with other nodes): it is left to expire instead.
-    """
-    store = FileStore(data_dir)
-    store.sweep_tmp()
-    conn = sqlite3.connect(db_path, isolation_level=None)
+    With ``[database] url`` the lease and the files dir are shared with other nodes, which may be running:
+    the lease is left to expire, and only leftovers older than SHARED_LEFTOVER_AGE_S go."""
+    store = FileStore.of(settings)
+    shared = settings.database.url is not None
+    older_than = time.time() - SHARED_LEFTOVER_AGE_S if shared else None
+    store.sweep_tmp(older_than)
+    conn = connect_sync(settings.data_dir, settings.database.url)
     try:
-        if clear_lease:
+        if not shared:
             batches_repo.clear_lease_sync(conn)
         known = files_repo.all_ids_sync(conn)
     finally:
         conn.close()
     if store.root.is_dir():
         for path in store.root.glob("file-*"):
-            if path.name not in known:
+            if path.name not in known and (older_than is None or _mtime(path) < older_than):
                 path.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 # ------------------------------------------------------------------------------------------ helpers

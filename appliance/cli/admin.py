@@ -1,7 +1,7 @@
 """The keys, templates, usage, batches and backup commands: the admin API's operations, on the data dir directly.
 
-They work while the server runs (SQLite in WAL mode; key changes reach the workers within
-``auth.cache_ttl_s``). Errors print the same messages the admin API returns.
+They work while the server runs (SQLite in WAL mode, or the ``[database]`` PostgreSQL; key changes reach the
+workers within ``auth.cache_ttl_s``). Errors print the same messages the admin API returns.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from appliance.accounts import auth, reports
 from appliance.accounts.credentials import Vault
 from appliance.cli import batches as batches_cli
 from appliance.cli import templates as templates_cli
-from appliance.common.config import Settings
+from appliance.common.config import Settings, masked_url
 from appliance.common.errors import GatewayError
 from appliance.common.resources import migrations_dir
 from appliance.storage import db as storage
-from appliance.storage.migrate import database_path, migrate
+from appliance.storage.engine import migrate_database, open_database
+from appliance.storage.migrate import SchemaError, database_path
 
 EXIT_FAILED = 1
 _FIELDS = ("name", "role", "rpm", "tpm", "max_concurrent", "budget_usd", "budget_tokens", "budget_period",
@@ -32,9 +33,19 @@ _LISTED = ("id", "name", "role", "prefix", "enabled", "models", "rpm", "tpm", "b
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    path = database_path(settings.data_dir)
-    migrate(path, migrations_dir())
+    if args.command == "backup" and settings.database.url:
+        # PostgreSQL's own tools make a consistent copy of a live database; a half-faked one would not.
+        print(f"appliance: the database is PostgreSQL ({masked_url(settings.database.url)}): back it up with "
+              "pg_dump (e.g. pg_dump -Fc -f appliance.dump DBNAME); `appliance backup` copies SQLite only",
+              file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        migrate_database(settings.data_dir, settings.database.url, migrations_dir())
+    except SchemaError as exc:  # e.g. PostgreSQL unreachable, or a database newer than this appliance
+        print(f"appliance: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if args.command == "backup":
+        path = database_path(settings.data_dir)
         try:
             storage.backup(path, args.target)
         except OSError as exc:
@@ -52,7 +63,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings, fields: dict[str, Any]) -> int:
-    db = await storage.Database.open(database_path(settings.data_dir))
+    db = await open_database(settings.data_dir, settings.database)
     try:
         if args.command == "usage":
             rows = await reports.report(db, key_id=args.key, model=args.model, start=args.start, end=args.end,

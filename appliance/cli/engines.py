@@ -18,6 +18,8 @@ async def _check(settings: Settings) -> bool:
     ok = True
     if settings.state.url:
         ok &= await _report("state", settings.state.url, _redis(settings))
+    if settings.database.url:
+        ok &= await _report("database", settings.database.url, asyncio.to_thread(_postgres, settings.database.url))
     return ok
 
 
@@ -39,3 +41,20 @@ async def _redis(settings: Settings) -> str:
         return await state.describe()
     finally:
         await state.close()
+
+
+def _postgres(url: str) -> str:
+    """The server's version and where the schema is: e.g. "PostgreSQL 15.18, schema at 0016_..., 0 pending"."""
+    from appliance.common.resources import migrations_dir
+    from appliance.storage import pg
+    from appliance.storage.migrate import known_migrations
+
+    applied = pg.applied_migrations(url)
+    conn = pg.connect_sync(url)
+    try:
+        version = pg.server_version(conn)
+    finally:
+        conn.close()
+    pending = len({p.name for p in known_migrations(migrations_dir())} - set(applied))
+    schema = f"schema at {applied[-1]}" if applied else "empty (no schema yet)"
+    return f"PostgreSQL {version}, {schema}, {pending} migration{'s' if pending != 1 else ''} pending"

@@ -39,6 +39,8 @@ CODES: dict[str, tuple[int, str]] = {
     "shutting_down": (503, "server_error"),
     # [state] on_state_error = "closed" and the shared state (Redis) cannot be reached: limits cannot be checked.
     "state_unavailable": (503, "server_error"),
+    # [database] url is set and PostgreSQL cannot be reached for a read the request needs (e.g. a key not cached).
+    "database_unavailable": (503, "server_error"),
     "backend_timeout": (504, "server_error"),
     "internal_error": (500, "server_error"),
     # A key's own upstream credential that this appliance cannot decrypt (its key file is missing or replaced).

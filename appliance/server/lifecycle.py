@@ -32,9 +32,8 @@ from appliance.providers.transport import Transport
 from appliance.server.responses import RequestIds
 from appliance.server.statsz import StatszCache
 from appliance.storage import keys_repo
-from appliance.storage.db import Database
+from appliance.storage.engine import open_database
 from appliance.storage.journal import Journal, journal_dir
-from appliance.storage.migrate import database_path
 from appliance.storage.state import SharedState
 from appliance.storage.writer import BufferedWriter
 
@@ -112,7 +111,7 @@ async def open_gateway(app: Sanic) -> None:
     settings = app.ctx.settings = reload.latest(app.ctx.settings, board)  # a replaced worker: the last reload's
     if not single:
         stop_with_parent()
-    db = await Database.open(database_path(settings.data_dir))
+    db = await open_database(settings.data_dir, settings.database)
     journal = Journal(journal_dir(settings.data_dir))
     writer = BufferedWriter(db, settings.server.flush_interval_ms / 1000, journal,
                             on_flush=metrics.Recorder.write_queue, on_error=metrics.Recorder.write_failed)
@@ -144,7 +143,7 @@ async def open_gateway(app: Sanic) -> None:
     app.ctx.profiler = LoopProfiler()
     app.ctx.timings = RecentTimings(db)  # /v1/providers
     metrics.worker_started()
-    runner = BatchRunner(gateway, FileStore(settings.data_dir))  # acts only while it holds the lease
+    runner = BatchRunner(gateway, FileStore.of(settings))  # acts only while it holds the lease
     runner.start()
     app.ctx.batch_runner = runner
     app.ctx.reload_task = asyncio.get_running_loop().create_task(

@@ -30,6 +30,7 @@ from appliance.common.errors import GatewayError
 from appliance.common.paths import PROXY, V1, canonical
 from appliance.core import exchange as accounting
 from appliance.server.access import stands_in
+from appliance.storage.db import DatabaseUnavailable
 
 log = logging.getLogger("appliance.server")
 
@@ -172,6 +173,8 @@ def as_gateway_error(exception: BaseException, request: Request) -> GatewayError
         return GatewayError("invalid_value", "The request body did not arrive in time.", status=408)
     if isinstance(exception, ServiceUnavailable):  # Sanic's response timeout
         return GatewayError("backend_timeout", "The request took longer than the gateway allows.")
+    if isinstance(exception, DatabaseUnavailable):
+        return GatewayError("database_unavailable", "The database cannot be reached; try again shortly.")
     if isinstance(exception, BadRequest):
         return GatewayError("invalid_value", str(exception))
     if isinstance(exception, SanicException) and exception.status_code < 500:

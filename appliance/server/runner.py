@@ -25,7 +25,6 @@ from sanic.worker.constants import ProcessState
 from appliance.accounts import auth
 from appliance.accounts.limits import Limiter, Scope, SharedTable, key_scope, period_start_day, table_size
 from appliance.accounts.live_limits import RedisLimiter
-from appliance.batches import lease
 from appliance.batches.runner import prepare_data_dir
 from appliance.common.config import ConfigError, Settings
 from appliance.common.resources import migrations_dir
@@ -36,8 +35,7 @@ from appliance.observe import metrics, metricsdir
 from appliance.server import lifecycle
 from appliance.server.app import configure_logging, create_app
 from appliance.storage import usage_repo
-from appliance.storage.db import Database
-from appliance.storage.migrate import database_path, migrate
+from appliance.storage.engine import migrate_database, open_database
 from appliance.storage.state import SharedState, StateUnavailable
 
 log = logging.getLogger("appliance.server")
@@ -114,10 +112,10 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the reload handler is in place (children inherit it)
     with data_dir_lock(settings.data_dir):
         metricsdir.remove_stale()
-        applied = migrate(database_path(settings.data_dir), migrations_dir())
+        applied = migrate_database(settings.data_dir, settings.database.url, migrations_dir())
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-        prepare_data_dir(settings.data_dir, database_path(settings.data_dir), clear_lease=not lease.shared(settings))
+        prepare_data_dir(settings)
         shared = not server.single_process  # one process needs no shared memory (nor its tracker process)
         table = SharedTable(table_size(settings), shared=shared)
         asyncio.run(prepare_keys(settings, table))
@@ -178,7 +176,7 @@ def _manager_that_stops_with_us() -> SyncManager:
 
 async def prepare_keys(settings: Settings, table: SharedTable) -> None:
     """Before the workers start: an admin key exists, and budgets carry what this period already spent."""
-    db = await Database.open(database_path(settings.data_dir))
+    db = await open_database(settings.data_dir, settings.database)
     try:
         generated = await auth.ensure_admin_key(db, os.environ.get("APPLIANCE_ADMIN_KEY"),
                                                 slots=settings.limits.key_slots)

@@ -118,7 +118,7 @@ async def limits_and_db(ctx: StatsContext) -> dict[str, Any]:
     by_limit = {dict(labels).get("limit", ""): int(value)
                 for labels, value in live.get("appliance_ratelimit_rejections_total", {}).items()}
     return {"limits": {"rejections": sum(by_limit.values()), "by_limit": by_limit},
-            "db": {"size_bytes": stats_repo.size_bytes(ctx.gateway.db.path),
+            "db": {"size_bytes": await stats_repo.size_bytes(ctx.gateway.db),
                    "write_queue_depth": int(_total(live, "appliance_db_write_queue_depth"))}}
 
 

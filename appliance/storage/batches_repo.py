@@ -37,7 +37,7 @@ async def get(db: Database, batch_id: str) -> dict[str, Any] | None:
 async def page(db: Database, *, owner: str | None, after: dict[str, Any] | None, limit: int,
                status: str | None = None) -> list[dict[str, Any]]:
     """Newest first; up to ``limit + 1`` rows (the extra one tells has_more)."""
-    where, params = ["1"], []
+    where, params = ["TRUE"], []
     if owner is not None:
         where.append("owner_key_id = ?")
         params.append(owner)

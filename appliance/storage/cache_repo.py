@@ -32,9 +32,14 @@ class CacheEntry(NamedTuple):
 
 
 _PUT = (
-    "INSERT OR REPLACE INTO response_cache (key, scope, endpoint, model, body, prompt_tokens, completion_tokens, "
+    "INSERT INTO response_cache (key, scope, endpoint, model, body, prompt_tokens, completion_tokens, "
     "estimated, size, created_at, expires_at, context, vector, hits, last_hit_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL)"
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL) "
+    "ON CONFLICT (key) DO UPDATE SET scope = excluded.scope, endpoint = excluded.endpoint, model = excluded.model, "
+    "body = excluded.body, prompt_tokens = excluded.prompt_tokens, completion_tokens = excluded.completion_tokens, "
+    "estimated = excluded.estimated, size = excluded.size, created_at = excluded.created_at, "
+    "expires_at = excluded.expires_at, context = excluded.context, vector = excluded.vector, hits = 0, "
+    "last_hit_at = NULL"  # a new entry in place of the old (INSERT OR REPLACE, which PostgreSQL lacks)
 )
 _SIMILAR = (
     "SELECT key, vector FROM response_cache WHERE context = ? AND expires_at > ? ORDER BY created_at DESC LIMIT ?"
@@ -48,7 +53,7 @@ _TOUCH = "UPDATE response_cache SET hits = hits + 1, last_hit_at = max(coalesce(
 _EVICT = (
     "DELETE FROM response_cache WHERE key IN (SELECT key FROM (SELECT key, sum(size) OVER "
     "(ORDER BY coalesce(last_hit_at, created_at) DESC, key ROWS UNBOUNDED PRECEDING) AS kept "
-    "FROM response_cache) WHERE kept > ?)"
+    "FROM response_cache) AS ranked WHERE kept > ?)"
 )
 
 

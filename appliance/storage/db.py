@@ -30,8 +30,17 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return conn
 
 
+class DatabaseUnavailable(sqlite3.OperationalError):
+    """The database server cannot be reached (PostgreSQL; SQLite, a file, has no such failure)."""
+
+
 class Database:
-    """Two connections per worker: reads never queue behind the writer's transactions."""
+    """Two connections per worker: reads never queue behind the writer's transactions.
+
+    With ``[database] url`` set, engine.open_database gives pg.PgDatabase instead: the same interface.
+    """
+
+    dialect = "sqlite"
 
     def __init__(self, path: Path, reader: aiosqlite.Connection, writer: aiosqlite.Connection) -> None:
         self.path = path

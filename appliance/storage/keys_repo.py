@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,15 @@ _JSON = ("models", "endpoints", "metadata", "upstream_keys", "guardrails")
 
 class NoFreeSlot(Exception):
     """Every live-counter slot is taken by a key."""
+
+
+class DuplicateKey(Exception):
+    """A key with this hash exists (another node created the same APPLIANCE_ADMIN_KEY at the same moment)."""
+
+
+# Several nodes on one PostgreSQL may pick the same free slot at once: the slot is UNIQUE, so all but one
+# insert fails and tries the next free slot. (SQLite's BEGIN IMMEDIATE never lets two pick at once.)
+SLOT_TRIES = 8
 
 
 def _decode(row: Any) -> dict[str, Any] | None:
@@ -90,7 +100,15 @@ async def create(db: Database, values: dict[str, Any], *, slots: int) -> dict[st
         await conn.execute(f"INSERT INTO api_keys ({names}) VALUES ({', '.join('?' * len(row))})",
                            tuple(row.values()))
 
-    await db.write(work)
+    for attempt in range(SLOT_TRIES):
+        try:
+            await db.write(work)
+            break
+        except sqlite3.IntegrityError:
+            if await find_by_hash(db, values["hash"]) is not None:
+                raise DuplicateKey(values["prefix"]) from None
+            if attempt == SLOT_TRIES - 1:
+                raise
     created = await get(db, values["id"])
     assert created is not None
     return created

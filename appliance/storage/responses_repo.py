@@ -17,8 +17,12 @@ async def save(db: Database, *, response: dict[str, Any], key_id: str | None, in
            orjson.dumps(input_items).decode(), orjson.dumps(conversation).decode(), orjson.dumps(response).decode())
 
     async def work(conn: aiosqlite.Connection) -> None:
-        await conn.execute("INSERT OR REPLACE INTO responses (id, key_id, created_at, expires_at, status, "
-                           "input_items, conversation, response) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+        await conn.execute("INSERT INTO responses (id, key_id, created_at, expires_at, status, input_items, "
+                           "conversation, response) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
+                           "SET key_id = excluded.key_id, created_at = excluded.created_at, "
+                           "expires_at = excluded.expires_at, status = excluded.status, "
+                           "input_items = excluded.input_items, conversation = excluded.conversation, "
+                           "response = excluded.response", row)
 
     await db.write(work)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from appliance.storage.db import Database
+
+NO_LIMIT = 2**62  # LIMIT -1 is SQLite's "no limit"; PostgreSQL refuses a negative one
 
 # A request that failed: an error status, or a stream that ended in an error event after its 200.
 _FAILED = "(status >= 400 OR error_code IS NOT NULL)"
@@ -19,13 +20,13 @@ async def models_on(db: Database, day: str, limit: int | None = None) -> list[di
         "sum(completion_tokens) AS completion_tokens, sum(cached_tokens) AS cached_tokens, "
         "round(sum(cost_usd), 9) AS cost_usd, round(sum(compute_cost_usd), 9) AS compute_cost_usd, "
         "sum(cache_hits) AS cache_hits FROM usage_daily WHERE day = ? "
-        "GROUP BY model ORDER BY requests DESC, model LIMIT ?", (day, -1 if limit is None else limit))
+        "GROUP BY model ORDER BY requests DESC, model LIMIT ?", (day, NO_LIMIT if limit is None else limit))
     return [dict(row) for row in rows]
 
 
 TRAFFIC = ("INSERT INTO traffic_minute (minute, backend, requests, errors, tokens) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (minute, backend) DO UPDATE SET requests = requests + excluded.requests, "
-            "errors = errors + excluded.errors, tokens = tokens + excluded.tokens")
+            "ON CONFLICT (minute, backend) DO UPDATE SET requests = traffic_minute.requests + excluded.requests, "
+            "errors = traffic_minute.errors + excluded.errors, tokens = traffic_minute.tokens + excluded.tokens")
 
 
 
@@ -46,7 +47,7 @@ async def backend_counts(db: Database, first_minute: int) -> dict[str, tuple[int
 
 
 # The newest first through the created_at index: a read costs its LIMIT in rows, whatever the traffic.
-TIMINGS = ("SELECT backend, backend_model, latency_ms, CASE WHEN stream THEN ttft_ms END FROM requests "
+TIMINGS = ("SELECT backend, backend_model, latency_ms, CASE WHEN stream != 0 THEN ttft_ms END FROM requests "
            "WHERE created_at >= ? AND backend IS NOT NULL AND latency_ms IS NOT NULL "
            "AND (cache IS NULL OR cache NOT IN ('HIT', 'HIT-SEMANTIC')) AND status != 429 "
            "ORDER BY created_at DESC LIMIT ?")
@@ -75,10 +76,13 @@ async def recent_errors(db: Database, since: float, limit: int) -> list[dict[str
     return [dict(row) for row in rows]
 
 
-def size_bytes(path: Path) -> int:
-    """The database on disk: the file plus its write-ahead log."""
+async def size_bytes(db: Database) -> int:
+    """The database on disk: SQLite's file plus its write-ahead log, or PostgreSQL's database size."""
+    if db.dialect != "sqlite":
+        rows = await db.fetchall("SELECT pg_database_size(current_database())")
+        return int(rows[0][0])
     total = 0
-    for name in (str(path), f"{path}-wal"):
+    for name in (str(db.path), f"{db.path}-wal"):
         try:
             total += os.stat(name).st_size
         except FileNotFoundError:

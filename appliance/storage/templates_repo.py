@@ -84,17 +84,21 @@ async def create(db: Database, template_id: str, fields: dict[str, Any]) -> None
 
 
 async def add_version(db: Database, template_id: str, fields: dict[str, Any]) -> int:
-    """Add the next version (one transaction: two writers cannot take the same number); Missing if no template."""
+    """Add the next version (one transaction: two writers cannot take the same number); Missing if no template.
+
+    The number is taken by the UPDATE itself: it holds the template's row until the commit, so two nodes on one
+    PostgreSQL (whose transactions do not exclude each other as SQLite's BEGIN IMMEDIATE does) take two numbers.
+    """
     now = time.time()
 
     async def work(conn: aiosqlite.Connection) -> int:
-        rows = list(await conn.execute_fetchall("SELECT latest_version FROM templates WHERE id = ?", (template_id,)))
+        rows = list(await conn.execute_fetchall(
+            "UPDATE templates SET latest_version = latest_version + 1, updated_at = ? WHERE id = ? "
+            "RETURNING latest_version", (now, template_id)))
         if not rows:
             raise Missing(template_id)
-        version = int(rows[0][0]) + 1
+        version = int(rows[0][0])
         await _insert_version(conn, template_id, version, fields, now)
-        await conn.execute("UPDATE templates SET latest_version = ?, updated_at = ? WHERE id = ?",
-                           (version, now, template_id))
         return version
 
     return await db.write(work)

@@ -12,12 +12,13 @@ ROLLUP = (
     "INSERT INTO usage_daily (day, key_id, model, backend, backend_model, requests, errors, prompt_tokens, "
     "completion_tokens, cached_tokens, cost_usd, cache_hits, compute_cost_usd) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (day, key_id, model, backend, backend_model) DO UPDATE SET "
-    "requests = requests + excluded.requests, errors = errors + excluded.errors, "
-    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-    "completion_tokens = completion_tokens + excluded.completion_tokens, "
-    "cached_tokens = cached_tokens + excluded.cached_tokens, cost_usd = cost_usd + excluded.cost_usd, "
-    "cache_hits = cache_hits + excluded.cache_hits, compute_cost_usd = compute_cost_usd + excluded.compute_cost_usd"
+    "ON CONFLICT (day, key_id, model, backend, backend_model) DO UPDATE SET "  # table-qualified for PostgreSQL
+    "requests = usage_daily.requests + excluded.requests, errors = usage_daily.errors + excluded.errors, "
+    "prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens, "
+    "cached_tokens = usage_daily.cached_tokens + excluded.cached_tokens, "
+    "cost_usd = usage_daily.cost_usd + excluded.cost_usd, cache_hits = usage_daily.cache_hits + excluded.cache_hits, "
+    "compute_cost_usd = usage_daily.compute_cost_usd + excluded.compute_cost_usd"
 )
 
 

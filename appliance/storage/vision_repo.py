@@ -6,8 +6,9 @@ from appliance.storage.db import Database
 from appliance.storage.writer import BufferedWriter
 
 _GET = "SELECT description FROM image_descriptions WHERE image = ? AND describer = ?"
-_PUT = ("INSERT OR REPLACE INTO image_descriptions (image, describer, description, created_at) "
-        "VALUES (?, ?, ?, ?)")
+_PUT = ("INSERT INTO image_descriptions (image, describer, description, created_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (image, describer) DO UPDATE SET description = excluded.description, "
+        "created_at = excluded.created_at")
 
 
 async def get(db: Database, image: str, describer: str) -> str | None:

@@ -7,7 +7,6 @@ fake server under another name), and the runner polls often so short batches end
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -20,15 +19,18 @@ import pytest
 from tests.conftest import base_config
 from tests.support.appliance import ADMIN_KEY, Appliance
 from tests.support.batches import CHAT_URL, TERMINAL, line, lines_of, poll, upload
+from tests.support.engines import ENGINES, database_config
+from tests.support.ledger import rows_where
 
 pytestmark = pytest.mark.frozen
 
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory, fake_openai: Any, fake_ollama: Any,
-        llamacpp_port: int) -> Iterator[Appliance]:
+@pytest.fixture(scope="module", params=ENGINES)
+def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, fake_openai: Any,
+        fake_ollama: Any, llamacpp_port: int) -> Iterator[Appliance]:
     config = base_config(fake_openai, fake_ollama, llamacpp_port)
+    config.update(database_config(request, "e2e_batches"))
     config["backends"] = [*config["backends"], {"name": "fake1", "url": fake_openai.url + "/v1"}]
     config["batches"] = {"poll_interval_s": 0.1, "backend_concurrency": {"fake": 2, "fake1": 1}}
     app = Appliance(tmp_path_factory.mktemp("batches"), config)
@@ -77,13 +79,7 @@ def test_b1_happy_path(client: openai.OpenAI, app: Appliance) -> None:
         assert result["response"]["status_code"] == 200 and result["response"]["request_id"]
         assert result["response"]["body"]["object"] == "chat.completion"
     # the ledger rows of the lines name the batch
-    conn = sqlite3.connect(app.data_dir / "appliance.db")
-    deadline = time.monotonic() + 5
-    while (rows := conn.execute("SELECT count(*) FROM requests WHERE batch_id = ?", (batch.id,)).fetchone()[0]) < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    conn.close()
-    assert rows == 3
+    assert len(rows_where(app, "batch_id = ?", (batch.id,), count=3)) == 3
 
 
 def test_b2_embeddings_routed_to_ollama(client: openai.OpenAI, fake_ollama: Any) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import base_config
 from tests.support.appliance import ADMIN_KEY, Appliance
+from tests.support.engines import ENGINES, database_config
 
 pytestmark = pytest.mark.frozen
 
@@ -28,11 +29,12 @@ LINES = b"".join(b'{"custom_id": "r%d", "method": "POST", "url": "/v1/chat/compl
                  for i in range(3))
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory, fake_openai: Any, fake_ollama: Any,
-        llamacpp_port: int) -> Iterator[Appliance]:
+@pytest.fixture(scope="module", params=ENGINES)
+def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, fake_openai: Any,
+        fake_ollama: Any, llamacpp_port: int) -> Iterator[Appliance]:
     config = base_config(fake_openai, fake_ollama, llamacpp_port)
     config["files"] = {"max_bytes": MAX_BYTES, "batch_max_bytes": BATCH_MAX_BYTES}
+    config.update(database_config(request, "e2e_files"))
     app = Appliance(tmp_path_factory.mktemp("files"), config)
     app.start()
     yield app

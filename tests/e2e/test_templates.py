@@ -20,6 +20,7 @@ from tests.fakes.anthropic_upstream import TEXT_MODEL, FakeAnthropic
 from tests.fakes.openai_upstream import REPLY_TEXT, FakeOpenAI
 from tests.support.appliance import ADMIN_KEY, Appliance
 from tests.support.batches import CHAT_URL, line, lines_of, poll, upload
+from tests.support.engines import ENGINES, database_config
 from tests.support.ledger import logged, rows_where
 from tests.support.polling import eventually
 
@@ -36,7 +37,7 @@ SYSTEM_V1 = "You support Widget. Answer in English."
 QUESTION = [{"role": "user", "content": "It does not start."}]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=ENGINES)
 def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI,
         fake_ollama: Any, fake_anthropic: FakeAnthropic, llamacpp_port: int) -> Appliance:
     config = base_config(fake_openai, fake_ollama, llamacpp_port)
@@ -47,6 +48,7 @@ def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     config["batches"] = {"poll_interval_s": 0.1}
     config["embeddings"] = {"model": "fake/fake-embed"}
     config["router"] = {"profiles": [{"name": "anything", "model": "chat", "description": "Anything at all."}]}
+    config.update(database_config(request, "e2e_templates"))
     app = Appliance(tmp_path_factory.mktemp("templates"), config)
     request.addfinalizer(app.stop)
     app.start()

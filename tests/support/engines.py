@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.support.threaded import free_port
 
@@ -97,9 +98,11 @@ def start_redis(workdir: Path) -> Engine:
     return Engine("redis", workdir, port, argv, f"redis://127.0.0.1:{port}/0").start()
 
 
-def start_postgres(workdir: Path) -> Engine:
+def start_postgres(workdir: Path, *, survives_kill: bool = False) -> Engine:
     """``workdir`` holds the log; the cluster goes in a temp dir of its own (the postgres user must reach it,
-    and pytest's temp dirs are private to root)."""
+    and pytest's temp dirs are private to root). Tuned for speed: synchronous_commit=off acknowledges a
+    commit before its WAL reaches the kernel, so a kill -9 loses the last commits; a test that kills the
+    server asks ``survives_kill`` (fsync stays off: what the kernel has survives the process)."""
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
         raise FileNotFoundError("postgres")
@@ -121,8 +124,8 @@ def start_postgres(workdir: Path) -> Engine:
         raise RuntimeError(f"initdb failed: {made.stderr.decode(errors='replace')}")
     port = free_port()
     argv = [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(cluster), "-h", "127.0.0.1",
-            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-            "-c", "max_connections=200"]
+            "-c", "fsync=off", "-c", f"synchronous_commit={'on' if survives_kill else 'off'}",
+            "-c", "full_page_writes=off", "-c", "max_connections=200"]
     engine = Engine("postgres", workdir, port, argv, f"postgresql://appliance@127.0.0.1:{port}/postgres",
                     as_user=as_user)
     engine.cleanup = lambda: shutil.rmtree(cluster, ignore_errors=True)
@@ -133,7 +136,26 @@ def create_database(engine: Engine, name: str) -> str:
     """A new, empty database on ``engine``; returns its URL."""
     bin_dir = postgres_bin_dir()
     assert bin_dir is not None
-    subprocess.run([str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(engine.port), "-U", "appliance",
-                    "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", f'CREATE DATABASE "{name}"'],
-                   check=True, capture_output=True)
+    argv = [str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(engine.port), "-U", "appliance", "-d", "postgres",
+            "-v", "ON_ERROR_STOP=1", "-c", f'CREATE DATABASE "{name}"']
+    deadline = time.monotonic() + 30
+    while True:
+        made = subprocess.run(argv, capture_output=True)
+        if made.returncode == 0:
+            break
+        # The port opens before the server takes connections ("the database system is starting up").
+        if b"starting up" not in made.stderr or time.monotonic() > deadline:
+            raise RuntimeError(f"CREATE DATABASE {name}: {made.stderr.decode(errors='replace')}")
+        time.sleep(0.1)
     return engine.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+ENGINES = ("sqlite", "postgresql")
+
+
+def database_config(request: Any, name: str) -> dict[str, Any]:
+    """The ``[database]`` section of a module's appliance whose fixture is parametrized over ENGINES: nothing
+    for SQLite, a new database ``name`` on the session's PostgreSQL (the ``postgres_engine`` fixture) else."""
+    if request.param == "sqlite":
+        return {}
+    return {"database": {"url": create_database(request.getfixturevalue("postgres_engine"), name)}}

@@ -11,27 +11,35 @@ from typing import Any
 import pytest
 
 from appliance.accounts import auth
+from appliance.common.config import DatabaseSettings
 from appliance.common.errors import GatewayError
 from appliance.common.resources import migrations_dir
 from appliance.storage import keys_repo
 from appliance.storage.db import Database
-from appliance.storage.migrate import migrate
+from appliance.storage.engine import migrate_database, open_database
+
+Runner = Callable[[Path, Callable[[Database], Awaitable[Any]]], Any]
 
 
-def run(tmp_path: Path, work: Callable[[Database], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        path = tmp_path / "a.db"
-        migrate(path, migrations_dir())
-        db = await Database.open(path)
-        try:
-            return await work(db)
-        finally:
-            await db.close()
+@pytest.fixture
+def run(database_url: str | None) -> Runner:
+    """Runs ``work`` on a migrated database of each engine (SQLite in ``tmp_path``, or PostgreSQL)."""
 
-    return asyncio.run(main())
+    def runner(tmp_path: Path, work: Callable[[Database], Awaitable[Any]]) -> Any:
+        async def main() -> Any:
+            migrate_database(tmp_path, database_url, migrations_dir())
+            db = await open_database(tmp_path, DatabaseSettings(url=database_url))
+            try:
+                return await work(db)
+            finally:
+                await db.close()
+
+        return asyncio.run(main())
+
+    return runner
 
 
-def test_keys_are_stored_only_as_hashes_and_found_again(tmp_path: Path) -> None:
+def test_keys_are_stored_only_as_hashes_and_found_again(tmp_path: Path, run: Runner) -> None:
     async def work(db: Database) -> None:
         row, secret = await auth.create_key(db, {"name": "a", "rpm": 5}, slots=16)
         assert secret.startswith("sk-app-") and len(secret) == 50
@@ -48,7 +56,7 @@ def test_keys_are_stored_only_as_hashes_and_found_again(tmp_path: Path) -> None:
     run(tmp_path, work)
 
 
-def test_changes_show_after_the_cache_ttl_and_expiry_uses_the_clock(tmp_path: Path) -> None:
+def test_changes_show_after_the_cache_ttl_and_expiry_uses_the_clock(tmp_path: Path, run: Runner) -> None:
     async def work(db: Database) -> None:
         expires = time.time() + 3600
         row, secret = await auth.create_key(db, {"name": "a", "expires_at": expires}, slots=16)
@@ -71,7 +79,7 @@ def test_changes_show_after_the_cache_ttl_and_expiry_uses_the_clock(tmp_path: Pa
     run(tmp_path, work)
 
 
-def test_admin_key_from_the_environment_or_generated_once(tmp_path: Path) -> None:
+def test_admin_key_from_the_environment_or_generated_once(tmp_path: Path, run: Runner) -> None:
     async def work(db: Database) -> None:
         generated = await auth.ensure_admin_key(db, None, slots=16)
         assert generated is not None and generated.startswith("sk-app-")
@@ -87,7 +95,7 @@ def test_admin_key_from_the_environment_or_generated_once(tmp_path: Path) -> Non
     run(tmp_path, work)
 
 
-def test_slots_are_reused_and_run_out_clearly(tmp_path: Path) -> None:
+def test_slots_are_reused_and_run_out_clearly(tmp_path: Path, run: Runner) -> None:
     async def work(db: Database) -> None:
         rows = [(await auth.create_key(db, {"name": str(i)}, slots=2))[0] for i in range(2)]
         assert sorted(r["slot"] for r in rows) == [0, 1]
@@ -110,7 +118,7 @@ def test_slots_are_reused_and_run_out_clearly(tmp_path: Path) -> None:
     ({"name": "a", "endpoints": ["v1/chat"]}, "endpoints"),
     ({"name": "a", "colour": "red"}, "colour"),
 ])
-def test_invalid_key_fields_name_the_field(tmp_path: Path, fields: dict[str, Any], param: str) -> None:
+def test_invalid_key_fields_name_the_field(tmp_path: Path, run: Runner, fields: dict[str, Any], param: str) -> None:
     async def work(db: Database) -> None:
         with pytest.raises(GatewayError) as info:
             await auth.create_key(db, fields, slots=16)

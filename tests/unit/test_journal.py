@@ -17,11 +17,12 @@ from typing import Any
 import orjson
 import pytest
 
+from appliance.common.config import DatabaseSettings
 from appliance.common.resources import migrations_dir
 from appliance.storage import ledger
 from appliance.storage.db import Database
+from appliance.storage.engine import migrate_database, open_database
 from appliance.storage.journal import Journal
-from appliance.storage.migrate import migrate
 from appliance.storage.requests_repo import RequestRecord
 from appliance.storage.usage_repo import day_of
 from appliance.storage.writer import BufferedWriter
@@ -38,18 +39,26 @@ def entry(i: int, *, key: str | None = "key_a", status: int = 200, bodies: bool 
     return ledger.Entry(row, ledger.bodies_of(b'{"a": 1}', b"\x00\xffanswer", 1024) if bodies else None)
 
 
-def run(tmp_path: Path, test: Callable[[Path, Database], Awaitable[None]]) -> None:
-    path = tmp_path / "appliance.db"
-    migrate(path, migrations_dir())
+Runner = Callable[[Path, Callable[[Path, Database], Awaitable[None]]], None]
 
-    async def main() -> None:
-        db = await Database.open(path)
-        try:
-            await test(tmp_path / "journal", db)
-        finally:
-            await db.close()
 
-    asyncio.run(main())
+@pytest.fixture
+def run(database_url: str | None) -> Runner:
+    """Runs a test on a migrated database of each engine (SQLite in ``tmp_path``, or PostgreSQL)."""
+
+    def runner(tmp_path: Path, test: Callable[[Path, Database], Awaitable[None]]) -> None:
+        migrate_database(tmp_path, database_url, migrations_dir())
+
+        async def main() -> None:
+            db = await open_database(tmp_path, DatabaseSettings(url=database_url))
+            try:
+                await test(tmp_path / "journal", db)
+            finally:
+                await db.close()
+
+        asyncio.run(main())
+
+    return runner
 
 
 def die(journal: Journal) -> None:
@@ -67,7 +76,7 @@ USAGE = "SELECT day, key_id, requests, prompt_tokens, completion_tokens, round(c
 TRAFFIC = "SELECT minute, backend, requests, tokens FROM traffic_minute ORDER BY minute, backend"
 
 
-def test_an_entry_is_on_disk_as_soon_as_it_is_added(tmp_path: Path) -> None:
+def test_an_entry_is_on_disk_as_soon_as_it_is_added(tmp_path: Path, run: Runner) -> None:
     async def test(folder: Path, db: Database) -> None:
         writer = BufferedWriter(db, 60, Journal(folder))
         writer.add_entry(entry(1))
@@ -78,7 +87,7 @@ def test_an_entry_is_on_disk_as_soon_as_it_is_added(tmp_path: Path) -> None:
     run(tmp_path, test)
 
 
-def test_a_dead_workers_entries_are_ingested_once_and_count_as_a_flush_would(tmp_path: Path) -> None:
+def test_a_dead_workers_entries_are_ingested_once_and_count_as_a_flush_would(tmp_path: Path, run: Runner) -> None:
     async def test(folder: Path, db: Database) -> None:
         dead = BufferedWriter(db, 60, Journal(folder))
         for i in range(3):
@@ -105,7 +114,7 @@ def test_a_dead_workers_entries_are_ingested_once_and_count_as_a_flush_would(tmp
     run(tmp_path, test)
 
 
-def test_a_death_between_commit_and_unlink_counts_nothing_twice(tmp_path: Path) -> None:
+def test_a_death_between_commit_and_unlink_counts_nothing_twice(tmp_path: Path, run: Runner) -> None:
     async def test(folder: Path, db: Database) -> None:
         dead = BufferedWriter(db, 60, Journal(folder))
         for i in range(4):
@@ -126,7 +135,7 @@ def test_a_death_between_commit_and_unlink_counts_nothing_twice(tmp_path: Path) 
     run(tmp_path, test)
 
 
-def test_a_live_workers_journal_is_left_alone(tmp_path: Path) -> None:
+def test_a_live_workers_journal_is_left_alone(tmp_path: Path, run: Runner) -> None:
     async def test(folder: Path, db: Database) -> None:
         alive = BufferedWriter(db, 60, Journal(folder))
         alive.add_entry(entry(1))
@@ -137,7 +146,7 @@ def test_a_live_workers_journal_is_left_alone(tmp_path: Path) -> None:
     run(tmp_path, test)
 
 
-def test_failing_writes_keep_every_entry_until_they_work_again(tmp_path: Path,
+def test_failing_writes_keep_every_entry_until_they_work_again(tmp_path: Path, run: Runner,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     async def test(folder: Path, db: Database) -> None:
         errors: list[int] = []
@@ -164,7 +173,7 @@ def test_failing_writes_keep_every_entry_until_they_work_again(tmp_path: Path,
     run(tmp_path, test)
 
 
-def test_a_stop_that_cannot_write_leaves_the_journal_for_the_next_start(tmp_path: Path,
+def test_a_stop_that_cannot_write_leaves_the_journal_for_the_next_start(tmp_path: Path, run: Runner,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     async def test(folder: Path, db: Database) -> None:
         writer = BufferedWriter(db, 60, Journal(folder))
@@ -184,7 +193,7 @@ def test_a_stop_that_cannot_write_leaves_the_journal_for_the_next_start(tmp_path
     run(tmp_path, test)
 
 
-def test_a_clean_stop_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_a_clean_stop_leaves_nothing_behind(tmp_path: Path, run: Runner) -> None:
     async def test(folder: Path, db: Database) -> None:
         writer = BufferedWriter(db, 60, Journal(folder))
         writer.add_entry(entry(1))
@@ -195,7 +204,7 @@ def test_a_clean_stop_leaves_nothing_behind(tmp_path: Path) -> None:
     run(tmp_path, test)
 
 
-def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
+def test_a_torn_last_line_is_skipped(tmp_path: Path, run: Runner) -> None:
     async def test(folder: Path, db: Database) -> None:
         dead = BufferedWriter(db, 60, Journal(folder))
         dead.add_entry(entry(1))
@@ -208,7 +217,7 @@ def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
     run(tmp_path, test)
 
 
-def test_unwritable_journal_keeps_entries_in_memory(tmp_path: Path) -> None:
+def test_unwritable_journal_keeps_entries_in_memory(tmp_path: Path, run: Runner) -> None:
     async def test(folder: Path, db: Database) -> None:
         journal = Journal(folder)
         writer = BufferedWriter(db, 60, journal)
@@ -225,7 +234,7 @@ async def _no_sleep(_seconds: float) -> None:
     return None
 
 
-def test_a_journal_line_written_before_compute_cost_still_parses_and_counts(tmp_path: Path) -> None:
+def test_a_journal_line_written_before_compute_cost_still_parses_and_counts(tmp_path: Path, run: Runner) -> None:
     # A line from a worker of the previous version: its row ends at batch_id (no compute_cost_usd).
     old = entry(1)
     line = ledger.encode(7, old)

@@ -213,19 +213,23 @@ def test_the_lease_is_in_redis_only_when_the_batches_are_shared_too(tmp_path: Pa
     assert isinstance(lease_for(Settings(), None, None), DatabaseLease)  # type: ignore[arg-type]
 
 
-def test_a_start_with_a_shared_lease_clears_none(tmp_path: Path) -> None:
-    import sqlite3
-
+def test_a_start_clears_the_lease_only_when_no_other_node_can_hold_it(tmp_path: Path,
+                                                                      database_url: str | None) -> None:
+    """SQLite: the lease was this appliance's own, and its holder is dead. A shared database: another node may
+    hold it now, so it is left to expire."""
     from appliance.batches.runner import prepare_data_dir
+    from appliance.common.config import Settings
+    from appliance.storage.engine import connect_sync, migrate_database
 
-    path = tmp_path / "appliance.db"
-    migrate(path, migrations_dir())
-    conn = sqlite3.connect(path, isolation_level=None)
+    settings = Settings.model_validate({"server": {"data_dir": str(tmp_path)}, "database": {"url": database_url}})
+    migrate_database(tmp_path, database_url, migrations_dir())
+    conn = connect_sync(tmp_path, database_url)
     conn.execute("INSERT INTO runner_lease (name, owner, expires_at) VALUES ('batches', 'other', 1e12)")
     conn.close()
-    prepare_data_dir(tmp_path, path, clear_lease=False)
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT owner FROM runner_lease").fetchall() == [("other",)]
-    prepare_data_dir(tmp_path, path)
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT owner FROM runner_lease").fetchall() == []
+    prepare_data_dir(settings)
+    conn = connect_sync(tmp_path, database_url)
+    try:
+        owners = [row[0] for row in conn.execute("SELECT owner FROM runner_lease")]
+    finally:
+        conn.close()
+    assert owners == ([] if database_url is None else ["other"])

@@ -34,7 +34,7 @@ def owner_filter(request: Request) -> str | None:
 
 
 def store(request: Request) -> files.FileStore:
-    return files.FileStore(request.app.ctx.settings.data_dir)
+    return files.FileStore.of(request.app.ctx.settings)
 
 
 async def owned_file(request: Request, file_id: str, param: str = "id") -> dict[str, Any]:
