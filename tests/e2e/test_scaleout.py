@@ -114,7 +114,7 @@ def test_a_budget_stops_at_the_same_spend_on_both(nodes: tuple[Appliance, Applia
     codes = [r.status_code if r.status_code == 200 else r.json()["error"]["code"] for r in replies]
     first_refusal = codes.index("budget_exceeded")
     assert set(codes[first_refusal:]) == {"budget_exceeded"}, codes
-    states = [httpx.get(node.url + "/v1/key", headers={"Authorization": f"Bearer {key}"}).json()["budget"]
+    states = [httpx.get(node.url + "/v1/key", headers={"Authorization": f"Bearer {key}"}).json()["state"]
               for node in nodes]
     assert states[0]["spent_usd"] == states[1]["spent_usd"] == pytest.approx(0.016 * first_refusal)
 
@@ -174,7 +174,7 @@ def test_the_ledger_equals_the_clients_count_of_200s(nodes: tuple[Appliance, App
     key_id = httpx.get(a.url + "/v1/key", headers={"Authorization": f"Bearer {key}"}).json()["id"]
 
     def ledger() -> None:
-        status, body, _ = a.get(f"/admin/usage?key_id={key_id}&group_by=key")
+        status, body, _ = a.get(f"/admin/usage?key={key_id}&group_by=key")
         assert status == 200, body
         assert sum(row["requests"] for row in body["data"]) == answered == 40, body
 
