@@ -52,7 +52,7 @@ def _postgres(url: str) -> str:
     applied = pg.applied_migrations(url)
     conn = pg.connect_sync(url)
     try:
-        version = pg.server_version(conn)
+        version = conn.server_version
     finally:
         conn.close()
     pending = len({p.name for p in known_migrations(migrations_dir())} - set(applied))

@@ -1,6 +1,6 @@
 """Which engine holds the durable records: SQLite in the data dir, or PostgreSQL when ``[database] url`` is set.
 
-The one place that chooses; psycopg is imported only on the PostgreSQL side (a single appliance does not pay
+The one place that chooses; asyncpg is imported only on the PostgreSQL side (a single appliance does not pay
 its import time).
 """
 
@@ -40,4 +40,4 @@ def connect_sync(data_dir: Path, url: str | None) -> Any:
         return sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
     from appliance.storage import pg
 
-    return pg.SyncConnection(pg.connect_sync(url))
+    return pg.connect_sync(url)

@@ -23,6 +23,8 @@ from tests.support.batches import CHAT_URL, line, lines_of, poll, upload
 from tests.support.engines import Engine, create_database, start_redis
 from tests.support.polling import eventually
 
+pytestmark = pytest.mark.frozen  # the one-file binary carries asyncpg and hiredis too
+
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeOpenAI]:

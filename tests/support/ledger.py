@@ -40,7 +40,7 @@ def query(app: Appliance, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
             conn.close()
     from appliance.storage import pg
 
-    pg_conn = pg.SyncConnection(pg.connect_sync(url))
+    pg_conn = pg.connect_sync(url)
     try:
         return pg_conn.execute(sql, args)
     finally:

@@ -79,7 +79,7 @@ def test_postgres_migrates_from_empty_once_with_the_sqlite_schema(pg_url: str, t
         for table in tables:
             ours = {row[1] for row in lite.execute(f"PRAGMA table_info({table})")}
             theirs = {row[0] for row in conn.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = %s", (table,))}
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", (table,))}
             assert ours == theirs, table
     finally:
         conn.close()
