@@ -43,6 +43,9 @@ from appliance.storage.state import SharedState, StateUnavailable
 log = logging.getLogger("appliance.limits")
 
 LEASE_S = 30.0  # a dead node's places in flight are free at most this long after its last renewal
+# A settle waits at most this long for the next admit of its worker to carry it to Redis (one round trip for
+# both); traffic that keeps coming never pays a round trip of its own for settling.
+SETTLE_DELAY_S = 0.005
 
 # What every script shares: reading a scope's hash with its window slid to now and its period current, and
 # writing it back. ARGV[1] is now, ARGV[2] the bucket's length; the math is limits.Limiter._slot's.
@@ -266,6 +269,7 @@ class RedisLimiter:
         self._held: dict[str, tuple[str, ...]] = {}  # admission id -> the in-flight sets it has a place in
         self._pending: list[tuple[list[str], list[Any]]] = []  # settles not sent yet
         self._flushing: asyncio.Task[None] | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._renewing: asyncio.Task[None] | None = None
 
     @property
@@ -295,8 +299,10 @@ class RedisLimiter:
         for scope in scopes:
             keys.extend(self._keys(scope))
             args.extend((_limits_arg(scope), _period(scope, now), self._ttl(scope)))
+        carried, self._pending = self._pending, []  # settles ride along: one round trip for all, in order
         try:
-            answer = await self._state.run(self._admit, keys, args)
+            answer = (await self._state.run_all([*((self._settle, k, a) for k, a in carried),
+                                                 (self._admit, keys, args)]))[-1]
         except StateUnavailable:
             if self._closed:
                 raise self._unavailable() from None
@@ -327,8 +333,9 @@ class RedisLimiter:
                             headers={"Retry-After": str(wait)}, extra={"retry_after": wait})
 
     def settle(self, admission: Admission, *, tokens: float, cost: float, compute_cost: float = 0.0) -> None:
-        """limits.Limiter.settle, sent after the answer: queued here and sent with the other settles of the
-        moment in one pipeline."""
+        """limits.Limiter.settle, sent after the answer: queued here, and carried by the next admit of this
+        worker (before it, in the same round trip) or sent with the other settles of the moment after
+        SETTLE_DELAY_S, whichever comes first."""
         if admission.settled:
             return
         admission.settled = True
@@ -345,7 +352,12 @@ class RedisLimiter:
             args.extend((flags, _period(scope, now), repr(float(scope.charged(cost, compute_cost))),
                          self._ttl(scope)))
         self._pending.append((keys, args))
-        if self._flushing is None:
+        if self._flush_timer is None and self._flushing is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_timer = None
+        if self._pending and self._flushing is None:
             self._flushing = asyncio.get_running_loop().create_task(self._flush(), name="limits-settle")
 
     async def _flush(self) -> None:
@@ -361,6 +373,9 @@ class RedisLimiter:
 
     async def settled(self) -> None:
         """Every settle queued so far has been sent (or dropped)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        self._flush_soon()
         while self._flushing is not None:
             await asyncio.gather(self._flushing, return_exceptions=True)
 

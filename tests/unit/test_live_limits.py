@@ -108,6 +108,25 @@ async def test_tpm_takes_the_estimate_then_settles_to_what_was_used(redis_engine
 
 
 @synchronous
+async def test_a_settle_rides_with_the_next_admit_and_counts_before_it(redis_engine: Engine) -> None:
+    """One place, taken and given back in a loop with no wait: each release travels in the next admit's round trip,
+    ahead of it, so every admit finds the place free."""
+    nodes, clock = Nodes(redis_engine.url), Clock()
+    a = nodes.node(clock)
+    scope = Scope("key_r", 0, max_concurrent=1)
+    try:
+        for _ in range(5):
+            admission = await a.admit((scope,), tokens=0, cost=0)
+            assert admission is not None
+            a.settle(admission, tokens=0, cost=0)
+            assert a._pending  # not sent on its own: it waits for the next admit (or SETTLE_DELAY_S)
+        await a.settled()
+        assert not a._pending
+    finally:
+        await nodes.close()
+
+
+@synchronous
 async def test_max_concurrent_counts_requests_in_flight_on_every_node(redis_engine: Engine) -> None:
     nodes, clock = Nodes(redis_engine.url), Clock()
     a, b = nodes.node(clock), nodes.node(clock)
