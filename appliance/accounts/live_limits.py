@@ -43,8 +43,8 @@ from appliance.storage.state import SharedState, StateUnavailable
 log = logging.getLogger("appliance.limits")
 
 LEASE_S = 30.0  # a dead node's places in flight are free at most this long after its last renewal
-# A settle waits at most this long for the next admit of its worker to carry it to Redis (one round trip for
-# both); traffic that keeps coming never pays a round trip of its own for settling.
+# A settle that frees no place in flight waits at most this long for the next admit of its worker to carry it to
+# Redis (one round trip for both): steady traffic pays no round trip of its own for settling tokens and spend.
 SETTLE_DELAY_S = 0.005
 
 # What every script shares: reading a scope's hash with its window slid to now and its period current, and
@@ -352,7 +352,9 @@ class RedisLimiter:
             args.extend((flags, _period(scope, now), repr(float(scope.charged(cost, compute_cost))),
                          self._ttl(scope)))
         self._pending.append((keys, args))
-        if self._flush_timer is None and self._flushing is None:
+        if held is not None:  # a place in flight: free it at once (the client's next request may be on its way)
+            self._flush_soon()
+        elif self._flush_timer is None and self._flushing is None:
             self._flush_timer = asyncio.get_running_loop().call_later(SETTLE_DELAY_S, self._flush_soon)
 
     def _flush_soon(self) -> None:

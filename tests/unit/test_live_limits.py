@@ -108,20 +108,30 @@ async def test_tpm_takes_the_estimate_then_settles_to_what_was_used(redis_engine
 
 
 @synchronous
-async def test_a_settle_rides_with_the_next_admit_and_counts_before_it(redis_engine: Engine) -> None:
-    """One place, taken and given back in a loop with no wait: each release travels in the next admit's round trip,
-    ahead of it, so every admit finds the place free."""
+async def test_a_settle_rides_with_the_next_admit_unless_it_frees_a_place(redis_engine: Engine) -> None:
+    """Tokens and spend wait for the worker's next admit (ahead of it, one round trip); a place in flight is
+    freed at once, so a client's next request finds it free on any node."""
     nodes, clock = Nodes(redis_engine.url), Clock()
-    a = nodes.node(clock)
-    scope = Scope("key_r", 0, max_concurrent=1)
+    a, b = nodes.node(clock), nodes.node(clock)
+    tokens, places = Scope("key_r", 0, tpm=1000), Scope("key_p", 0, max_concurrent=1)
     try:
-        for _ in range(5):
-            admission = await a.admit((scope,), tokens=0, cost=0)
+        for _ in range(3):
+            admission = await a.admit((tokens,), tokens=100, cost=0)
             assert admission is not None
-            a.settle(admission, tokens=0, cost=0)
-            assert a._pending  # not sent on its own: it waits for the next admit (or SETTLE_DELAY_S)
-        await a.settled()
-        assert not a._pending
+            a.settle(admission, tokens=10, cost=0)
+            assert a._pending  # not sent on its own: the next admit carries it
+        await a.admit((tokens,), tokens=100, cost=0)
+        assert (await b.budget_state(tokens))["tokens_in_window"] == 130  # 3 settled to 10, the last at 100
+        for node, other in ((a, b), (b, a)):
+            admission = await node.admit((places,), tokens=0, cost=0)
+            assert admission is not None
+            node.settle(admission, tokens=0, cost=0)
+            assert node._flushing is not None and node._flush_timer is None  # on its way now, not on a timer
+            await node.settled()
+            taken = await other.admit((places,), tokens=0, cost=0)
+            assert taken is not None  # the place was free on the other node
+            other.settle(taken, tokens=0, cost=0)
+            await other.settled()
     finally:
         await nodes.close()
 
