@@ -5,15 +5,18 @@ Not a test (perf/ is not collected). Starts the shared mock upstream, a Redis an
 (tests/support/engines: Debian's redis-server and postgresql, on free loopback ports in temp dirs), and:
 
   single   one appliance, accounting on (keys, limits, budgets, prices, ledger), SQLite in its data dir;
-  shared   two appliances (node A and node B), the same accounting, with `[state] url` (Redis) and
-           `[database] url` (PostgreSQL) and one `[files] dir`; the bench key is made on A and used on both.
+  one      node A alone under the load: the same accounting with `[state] url` (Redis), `[database] url`
+           (PostgreSQL) and a `[files] dir` (what the engines cost a node);
+  shared   node A and node B (the same config) sharing the load; the bench key is made on A and used on both;
+  half     the single appliance again, at c/2: the load each node of the shared pair carries (a node with half
+           the clients batches less per wake-up, engines or not).
 
-Per round and concurrency c (order rotated every round): wrk at c straight at the mock ("direct"), wrk at c at
-the single appliance, then the same c clients split over the two nodes (c/2 at each at once; c=1 goes to node A
-while B idles). Reports per scenario the medians over rounds of p50/p99, RPS and the appliances' CPU ms per
-request (every process of each tree; for the two nodes, both trees over both nodes' requests, B's background
-work included), with the CPU Redis and PostgreSQL spent per request beside them, and the two deltas the issue
-holds the shared mode to: CPU per request (shared - single, target <= 0.3 ms) and added p50 (shared - single).
+Per round and concurrency c (order rotated every round): wrk at c straight at the mock ("direct"), at the single
+appliance, at node A alone, then the same c clients split over the two nodes (c/2 at each at once; c=1 goes to
+node A while B idles). Reports per scenario the medians over rounds of p50/p99, RPS and the appliances' CPU ms
+per request (every process of each tree; for the two nodes, both trees over both nodes' requests, B's background
+work included), with the CPU Redis and PostgreSQL spent per request beside them, and the deltas against the
+single appliance the issue holds the shared modes to: CPU per request (target <= 0.3 ms) and added p50.
 
     .venv/bin/python tests/perf/scaleout.py --python .venv/bin/python                 # ~2 min
     .venv/bin/python tests/perf/scaleout.py --python .venv/bin/python --rounds 5 --conc 1,16
@@ -43,6 +46,7 @@ from batch_latency import save  # noqa: E402
 from tests.support.engines import Engine, create_database, start_postgres, start_redis  # noqa: E402
 
 TARGET_EXTRA_CPU_MS = 0.3
+MODES = ("direct", "single", "half", "one", "shared")
 
 
 def shared_config(redis_url: str, database_url: str, files_dir: Path) -> str:
@@ -70,7 +74,8 @@ class Run:
         redis = start_redis(self.work / "redis")
         postgres = start_postgres(self.work / "postgres")
         self.engines += [redis, postgres]
-        extra = shared_config(redis.url, create_database(postgres, "bench"), self.work / "files")
+        redis_url = redis.unix_url if a.redis_over == "unix" else redis.url
+        extra = shared_config(redis_url, create_database(postgres, "bench"), self.work / "files")
         self.urls["direct"] = mock_url
         self.start_appliance("single", mock_url, "")
         self.start_appliance("node-a", mock_url, extra)
@@ -137,12 +142,13 @@ class Run:
         return self.ps.cpu_seconds(pids)
 
     def segment(self, mode: str, conc: int, rnd_i: int) -> dict[str, Any]:
-        targets = {"direct": ["direct"], "single": ["single"],
+        targets = {"direct": ["direct"], "single": ["single"], "half": ["single"], "one": ["node-a"],
                    "shared": ["node-a"] if conc == 1 else ["node-a", "node-b"]}[mode]
-        per_target = conc if len(targets) == 1 else conc // 2
+        per_target = conc if len(targets) == 1 and mode != "half" else max(1, conc // 2)
         if self.a.warmup > 0:
             self.drive(targets, per_target, self.a.warmup)
-        measured = {"direct": [], "single": ["single"], "shared": ["node-a", "node-b"]}[mode]
+        measured = {"direct": [], "single": ["single"], "half": ["single"], "one": ["node-a"],
+                    "shared": ["node-a", "node-b"]}[mode]
         cpu0, eng0 = self.cpu(measured), self.engines_cpu()
         results = self.drive(targets, per_target, self.a.duration)
         cpu, eng = self.cpu(measured) - cpu0, self.engines_cpu() - eng0
@@ -167,34 +173,44 @@ def summarize(segments: list[dict[str, Any]], concs: list[int]) -> list[dict[str
         for s in segments:
             if s["concurrency"] == conc:
                 by_round.setdefault(s["round"], {})[s["mode"]] = s
-        for mode in ("direct", "single", "shared"):
+        for mode in MODES:
             ss = [r[mode] for r in by_round.values() if mode in r]
             row[mode] = {k: bench.rnd(bench.median([s[k] for s in ss])) for k in
                          ("rps", "p50_ms", "p99_ms", "cpu_ms_per_req", "engines_cpu_ms_per_req")}
-        pairs = [r for r in by_round.values() if "single" in r and "shared" in r]
-        row["extra_cpu_ms_per_req"] = bench.rnd(bench.median(
-            [r["shared"]["cpu_ms_per_req"] - r["single"]["cpu_ms_per_req"] for r in pairs
-             if r["shared"]["cpu_ms_per_req"] is not None and r["single"]["cpu_ms_per_req"] is not None]))
-        row["extra_p50_ms"] = bench.rnd(bench.median([r["shared"]["p50_ms"] - r["single"]["p50_ms"] for r in pairs]))
+        for mode in ("one", "shared"):
+            pairs = [r for r in by_round.values() if "single" in r and mode in r]
+            row[f"extra_cpu_ms_per_req_{mode}_vs_half"] = bench.rnd(bench.median(
+                [r[mode]["cpu_ms_per_req"] - r["half"]["cpu_ms_per_req"] for r in pairs
+                 if "half" in r and r[mode]["cpu_ms_per_req"] is not None and r["half"]["cpu_ms_per_req"] is not None]))
+            row[f"extra_cpu_ms_per_req_{mode}"] = bench.rnd(bench.median(
+                [r[mode]["cpu_ms_per_req"] - r["single"]["cpu_ms_per_req"] for r in pairs
+                 if r[mode]["cpu_ms_per_req"] is not None and r["single"]["cpu_ms_per_req"] is not None]))
+            row[f"extra_p50_ms_{mode}"] = bench.rnd(bench.median([r[mode]["p50_ms"] - r["single"]["p50_ms"]
+                                                                  for r in pairs]))
         rows.append(row)
     return rows
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = [f"# Scale-out: two nodes on Redis + PostgreSQL vs one on SQLite ({result['started']})", "",
+    lines = [f"# Scale-out: two nodes on Redis ({result['redis_over']}) + PostgreSQL vs one on SQLite "
+             f"({result['started']})", "",
              f"{result['rounds']} rounds x {result['duration_s']} s per segment, {result['workers']} workers per "
              "appliance; shared: the same c clients split over both nodes (c=1: node A), CPU of both nodes.", "",
-             "| c | direct p50 | single p50 | shared p50 | single CPU/req | shared CPU/req | Redis+PG CPU/req "
-             "| extra CPU/req | extra p50 |", "|---|---|---|---|---|---|---|---|---|"]
+             "| c | mode | p50 | p99 | req/s | CPU/req | Redis+PG CPU/req | extra CPU/req | extra p50 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        d, s, sh = row["direct"], row["single"], row["shared"]
-        extra = row["extra_cpu_ms_per_req"]
-        verdict = "" if extra is None else (" PASS" if extra <= TARGET_EXTRA_CPU_MS else " MISS")
-        lines.append(f"| {row['concurrency']} | {d['p50_ms']} ms | {s['p50_ms']} ms | {sh['p50_ms']} ms | "
-                     f"{s['cpu_ms_per_req']} ms | {sh['cpu_ms_per_req']} ms | {sh['engines_cpu_ms_per_req']} ms | "
-                     f"{extra} ms{verdict} | {row['extra_p50_ms']} ms |")
-    lines += ["", f"Target: extra CPU per request <= {TARGET_EXTRA_CPU_MS} ms (appliance processes only; Redis and "
-              "PostgreSQL are shown beside it)."]
+        for mode in MODES:
+            m = row[mode]
+            extra = row.get(f"extra_cpu_ms_per_req_{mode}")
+            verdict = "" if extra is None else (" PASS" if extra <= TARGET_EXTRA_CPU_MS else " MISS")
+            lines.append(f"| {row['concurrency']} | {mode} | {m['p50_ms']} ms | {m['p99_ms']} ms | {m['rps']} | "
+                         f"{m['cpu_ms_per_req'] or '-'} | {m['engines_cpu_ms_per_req']} | "
+                         f"{'-' if extra is None else f'{extra} ms{verdict}'} | "
+                         f"{row.get(f'extra_p50_ms_{mode}', '-')} |")
+    lines += ["", "Shared against the single appliance at c/2 (the same load per node): " + ", ".join(
+        f"c={row['concurrency']}: {row.get('extra_cpu_ms_per_req_shared_vs_half')} ms" for row in result["rows"]) + ".",
+        "", f"Target: extra CPU per request <= {TARGET_EXTRA_CPU_MS} ms (appliance processes only; Redis and "
+        "PostgreSQL are shown beside it)."]
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +221,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=1, help="discarded s before each")
     ap.add_argument("--conc", default="1,16", help="clients (wrk connections); split over the nodes when shared")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--redis-over", choices=("tcp", "unix"), default="tcp",
+                    help="how the nodes reach Redis: loopback TCP (each send then also runs Redis's TCP receive "
+                    "path, charged to the node) or its unix socket (closer to a node's own cost with Redis on "
+                    "another host)")
     ap.add_argument("--python", default=sys.executable, type=lambda p: str(Path(p).absolute()),
                     help="the Python with the appliance installed")
     ap.add_argument("--harness", type=Path, default=bench.DEFAULT_HARNESS)
@@ -224,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     procstat = importlib.import_module("procstat")
     a.logdir.mkdir(parents=True, exist_ok=True)
     concs = [int(c) for c in a.conc.split(",") if c.strip()]
-    modes = ["direct", "single", "shared"]
+    modes = list(MODES)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="appliance-scaleout-") as tmp:
         run = Run(a, procstat, Path(tmp))
@@ -232,13 +252,13 @@ def main(argv: list[str] | None = None) -> int:
             run.start()
             segments = []
             for rnd_i in range(a.rounds):
-                order = modes[rnd_i % 3:] + modes[:rnd_i % 3]
+                order = modes[rnd_i % len(modes):] + modes[:rnd_i % len(modes)]
                 for conc in concs:
                     segments += [run.segment(mode, conc, rnd_i) for mode in order]
         finally:
             run.stop()
-    result = {"started": started, "rounds": a.rounds, "duration_s": a.duration, "workers": a.workers,
-              "rows": summarize(segments, concs), "segments": segments}
+    result = {"started": started, "redis_over": a.redis_over, "rounds": a.rounds, "duration_s": a.duration,
+              "workers": a.workers, "rows": summarize(segments, concs), "segments": segments}
     save(a.out, "scaleout", result, render(result))
     return 0
 

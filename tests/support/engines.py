@@ -58,6 +58,7 @@ class Engine:
         self.log_path = workdir / f"{name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self.cleanup: Callable[[], None] = lambda: None
+        self.unix_url: str | None = None  # Redis: the same server over its unix socket
 
     def start(self) -> Engine:
         log = self.log_path.open("ab")
@@ -93,9 +94,13 @@ def start_redis(workdir: Path) -> Engine:
         raise FileNotFoundError("redis-server")
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    socket_path = workdir / "redis.sock"  # beside the port: the same server over a unix socket
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
-            "--appendonly", "no", "--protected-mode", "yes"]
-    return Engine("redis", workdir, port, argv, f"redis://127.0.0.1:{port}/0").start()
+            "--appendonly", "no", "--protected-mode", "yes", "--unixsocket", str(socket_path),
+            "--unixsocketperm", "700"]
+    engine = Engine("redis", workdir, port, argv, f"redis://127.0.0.1:{port}/0")
+    engine.unix_url = f"unix://{socket_path}"
+    return engine.start()
 
 
 def start_postgres(workdir: Path, *, survives_kill: bool = False) -> Engine:
