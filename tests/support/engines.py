@@ -6,6 +6,7 @@ so as root its processes run as the ``postgres`` user the package creates.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,25 @@ def database_config(request: Any, name: str) -> dict[str, Any]:
     if request.param == "sqlite":
         return {}
     return {"database": {"url": create_database(request.getfixturevalue("postgres_engine"), name)}}
+
+
+def on_database(data_dir: Path, url: str | None) -> Callable[[Callable[[Any], Awaitable[Any]]], Any]:
+    """Runs ``work(db)`` on a migrated database of either engine (SQLite in ``data_dir``, or PostgreSQL at
+    ``url``), opened and closed around it."""
+    from appliance.common.config import DatabaseSettings
+    from appliance.common.resources import migrations_dir
+    from appliance.storage.engine import migrate_database, open_database
+
+    migrate_database(data_dir, url, migrations_dir())
+
+    def run(work: Callable[[Any], Awaitable[Any]]) -> Any:
+        async def main() -> Any:
+            db = await open_database(data_dir, DatabaseSettings(url=url))
+            try:
+                return await work(db)
+            finally:
+                await db.close()
+
+        return asyncio.run(main())
+
+    return run

@@ -11,12 +11,10 @@ from typing import Any
 import pytest
 
 from appliance.accounts import auth
-from appliance.common.config import DatabaseSettings
 from appliance.common.errors import GatewayError
-from appliance.common.resources import migrations_dir
 from appliance.storage import keys_repo
 from appliance.storage.db import Database
-from appliance.storage.engine import migrate_database, open_database
+from tests.support.engines import on_database
 
 Runner = Callable[[Path, Callable[[Database], Awaitable[Any]]], Any]
 
@@ -26,15 +24,7 @@ def run(database_url: str | None) -> Runner:
     """Runs ``work`` on a migrated database of each engine (SQLite in ``tmp_path``, or PostgreSQL)."""
 
     def runner(tmp_path: Path, work: Callable[[Database], Awaitable[Any]]) -> Any:
-        async def main() -> Any:
-            migrate_database(tmp_path, database_url, migrations_dir())
-            db = await open_database(tmp_path, DatabaseSettings(url=database_url))
-            try:
-                return await work(db)
-            finally:
-                await db.close()
-
-        return asyncio.run(main())
+        return on_database(tmp_path, database_url)(work)
 
     return runner
 

@@ -34,6 +34,7 @@ from appliance.storage.db import Database
 from appliance.storage.engine import connect_sync, migrate_database, open_database
 from appliance.storage.requests_repo import RequestRecord
 from appliance.storage.writer import BufferedWriter
+from tests.support.engines import on_database
 
 NOW = 1_765_000_000.0
 Work = Callable[[Database], Awaitable[Any]]
@@ -41,19 +42,7 @@ Work = Callable[[Database], Awaitable[Any]]
 
 @pytest.fixture
 def run(tmp_path: Path, database_url: str | None) -> Callable[[Work], Any]:
-    migrate_database(tmp_path, database_url, migrations_dir())
-
-    def runner(work: Work) -> Any:
-        async def main() -> Any:
-            db = await open_database(tmp_path, DatabaseSettings(url=database_url))
-            try:
-                return await work(db)
-            finally:
-                await db.close()
-
-        return asyncio.run(main())
-
-    return runner
+    return on_database(tmp_path, database_url)
 
 
 def record(i: int, **fields: Any) -> RequestRecord:
