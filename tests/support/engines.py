@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -161,10 +162,13 @@ ENGINES = ("sqlite", "postgresql")
 
 def database_config(request: Any, name: str) -> dict[str, Any]:
     """The ``[database]`` section of a module's appliance whose fixture is parametrized over ENGINES: nothing
-    for SQLite, a new database ``name`` on the session's PostgreSQL (the ``postgres_engine`` fixture) else."""
+    for SQLite, a new database named after ``name`` on the session's PostgreSQL (the ``postgres_engine``
+    fixture) else. A new one each time: the fixture may be set up twice in a session (the llama.cpp tests run
+    last, so a module's PostgreSQL appliance can come back for them)."""
     if request.param == "sqlite":
         return {}
-    return {"database": {"url": create_database(request.getfixturevalue("postgres_engine"), name)}}
+    unique = f"{name}_{uuid.uuid4().hex[:8]}"
+    return {"database": {"url": create_database(request.getfixturevalue("postgres_engine"), unique)}}
 
 
 def on_database(data_dir: Path, url: str | None) -> Callable[[Callable[[Any], Awaitable[Any]]], Any]:

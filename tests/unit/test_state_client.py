@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +153,15 @@ def test_a_restarted_redis_is_found_again(own_redis: Engine) -> None:
         await state.close()
 
     asyncio.run(main())
+
+
+def test_an_appliance_without_engines_never_loads_their_clients() -> None:
+    """Unset [state] and [database]: the server imports neither hiredis nor asyncpg (their import time is
+    not paid by a single appliance)."""
+    code = ("import sys, appliance.server.app, appliance.server.lifecycle, appliance.server.runner; "
+            "print(sorted(m for m in ('hiredis', 'asyncpg') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
