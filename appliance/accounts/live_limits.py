@@ -225,12 +225,19 @@ return {fmt(s.rt), fmt(s.tt), fmt(s.su), fmt(s.st)}
 """
 
 # KEYS[1]: a scope's hash. ARGV after now and bucket_s: period, spent usd, spent tokens, replace (1: always;
-# 0: only when Redis holds nothing of this period yet, so N nodes starting do not add it N times), ttl.
+# 0: only when the ledger's spend was not seeded for this period yet ('sd'), so N nodes starting, or the workers
+# finding a restarted Redis, do not add it N times; what was counted meanwhile is kept if it is more), ttl.
 _PRELOAD = _COMMON + """
 local s = roll(KEYS[1], ARGV[3])
-local seeded = s.fresh or ARGV[6] == '1'
-if seeded then s.su, s.st = tonumber(ARGV[4]), tonumber(ARGV[5]) end
+local replace = ARGV[6] == '1'
+local seeded = replace or redis.call('HGET', KEYS[1], 'sd') ~= ARGV[3]
+if replace then
+  s.su, s.st = tonumber(ARGV[4]), tonumber(ARGV[5])
+elseif seeded then
+  s.su, s.st = math.max(s.su, tonumber(ARGV[4])), math.max(s.st, tonumber(ARGV[5]))
+end
 save(s, ARGV[7])
+if seeded then redis.call('HSET', KEYS[1], 'sd', ARGV[3]) end
 return seeded and 1 or 0
 """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sqlite3
 import time
 from typing import Any
 
@@ -146,3 +147,24 @@ def _body(raw: bytes | None) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return bytes(raw).decode("utf-8", "replace")
+
+
+async def budget_spend(db: Database, now: float) -> list[tuple[Scope, float, float]]:
+    """Every key with a budget, and what its current period has spent so far (USD, tokens) by the ledger."""
+    spent = []
+    for row in await keys_repo.list_all(db):
+        scope = key_scope(Principal.from_row(row))
+        if scope is not None and scope.budget_period:
+            spent.append((scope, *await usage_repo.spent(db, scope.owner, period_start_day(scope.budget_period, now),
+                                                         scope.budget_counts)))
+    return spent
+
+
+async def reseed_budgets(db: Database, limiter: RedisLimiter) -> None:
+    """The shared state came back, maybe empty (a Redis restarted without its data): budgets get the ledger's
+    spend again where Redis has none of the period (where it kept its counters, nothing changes)."""
+    try:
+        for scope, usd, tokens in await budget_spend(db, time.time()):
+            await limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
+    except (StateUnavailable, sqlite3.Error) as exc:
+        log.warning("budgets not seeded again in the shared state (%s); the next recovery tries again", exc)

@@ -12,6 +12,7 @@ import threading
 
 from sanic import Sanic
 
+from appliance.accounts import reports
 from appliance.accounts.auth import Authenticator
 from appliance.accounts.credentials import Vault
 from appliance.accounts.limits import Limiter, worker_index
@@ -32,6 +33,7 @@ from appliance.providers.transport import Transport
 from appliance.server.responses import RequestIds
 from appliance.server.statsz import StatszCache
 from appliance.storage import keys_repo
+from appliance.storage.db import Database
 from appliance.storage.engine import open_database
 from appliance.storage.journal import Journal, journal_dir
 from appliance.storage.state import SharedState
@@ -124,6 +126,7 @@ async def open_gateway(app: Sanic) -> None:
     limiter: Limiter | RedisLimiter
     if state is not None:
         limiter = RedisLimiter(state, settings.limits.window_s)  # shared with every worker of every node
+        _reseed_on_reconnect(state, db, limiter)
     else:
         limiter = Limiter(app.ctx.limit_table, settings.limits.window_s, worker)
         limiter.forget_worker()  # a worker that replaces a dead one inherits its column, not its count
@@ -149,6 +152,19 @@ async def open_gateway(app: Sanic) -> None:
     app.ctx.reload_task = asyncio.get_running_loop().create_task(
         reload.watch(board, worker % board.workers, settings,
                      lambda new: _apply(app, new)), name="config-reload")
+
+
+def _reseed_on_reconnect(state: SharedState, db: Database, limiter: RedisLimiter) -> None:
+    """Each time this worker connects to the shared state again, budgets get the ledger's spend back where Redis
+    lost it (restarted without its data); a Redis that kept its counters is left as it is."""
+    running: set[asyncio.Task[None]] = set()
+
+    def recovered() -> None:
+        task = asyncio.get_running_loop().create_task(reports.reseed_budgets(db, limiter), name="budgets-reseed")
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    state.on_reconnect = recovered
 
 
 def _apply(app: Sanic, settings: Settings) -> None:

@@ -22,8 +22,8 @@ from sanic import Sanic
 from sanic.mixins import startup
 from sanic.worker.constants import ProcessState
 
-from appliance.accounts import auth
-from appliance.accounts.limits import Limiter, Scope, SharedTable, key_scope, period_start_day, table_size
+from appliance.accounts import auth, reports
+from appliance.accounts.limits import Limiter, Scope, SharedTable, table_size
 from appliance.accounts.live_limits import RedisLimiter
 from appliance.batches.runner import prepare_data_dir
 from appliance.common.config import ConfigError, Settings
@@ -34,7 +34,6 @@ from appliance.core.resilience import BackendTable
 from appliance.observe import metrics, metricsdir
 from appliance.server import lifecycle
 from appliance.server.app import configure_logging, create_app
-from appliance.storage import usage_repo
 from appliance.storage.engine import migrate_database, open_database
 from appliance.storage.state import SharedState, StateUnavailable
 
@@ -182,14 +181,7 @@ async def prepare_keys(settings: Settings, table: SharedTable) -> None:
                                                 slots=settings.limits.key_slots)
         if generated and settings.auth.mode == "keys":
             _announce(generated)
-        now = time.time()
-        spent = []
-        for row in await auth.list_keys(db):
-            scope = key_scope(auth.Principal.from_row(row))
-            if scope is not None and scope.budget_period:
-                spent.append((scope, *await usage_repo.spent(db, scope.owner,
-                                                             period_start_day(scope.budget_period, now),
-                                                             scope.budget_counts)))
+        spent = await reports.budget_spend(db, time.time())
     finally:
         await db.close()
     if settings.state.url:

@@ -119,14 +119,18 @@ class _Connection(asyncio.Protocol):
 
 class SharedState:
     def __init__(self, settings: StateSettings, *, on_error: Callable[[str], None] = lambda _: None,
-                 on_recover: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> None:
+                 on_reconnect: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         assert settings.url is not None
         self.settings = settings
         self.prefix = settings.prefix
         self._address = Address.of(settings.url)
         self._timeout = settings.timeout_ms / 1000
         self._on_error = on_error
-        self._on_recover = on_recover
+        # Called on every connection after the first: the Redis found may be a new one (restarted, maybe without
+        # its data). The owner may set it once what it calls exists.
+        self.on_reconnect = on_reconnect
+        self._connected_before = False
         self._clock = clock
         self._down_until = 0.0
         self._down = False
@@ -195,7 +199,6 @@ class SharedState:
         if self._down:
             self._down = False
             log.warning("shared state at %s is reachable again", masked_url(self.settings.url))
-            self._on_recover()
         return replies
 
     async def _connect(self) -> _Connection:
@@ -205,6 +208,9 @@ class SharedState:
             if self._connection is not None and not self._connection.lost:
                 return self._connection
             self._connection = await asyncio.wait_for(self._open(), self._timeout)
+            if self._connected_before:
+                self.on_reconnect()
+            self._connected_before = True
             return self._connection
 
     async def _open(self) -> _Connection:

@@ -141,6 +141,40 @@ def test_a_budgets_spend_lives_in_redis_and_a_restart_seeds_it_once(
             node.stop()
 
 
+def test_a_redis_that_lost_its_data_gets_the_budgets_spend_back_from_the_ledger(
+        tmp_path: Path, fake_openai: Any, fake_ollama: Any, llamacpp_port: int) -> None:
+    """Redis restarted empty under a running node: each worker that finds it again seeds the period's spend
+    from the ledger, so a budget does not start again from zero."""
+    redis = start_redis(tmp_path / "redis")
+    settings = config(fake_openai, fake_ollama, llamacpp_port, redis.url, rpm=10)
+    settings["models"].append(PRICED)
+    node = Appliance(tmp_path / "node", settings)
+    try:
+        node.start()
+        status, made, _ = node.post("/admin/keys", {"name": "budget", "budget_usd": 100, "budget_period": "day"})
+        assert status == 201, made
+        sdk = openai.OpenAI(base_url=node.url + "/v1", api_key=made["key"], max_retries=0)
+        for _ in range(2):  # $21 each (the fake's usage at these prices)
+            sdk.chat.completions.create(model="priced", messages=[{"role": "user", "content": "hi"}])
+
+        def spent() -> None:
+            status, view, _ = node.get("/v1/key", {"Authorization": f"Bearer {made['key']}"})
+            assert status == 200 and view["state"]["spent_usd"] == 42, view
+
+        def in_the_ledger() -> None:
+            status, usage, _ = node.get(f"/admin/usage?key={made['id']}&group_by=key")
+            assert status == 200 and sum(row["cost_usd"] for row in usage["data"]) == 42, usage
+
+        eventually(spent)  # settled in Redis
+        eventually(in_the_ledger)  # and written to the ledger (within a flush interval)
+        redis.kill()
+        redis.start()  # no persistence: it comes back empty
+        eventually(spent)  # the workers' next calls (their breaker polls) find it again and seed it
+    finally:
+        node.stop()
+        redis.stop()
+
+
 def test_on_state_error_closed_refuses_with_503_while_redis_is_down(
         tmp_path: Path, fake_openai: Any, fake_ollama: Any, llamacpp_port: int) -> None:
     redis = start_redis(tmp_path / "redis")
