@@ -37,7 +37,6 @@ from appliance.accounts.limits import (
     rate_headers,
     refusal,
 )
-from appliance.common.errors import GatewayError
 from appliance.storage.state import SharedState, StateUnavailable
 
 log = logging.getLogger("appliance.limits")
@@ -283,6 +282,10 @@ class RedisLimiter:
     def window_s(self) -> float:
         return self._window
 
+    @property
+    def state(self) -> SharedState:
+        return self._state
+
     def _keys(self, scope: Scope) -> tuple[str, str]:
         return self._state.key("limits", scope.owner), self._state.key("inflight", scope.owner)
 
@@ -312,7 +315,7 @@ class RedisLimiter:
                                                  (self._admit, keys, args)]))[-1]
         except StateUnavailable:
             if self._closed:
-                raise self._unavailable() from None
+                raise self._state.refusal("This request's limits cannot be checked right now: they live in") from None
             return None  # SharedState warned once for this outage and counted it
         answer = [part.decode() if isinstance(part, bytes) else str(part) for part in answer]
         if answer[0] == "refused":
@@ -332,12 +335,6 @@ class RedisLimiter:
     def _headers(scope: Scope, figures: Sequence[str]) -> dict[str, str]:
         requests, tokens, reset_requests, reset_tokens = (float(f) for f in figures)
         return rate_headers(scope, requests, tokens, reset_requests, reset_tokens)
-
-    def _unavailable(self) -> GatewayError:
-        wait = max(1, math.ceil(self._state.settings.retry_s))
-        return GatewayError("state_unavailable", "The gateway cannot check this request's limits right now (its "
-                            "shared state is unreachable); try again shortly.",
-                            headers={"Retry-After": str(wait)}, extra={"retry_after": wait})
 
     def settle(self, admission: Admission, *, tokens: float, cost: float, compute_cost: float = 0.0) -> None:
         """limits.Limiter.settle, sent after the answer: queued here, and carried by the next admit of this

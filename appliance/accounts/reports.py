@@ -67,8 +67,7 @@ async def _budget_state(limiter: Limiter | RedisLimiter, scope: Scope) -> dict[s
     try:
         return await limiter.budget_state(scope)
     except StateUnavailable:
-        raise GatewayError("state_unavailable", "This key's live limits and spend are in the gateway's shared "
-                           "state, unreachable right now; try again shortly.", headers={"Retry-After": "1"}) from None
+        raise limiter.state.refusal("This key's live limits and spend are in") from None
 
 
 async def recount_budget(db: Database, limiter: Limiter | RedisLimiter, row: dict[str, Any]) -> None:

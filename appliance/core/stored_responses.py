@@ -12,15 +12,9 @@ from typing import Any
 
 import orjson
 
-from appliance.common.errors import GatewayError
 from appliance.storage import responses_repo
 from appliance.storage.db import Database
 from appliance.storage.state import SharedState, StateUnavailable
-
-
-def _unavailable(exc: StateUnavailable) -> GatewayError:
-    return GatewayError("state_unavailable", "Stored responses are unavailable for a moment (the shared state "
-                        f"did not answer: {exc}); try again shortly.", headers={"Retry-After": "1"})
 
 
 class StoredResponses:
@@ -46,19 +40,13 @@ class StoredResponses:
                "status": response.get("status", "completed"), "input_items": input_items,
                "conversation": conversation, "response": response}
         ttl_ms = max(1, math.ceil((expires_at - created_at) * 1000))
-        try:
-            await state.command("SET", self._key(response["id"]), orjson.dumps(row), "PX", ttl_ms)
-        except StateUnavailable as exc:
-            raise _unavailable(exc) from exc
+        await self._command(state, "SET", self._key(response["id"]), orjson.dumps(row), "PX", ttl_ms)
 
     async def get(self, response_id: str, now: float) -> dict[str, Any] | None:
         state = self._state
         if state is None:
             return await responses_repo.get(self._db, response_id, now)
-        try:
-            raw = await state.command("GET", self._key(response_id))
-        except StateUnavailable as exc:
-            raise _unavailable(exc) from exc
+        raw = await self._command(state, "GET", self._key(response_id))
         if raw is None:
             return None
         row: dict[str, Any] = orjson.loads(raw)
@@ -68,10 +56,15 @@ class StoredResponses:
         state = self._state
         if state is None:
             return await responses_repo.delete(self._db, response_id)
+        return bool(await self._command(state, "DEL", self._key(response_id)))
+
+    @staticmethod
+    async def _command(state: SharedState, *args: Any) -> Any:
+        """One command; Redis unreachable is a 503 state_unavailable (a missing response would be a lie)."""
         try:
-            return bool(await state.command("DEL", self._key(response_id)))
-        except StateUnavailable as exc:
-            raise _unavailable(exc) from exc
+            return await state.command(*args)
+        except StateUnavailable:
+            raise state.refusal("Stored responses are in") from None
 
     async def sweep(self, now: float) -> int:
         """Drop the expired ones from the database (Redis expires its own)."""

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from appliance.common.config import StateSettings, masked_url
+from appliance.common.errors import GatewayError
 
 log = logging.getLogger("appliance.state")
 
@@ -244,6 +246,13 @@ class SharedState:
                         type(exc).__name__, exc, self.settings.on_state_error)
         self._down = True
         self._on_error(type(exc).__name__)
+
+    def refusal(self, what: str) -> GatewayError:
+        """The 503 ``state_unavailable`` for what a request needed of the shared state and could not have;
+        Retry-After is when Redis will be tried again (``retry_s``)."""
+        wait = max(1, math.ceil(self.settings.retry_s))
+        return GatewayError("state_unavailable", f"{what} the gateway's shared state, unreachable right now; try "
+                            "again shortly.", headers={"Retry-After": str(wait)}, extra={"retry_after": wait})
 
     async def describe(self) -> str:
         """What check-config says it found: the server and its version."""
