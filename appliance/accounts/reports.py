@@ -166,4 +166,5 @@ async def reseed_budgets(db: Database, limiter: RedisLimiter) -> None:
         for scope, usd, tokens in await budget_spend(db, time.time()):
             await limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
     except (StateUnavailable, sqlite3.Error) as exc:
-        log.warning("budgets not seeded again in the shared state (%s); the next recovery tries again", exc)
+        log.warning("budgets not seeded from the ledger in the shared state (%s); the next connection tries again",
+                    exc)

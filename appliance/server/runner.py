@@ -23,7 +23,7 @@ from sanic.mixins import startup
 from sanic.worker.constants import ProcessState
 
 from appliance.accounts import auth, reports
-from appliance.accounts.limits import Limiter, Scope, SharedTable, table_size
+from appliance.accounts.limits import Limiter, SharedTable, table_size
 from appliance.accounts.live_limits import RedisLimiter
 from appliance.batches.runner import prepare_data_dir
 from appliance.common.config import ConfigError, Settings
@@ -34,8 +34,9 @@ from appliance.core.resilience import BackendTable
 from appliance.observe import metrics, metricsdir
 from appliance.server import lifecycle
 from appliance.server.app import configure_logging, create_app
+from appliance.storage.db import Database
 from appliance.storage.engine import migrate_database, open_database
-from appliance.storage.state import SharedState, StateUnavailable
+from appliance.storage.state import SharedState
 
 log = logging.getLogger("appliance.server")
 
@@ -181,29 +182,22 @@ async def prepare_keys(settings: Settings, table: SharedTable) -> None:
                                                 slots=settings.limits.key_slots)
         if generated and settings.auth.mode == "keys":
             _announce(generated)
-        spent = await reports.budget_spend(db, time.time())
+        if settings.state.url:
+            await _seed_shared(settings, db)
+            return
+        limiter = Limiter(table, settings.limits.window_s)
+        for scope, usd, tokens in await reports.budget_spend(db, time.time()):
+            limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
     finally:
         await db.close()
-    if settings.state.url:
-        await _preload_shared(settings, spent)
-        return
-    limiter = Limiter(table, settings.limits.window_s)
-    for scope, usd, tokens in spent:
-        limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
 
 
-async def _preload_shared(settings: Settings, spent: list[tuple[Scope, float, float]]) -> None:
-    """[state] url: the period's spend goes to Redis where it holds nothing of this period yet (the node that
-    starts first seeds it; the others, and restarts, leave the live counters as they are)."""
-    if not spent:
-        return
+async def _seed_shared(settings: Settings, db: Database) -> None:
+    """[state] url: the period's spend goes to Redis once per period (the node that starts first seeds it; the
+    others, and restarts, leave the live counters as they are), as a worker does when it reconnects."""
     state = SharedState.connect(settings.state)
     try:
-        limiter = RedisLimiter(state, settings.limits.window_s)
-        for scope, usd, tokens in spent:
-            await limiter.preload(scope, spent_usd=usd, spent_tokens=tokens)
-    except StateUnavailable as exc:
-        log.warning("budgets not seeded in the shared state (%s): they count from what it holds", exc)
+        await reports.reseed_budgets(db, RedisLimiter(state, settings.limits.window_s))
     finally:
         await state.close()
 
