@@ -77,7 +77,9 @@ def _secret(value: str | None) -> str | None:
 
 
 class _Connection(asyncio.Protocol):
-    """One socket to Redis: commands go out as they come, replies meet their futures in order."""
+    """One socket to Redis: replies meet their futures in order. The commands of one turn of the event loop go
+    out in one write (every request a worker resumes in that turn, each with its admit or settle), so Redis
+    reads them, and answers them, at once: one send and one wake-up for all of them."""
 
     def __init__(self) -> None:
         import hiredis  # here: an appliance without [state] url never loads it
@@ -86,6 +88,7 @@ class _Connection(asyncio.Protocol):
         self._pack = hiredis.pack_command
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._transport: asyncio.Transport | None = None
+        self._outgoing: list[bytes] = []
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -111,8 +114,15 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
         self._waiting.extend(futures)
-        self._transport.write(b"".join(self._pack(tuple(c)) for c in commands))
+        if not self._outgoing:
+            loop.call_soon(self._write)
+        self._outgoing.extend(self._pack(tuple(c)) for c in commands)
         return futures
+
+    def _write(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(outgoing))
 
     def close(self) -> None:
         if self._transport is not None:

@@ -126,8 +126,10 @@ def test_the_statsz_document_shows_the_queue_per_backend(app: Appliance) -> None
     _, key = new_key(app, "statsz")
     traffic = Traffic()
     client = sdk(app, key)
-    for i in range(4):
-        traffic.send(client, f"S{i}", fake_delay_ms=400)
+    # Five 800 ms answers keep two or more waiting for 2.4 s: longer than each worker's 1 s /statsz cache
+    # plus a slow build, so a poll sees the queue however the turns fall.
+    for i in range(5):
+        traffic.send(client, f"S{i}", fake_delay_ms=800)
 
     def queued() -> dict[str, Any]:
         backends = {b["name"]: b for b in app.get("/statsz")[1]["backends"]}

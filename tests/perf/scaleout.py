@@ -5,14 +5,17 @@ Not a test (perf/ is not collected). Starts the shared mock upstream, a Redis an
 (tests/support/engines: Debian's redis-server and postgresql, on free loopback ports in temp dirs), and:
 
   single   one appliance, accounting on (keys, limits, budgets, prices, ledger), SQLite in its data dir;
-  one      node A alone under the load: the same accounting with `[state] url` (Redis), `[database] url`
-           (PostgreSQL) and a `[files] dir` (what the engines cost a node);
-  shared   node A and node B (the same config) sharing the load; the bench key is made on A and used on both;
+  one      a node alone under the load, with the single appliance's workers: the same accounting with
+           `[state] url` (Redis), `[database] url` (PostgreSQL) and a `[files] dir` (what the engines cost a node);
+  shared   node A and node B (the same config) sharing the load; the bench key is made on A and used on all three.
+           Each has ``--node-workers`` (1): the pair has the single appliance's two workers between them, as two
+           hosts would each run on cores of their own; with 2 each, four workers and two mains share this box's
+           two cores, and what that costs is the box's, not the engines' (the README has both figures);
   half     the single appliance again, at c/2: the load each node of the shared pair carries (a node with half
            the clients batches less per wake-up, engines or not).
 
 Per round and concurrency c (order rotated every round): wrk at c straight at the mock ("direct"), at the single
-appliance, at node A alone, then the same c clients split over the two nodes (c/2 at each at once; c=1 goes to
+appliance, at the lone node, then the same c clients split over the two nodes (c/2 at each at once; c=1 goes to
 node A while B idles). Reports per scenario the medians over rounds of p50/p99, RPS and the appliances' CPU ms
 per request (every process of each tree; for the two nodes, both trees over both nodes' requests, B's background
 work included), with the CPU Redis and PostgreSQL spent per request beside them, and the deltas against the
@@ -78,19 +81,22 @@ class Run:
         extra = shared_config(redis_url, create_database(postgres, "bench"), self.work / "files")
         self.urls["direct"] = mock_url
         self.start_appliance("single", mock_url, "")
-        self.start_appliance("node-a", mock_url, extra)
-        self.start_appliance("node-b", mock_url, extra)
+        self.start_appliance("one", mock_url, extra)
+        self.start_appliance("node-a", mock_url, extra, workers=a.node_workers)
+        self.start_appliance("node-b", mock_url, extra, workers=a.node_workers)
         self.key["single"] = bench.create_bench_key(self.urls["single"])
-        self.key["node-a"] = self.key["node-b"] = self.key["direct"] = bench.create_bench_key(self.urls["node-a"])
-        for name in ("single", "node-a", "node-b"):
+        # One key for every appliance on the engines: made on A, it must answer on B and on the lone node too.
+        self.key["one"] = self.key["node-a"] = self.key["node-b"] = self.key["direct"] = \
+            bench.create_bench_key(self.urls["node-a"])
+        for name in ("single", "one", "node-a", "node-b"):
             bench.check_target(self.urls[name], self.bodies, a.mock_chunks, self.key[name], bench.ACCOUNTING_HEADERS)
         bench.log("all up: the key made on node A answers on node B")
 
-    def start_appliance(self, name: str, mock_url: str, extra: str) -> None:
+    def start_appliance(self, name: str, mock_url: str, extra: str, workers: int | None = None) -> None:
         a = self.a
         port = bench.free_port()
         config = self.work / f"{name}.toml"
-        bench.appliance_config(config, port=port, workers=a.workers, data_dir=self.work / f"data-{name}",
+        bench.appliance_config(config, port=port, workers=workers or a.workers, data_dir=self.work / f"data-{name}",
                                mock_url=mock_url, accounting=True)
         config.write_text(config.read_text() + extra)
         env = {**os.environ, "APPLIANCE_ADMIN_KEY": bench.ADMIN_KEY, "PYTHONUNBUFFERED": "1"}
@@ -142,12 +148,12 @@ class Run:
         return self.ps.cpu_seconds(pids)
 
     def segment(self, mode: str, conc: int, rnd_i: int) -> dict[str, Any]:
-        targets = {"direct": ["direct"], "single": ["single"], "half": ["single"], "one": ["node-a"],
+        targets = {"direct": ["direct"], "single": ["single"], "half": ["single"], "one": ["one"],
                    "shared": ["node-a"] if conc == 1 else ["node-a", "node-b"]}[mode]
         per_target = conc if len(targets) == 1 and mode != "half" else max(1, conc // 2)
         if self.a.warmup > 0:
             self.drive(targets, per_target, self.a.warmup)
-        measured = {"direct": [], "single": ["single"], "half": ["single"], "one": ["node-a"],
+        measured = {"direct": [], "single": ["single"], "half": ["single"], "one": ["one"],
                     "shared": ["node-a", "node-b"]}[mode]
         cpu0, eng0 = self.cpu(measured), self.engines_cpu()
         results = self.drive(targets, per_target, self.a.duration)
@@ -194,8 +200,9 @@ def summarize(segments: list[dict[str, Any]], concs: list[int]) -> list[dict[str
 def render(result: dict[str, Any]) -> str:
     lines = [f"# Scale-out: two nodes on Redis ({result['redis_over']}) + PostgreSQL vs one on SQLite "
              f"({result['started']})", "",
-             f"{result['rounds']} rounds x {result['duration_s']} s per segment, {result['workers']} workers per "
-             "appliance; shared: the same c clients split over both nodes (c=1: node A), CPU of both nodes.", "",
+             f"{result['rounds']} rounds x {result['duration_s']} s per segment, {result['workers']} workers for "
+             f"single and one, {result['node_workers']} per node of the pair; shared: the same c clients split over "
+             "both nodes (c=1: node A), CPU of both nodes.", "",
              "| c | mode | p50 | p99 | req/s | CPU/req | Redis+PG CPU/req | extra CPU/req | extra p50 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
@@ -220,7 +227,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=4, help="measured s per segment")
     ap.add_argument("--warmup", type=float, default=1, help="discarded s before each")
     ap.add_argument("--conc", default="1,16", help="clients (wrk connections); split over the nodes when shared")
+    ap.add_argument("--modes", default=",".join(MODES), help="which of " + ", ".join(MODES))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--node-workers", type=int, default=1,
+                    help="workers of each node of the pair: 1 gives the two nodes the single appliance's two workers "
+                    "between them, as two hosts would each have their own cores (2: four workers on this box's cores)")
     ap.add_argument("--redis-over", choices=("tcp", "unix"), default="tcp",
                     help="how the nodes reach Redis: loopback TCP (each send then also runs Redis's TCP receive "
                     "path, charged to the node) or its unix socket (closer to a node's own cost with Redis on "
@@ -244,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     procstat = importlib.import_module("procstat")
     a.logdir.mkdir(parents=True, exist_ok=True)
     concs = [int(c) for c in a.conc.split(",") if c.strip()]
-    modes = list(MODES)
+    modes = [m for m in a.modes.split(",") if m in MODES]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="appliance-scaleout-") as tmp:
         run = Run(a, procstat, Path(tmp))
@@ -258,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             run.stop()
     result = {"started": started, "redis_over": a.redis_over, "rounds": a.rounds, "duration_s": a.duration,
-              "workers": a.workers, "rows": summarize(segments, concs), "segments": segments}
+              "workers": a.workers, "node_workers": a.node_workers, "rows": summarize(segments, concs),
+              "segments": segments}
     save(a.out, "scaleout", result, render(result))
     return 0
 
