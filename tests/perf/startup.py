@@ -4,6 +4,7 @@
     python tests/perf/startup.py                                  # .venv/bin/python and dist/appliance
     python tests/perf/startup.py --python /tmp/devenv/bin/python --bin dist/appliance --runs 9
     python tests/perf/startup.py --bin ''                         # from source only
+    python tests/perf/startup.py --python '' --bin old/appliance --bin dist/appliance   # two builds
 
 Each start: `appliance serve` (2 workers, or --single-process), discovery off, no backends, a fresh data dir
 and TMPDIR (the one-file binary unpacks into it), /health polled every 10 ms on fresh connections. First 200
@@ -131,16 +132,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"),
                         help="measure `PYTHON -m appliance` (from source); '' to skip")
-    parser.add_argument("--bin", default=str(ROOT / "dist" / "appliance"), help="the one-file binary; '' to skip")
+    parser.add_argument("--bin", action="append", help="the one-file binary (dist/appliance); '' to skip; "
+                        "given again, the binaries are measured side by side (e.g. two builds of the spec)")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     forms: dict[str, list[str]] = {}
     if args.python:
         forms["source"] = [args.python, "-m", "appliance"]
-    if args.bin:
-        binary = Path(args.bin).resolve()
-        forms["frozen"] = [str(binary)]
-        print(f"frozen: {binary} is {binary.stat().st_size / 1e6:.1f} MB ({binary.stat().st_size} bytes)")
+    binaries = [Path(b).resolve() for b in (args.bin or [ROOT / "dist" / "appliance"]) if b]
+    for binary in binaries:
+        form = "frozen" if len(binaries) == 1 else f"frozen {binary}"
+        forms[form] = [str(binary)]
+        print(f"{form}: {binary} is {binary.stat().st_size / 1e6:.1f} MB ({binary.stat().st_size} bytes)")
     for form, command in forms.items():
         helps = []
         for _ in range(args.runs * 2):
