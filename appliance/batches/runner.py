@@ -43,6 +43,7 @@ from appliance.core.exchange import Exchange, allowed_routes, record
 from appliance.core.gateway import Gateway
 from appliance.providers.base import CHAT
 from appliance.storage import batches_repo, files_repo, keys_repo
+from appliance.storage.db import DatabaseUnavailable
 from appliance.storage.engine import connect_sync
 from appliance.storage.state import StateUnavailable
 
@@ -129,10 +130,18 @@ class BatchRunner:
         self._wake.set()
 
     async def _run(self) -> None:
+        unavailable = False  # the database server is down: one line when it goes, one when it is back
         while not self._stopping:
             try:
                 if await self._hold():
                     await self.step()
+                if unavailable:
+                    log.info("batch runner: the database answers again")
+                    unavailable = False
+            except DatabaseUnavailable as exc:
+                if not unavailable:
+                    log.warning("batch runner waits for the database: %s", exc)
+                    unavailable = True
             except Exception:  # a bad batch or a busy database must not end the runner
                 log.exception("batch runner step failed")
             try:
