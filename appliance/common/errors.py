@@ -29,9 +29,10 @@ CODES: dict[str, tuple[int, str]] = {
     "request_header_fields_too_large": (431, "invalid_request_error"),
     "rate_limit_exceeded": (429, "rate_limit_error"),
     "budget_exceeded": (429, "rate_limit_error"),
-    # The model or its backend cannot serve this endpoint: the client picked the wrong model, so 400 (a 5xx
-    # would blame the gateway, and the fuzzer of /openapi.json counts it as one); never retried.
-    "unsupported": (400, "invalid_request_error"),
+    # None of the model's backends serves this endpoint (their capabilities), or the appliance cannot do what the
+    # request needs for this model: 501 as ARCHITECTURE.md has it, with the client's type (another model would
+    # do) and x-should-retry: false (the same request can never succeed).
+    "unsupported": (501, "invalid_request_error"),
     "backend_unreachable": (502, "server_error"),
     "backend_error": (502, "server_error"),
     "no_healthy_backend": (503, "server_error"),

@@ -19,7 +19,9 @@ from appliance.providers.transport import Limits
 T = TypeVar("T")
 
 _CONNECT_TIMEOUT_S = 3.0
-_BACKEND_FAILURES = frozenset(code for code, (status, _) in CODES.items() if status >= 500) - {"internal_error"}
+# A side call's model that cannot serve its endpoint is the config's fault, not the client's: backend_error.
+_BACKEND_FAILURES = frozenset(code for code, (status, _) in CODES.items() if status >= 500) - {"internal_error",
+                                                                                               "unsupported"}
 
 
 async def ask(catalog: Catalog, providers: Mapping[str, Provider], model: str, endpoint: str, *,

@@ -365,11 +365,11 @@ def test_unknown_model_upstream(client: openai.OpenAI) -> None:
 
 def test_embeddings_and_completions_are_unsupported(client: openai.OpenAI, fake: FakeAnthropic) -> None:
     before = len(fake.requests)
-    # A client's mistake (a chat model for embeddings), so 400 naming the model; found by the fuzzer (was 501).
-    with pytest.raises(openai.BadRequestError) as caught:
+    # A chat model for embeddings: 501 naming the model, never retried.
+    with pytest.raises(openai.InternalServerError) as caught:
         client.embeddings.create(model=TEXT_MODEL, input="hello")
     assert caught.value.body["code"] == "unsupported" and caught.value.body["param"] == "model"
-    with pytest.raises(openai.BadRequestError) as caught:
+    with pytest.raises(openai.InternalServerError) as caught:
         client.completions.create(model=TEXT_MODEL, prompt="Once")
     assert caught.value.body["code"] == "unsupported" and caught.value.body["param"] == "model"
     assert [seen.path for seen in fake.requests[before:] if seen.path != "/v1/models"] == []

@@ -157,7 +157,7 @@ def test_upstream_status_and_body_kept(http: httpx.Client) -> None:
     assert broken.status_code == 500 and broken.json()["error"]["code"] == "fake_failure"
     # A server without the route (a bare 404 page): the backend does not serve it.
     missing = http.post("/v1/rerank", json={"model": "fake/fake-404-bare", "query": "q", "documents": ["a"]})
-    assert missing.status_code == 400 and missing.json()["error"]["code"] == "unsupported"
+    assert missing.status_code == 501 and missing.json()["error"]["code"] == "unsupported"
 
 
 # ------------------------------------------------------------------------------------------ capabilities
@@ -167,16 +167,16 @@ def test_unsupported_when_no_backend_can(http: httpx.Client, fake_openai: FakeOp
     before = len(fake_openai.requests)
     # The "plain" backend is an OpenAI-compatible server of unknown kind: OpenAI's endpoints, not rerank.
     response = http.post("/v1/rerank", json={"model": "plain/plain-model", "query": "q", "documents": ["a"]})
-    assert response.status_code == 400, response.text
+    assert response.status_code == 501, response.text
     error = response.json()["error"]
     assert (error["code"], error["param"]) == ("unsupported", "model")
     assert "/v1/rerank" in error["message"] and response.headers["x-should-retry"] == "false"
     # Ollama serves chat, completions and embeddings only.
     speech = http.post("/v1/audio/speech", json={"model": "llama3.2", "input": "hi", "voice": "alloy"})
-    assert speech.status_code == 400 and speech.json()["error"]["code"] == "unsupported"
+    assert speech.status_code == 501 and speech.json()["error"]["code"] == "unsupported"
     upload = http.post("/v1/audio/transcriptions", content=form([("model", "llama3.2"), ("file", ("a.wav", b"RIFF"))]),
                        headers=multipart_headers())
-    assert upload.status_code == 400 and upload.json()["error"]["code"] == "unsupported"
+    assert upload.status_code == 501 and upload.json()["error"]["code"] == "unsupported"
     assert len(fake_openai.requests) == before  # refused before any backend was asked
     allowed = http.post("/v1/moderations", json={"model": "plain/plain-model", "input": "hi"})
     assert allowed.status_code == 200, allowed.text
@@ -460,13 +460,13 @@ def test_llamacpp_python_serves_none_of_them(start_appliance: Any, llamacpp_url:
     body = {"model": "llamacpp/tiny", "query": "q", "documents": ["a"]}
     with httpx.Client(base_url=app.url, headers=AUTH, timeout=120) as http:
         refused = http.post("/v1/rerank", json=body)
-        assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported"
+        assert refused.status_code == 501 and refused.json()["error"]["code"] == "unsupported"
         passed = http.post("/v1/rerank", json={**body, "model": "told/tiny"})
-        assert passed.status_code == 400 and passed.json()["error"]["code"] == "unsupported", passed.text
+        assert passed.status_code == 501 and passed.json()["error"]["code"] == "unsupported", passed.text
         speech = http.post("/v1/audio/speech", json={"model": "told/tiny", "input": "hi", "voice": "alloy"})
-        assert speech.status_code == 400 and speech.json()["error"]["code"] == "unsupported", speech.text
+        assert speech.status_code == 501 and speech.json()["error"]["code"] == "unsupported", speech.text
         upload = http.post("/v1/audio/transcriptions", content=form([("model", "told/tiny"), ("file", ("a", b"x"))]),
                            headers=multipart_headers())
-        assert upload.status_code == 400 and upload.json()["error"]["code"] == "unsupported", upload.text
+        assert upload.status_code == 501 and upload.json()["error"]["code"] == "unsupported", upload.text
         embedded = http.post("/v1/embeddings", json={"model": "llamacpp/tiny", "input": "hi"})
         assert embedded.status_code == 200, embedded.text

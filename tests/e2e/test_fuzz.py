@@ -55,9 +55,10 @@ MODELS = (None, "fake-chat", "fake-tools", "fake-nousage", "fake-500", "fake-400
           "fake-embed", "fake-reset", "chat", "llama3.2", "all-minilm", "down-model", "claude-fake",
           "claude-fake-tools", "claude-fake-overloaded", "script-no-such-script", "fake-rerank", "fake-moderation",
           "fake-image", "fake-whisper", "fake-tts")
-# Error codes of a backend's failure: 5xx the appliance reports, not makes.
+# Error codes of a backend's failure or lack: 5xx the appliance reports, not makes (501 `unsupported`: none of
+# the model's backends serves the endpoint).
 BACKEND_CODES = frozenset(("backend_unreachable", "backend_error", "backend_timeout", "no_healthy_backend",
-                           "backend_overloaded"))
+                           "backend_overloaded", "unsupported"))
 # Operations whose every field the appliance itself validates: a case the document calls invalid must get a
 # 4xx. Proxied requests are judged by their backend (unknown and invalid fields pass through, by design).
 OWN_VALIDATION = frozenset(("/admin/keys", "/admin/keys/{key_id}", "/admin/usage", "/admin/requests",

