@@ -98,11 +98,13 @@ def test_a_quiet_key_is_served_between_a_flooding_keys_requests(app: Appliance) 
     b_id, b_key = new_key(app, "quiet")
     traffic = Traffic()
     flood, quiet = sdk(app, a_key), sdk(app, b_key)
+    # 500 ms each: eight or more stay queued for about a second, which a poll of /metrics (every 0.2 s) sees
+    # even when the flood's threads start slowly.
     for i in range(10):
-        traffic.send(flood, f"A{i}", fake_delay_ms=250)
+        traffic.send(flood, f"A{i}", fake_delay_ms=500)
     eventually(lambda: _at_least(queue_depth(app), 8), timeout=30)
     for i in range(2):
-        traffic.send(quiet, f"B{i}", fake_delay_ms=250)
+        traffic.send(quiet, f"B{i}", fake_delay_ms=500)
     done = traffic.wait()
     order = [label for label, _, _ in done]
     assert len(done) == 12 and all(status == 200 for _, status, _ in done), done
@@ -145,7 +147,8 @@ def test_the_statsz_document_shows_the_queue_per_backend(app: Appliance) -> None
 def test_a_route_with_another_target_takes_the_one_with_room(app: Appliance) -> None:
     _, key = new_key(app, "either")
     busy = Traffic()
-    busy.send(sdk(app, key), "hold", fake_delay_ms=1500)
+    # Held for 3 s: /statsz (each worker's copy lives 1 s) shows it in flight, with time left for the request.
+    busy.send(sdk(app, key), "hold", fake_delay_ms=3000)
     eventually(lambda: _busy(app), timeout=30)
     raw = sdk(app, key).chat.completions.with_raw_response.create(model="either", messages=MESSAGES)
     assert raw.headers["x-appliance-backend"] == "roomy" and "x-fallback-from" not in raw.headers
