@@ -19,9 +19,10 @@ from appliance.providers.transport import Limits
 T = TypeVar("T")
 
 _CONNECT_TIMEOUT_S = 3.0
-# A side call's model that cannot serve its endpoint is the config's fault, not the client's: backend_error.
-_BACKEND_FAILURES = frozenset(code for code, (status, _) in CODES.items() if status >= 500) - {"internal_error",
-                                                                                               "unsupported"}
+# The 5xx a side call passes on as they are; any other failure is backend_error (a side call's model that cannot
+# serve its endpoint, `unsupported`, is the config's fault, not the client's).
+_BACKEND_FAILURES = frozenset(code for code, (status, _) in CODES.items()
+                              if status >= 500 and code not in ("internal_error", "unsupported"))
 
 
 async def ask(catalog: Catalog, providers: Mapping[str, Provider], model: str, endpoint: str, *,

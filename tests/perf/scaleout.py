@@ -246,7 +246,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mock-chunk-delay-ms", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--logdir", type=Path, default=Path("/tmp/appliance-scaleout-logs"))
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    unknown = set(a.modes.split(",")) - set(MODES)
+    if unknown:
+        ap.error(f"--modes: unknown {', '.join(sorted(unknown))} (choose from {', '.join(MODES)})")
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     procstat = importlib.import_module("procstat")
     a.logdir.mkdir(parents=True, exist_ok=True)
     concs = [int(c) for c in a.conc.split(",") if c.strip()]
-    modes = [m for m in a.modes.split(",") if m in MODES]
+    modes = a.modes.split(",")
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="appliance-scaleout-") as tmp:
         run = Run(a, procstat, Path(tmp))

@@ -69,7 +69,7 @@ def test_parts_other_than_text_stay_parts():
     assert out == [{"role": "user", "content": [{"type": "text", "text": "[Image: A cat.]"}, audio]}]
 
 
-def test_without_a_describer_the_400_says_so():
+def test_without_a_describer_the_501_says_so():
     error = vision.no_describer(Route("tiny", "llamacpp", "tiny"))
     assert (error.status, error.code, error.param) == (501, "unsupported", "messages")
     assert "takes no images" in error.message and "[vision] describer" in error.message
