@@ -322,7 +322,7 @@ class Gateway:
     def degraded(self) -> list[str]:
         """What works less well than it should while answers still flow."""
         found = ["database writes failing"] if self.writer.failing_since is not None else []
-        if self.state is not None and self.state.down:
+        if self.state is not None and self.state.unreachable:
             found.append(f"shared state unreachable (on_state_error={self.state.settings.on_state_error})")
         return found
 

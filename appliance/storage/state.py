@@ -164,8 +164,13 @@ class SharedState:
 
     @property
     def down(self) -> bool:
-        """Taken as down: the last call failed less than ``retry_s`` ago."""
+        """Taken as down: the last call failed less than ``retry_s`` ago (calls fail at once meanwhile)."""
         return self._down and self._clock() < self._down_until
+
+    @property
+    def unreachable(self) -> bool:
+        """The outage, for /ready: from a failed call until a call succeeds again, ``retry_s`` windows or not."""
+        return self._down
 
     # ---------------------------------------------------------------- calls
 

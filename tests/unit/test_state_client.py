@@ -127,7 +127,7 @@ def test_a_silent_redis_costs_a_call_its_timeout_then_nothing_until_retry(own_re
             await state.command("GET", "k")
         assert loop.time() - started < 0.01  # taken as down: no wait at all
         clock.now += 6
-        assert not state.down
+        assert not state.down and state.unreachable  # tried again at the next call; still out until one succeeds
         await state.close()
 
     try:
@@ -148,8 +148,9 @@ def test_a_restarted_redis_is_found_again(own_redis: Engine) -> None:
             await state.command("PING")
         own_redis.start()
         clock.now += 2
+        assert state.unreachable
         assert await state.command("PING") == b"PONG"
-        assert not state.down and errors
+        assert not state.down and not state.unreachable and errors
         await state.close()
 
     asyncio.run(main())
