@@ -7,6 +7,7 @@ server) happen only once a command needs them, so `appliance --help` stays fast,
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -184,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    gc.disable()  # start-up builds objects that live as long as the process: runner.serve freezes them
     from appliance.observe import metricsdir
 
     try:

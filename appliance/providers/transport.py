@@ -8,13 +8,32 @@ imports aiohttp, so the choice can be revisited here alone.
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
-import aiohttp
 from yarl import URL
+
+
+@contextmanager
+def _bare_default_tls_contexts() -> Iterator[None]:
+    """aiohttp builds two default TLS contexts when imported, each reading the system's CA bundle: 80-100 ms of
+    every start, for contexts the Transport never uses (it brings its own, built on a worker's first https
+    call). Under this, those two get no CA at all: were one used, every certificate would fail to verify."""
+    create, load = ssl.create_default_context, ssl.SSLContext.set_default_verify_paths
+    ssl.create_default_context = lambda *_, **__: ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # type: ignore[assignment]
+    ssl.SSLContext.set_default_verify_paths = lambda _self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ssl.create_default_context, ssl.SSLContext.set_default_verify_paths = create, load  # type: ignore[method-assign]
+
+
+with _bare_default_tls_contexts():
+    import aiohttp
 
 
 class TransportError(Exception):
@@ -31,10 +50,6 @@ class ReadError(TransportError):
 
 class Timeout(TransportError):
     """The backend took longer than allowed."""
-
-
-# A request body: whole, or chunks as they come (sent once: see Transport._send).
-Body = bytes | AsyncIterable[bytes] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +107,7 @@ class Transport:
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
         self._timeouts: dict[Limits, aiohttp.ClientTimeout] = {}
+        self._tls: ssl.SSLContext | None = None
 
     @classmethod
     async def open(cls) -> Transport:
@@ -122,11 +138,16 @@ class Transport:
         timeout = self._timeout(limits)
         target: str | URL = URL(url, encoded=True) if raw else url
         skip = _AUTO_HEADERS if raw else ()
+        tls: ssl.SSLContext | bool = True  # plain http: aiohttp's default, never used
+        if url.startswith("https:"):
+            if self._tls is None:  # the CA bundle is read once per worker, off the event loop
+                self._tls = await asyncio.to_thread(ssl.create_default_context)
+            tls = self._tls
         try:
             try:
                 return await self._session.request(
                     method, target, data=body, headers=headers, timeout=timeout, allow_redirects=False,
-                    skip_auto_headers=skip,
+                    skip_auto_headers=skip, ssl=tls,
                 )
             except aiohttp.ServerDisconnectedError:
                 if body is not None and not isinstance(body, bytes):
@@ -134,7 +155,7 @@ class Transport:
                 # A pooled keep-alive socket closed under us before any answer: one fresh attempt.
                 return await self._session.request(
                     method, target, data=body, headers=headers, timeout=timeout, allow_redirects=False,
-                    skip_auto_headers=skip,
+                    skip_auto_headers=skip, ssl=tls,
                 )
         except TimeoutError as exc:
             raise Timeout(str(exc) or "timed out") from exc

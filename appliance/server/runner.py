@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import logging
 import multiprocessing
 import os
@@ -129,6 +130,10 @@ def serve(settings: Settings) -> None:
         mode = "single process" if server.single_process else f"{server.workers} workers"
         log.info("appliance listening on %s://%s:%d (%s, data in %s)", scheme, server.host, server.port, mode,
                  settings.data_dir)
+        # The CLI turned the collector off for the imports and the build (20-50 ms of collections over objects
+        # that all stay). Frozen, no collection walks them again, and forked workers keep sharing their pages.
+        gc.freeze()
+        gc.enable()
         if server.single_process:
             _hold_early_signals(app)
             Sanic.serve_single(primary=app)
