@@ -159,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"appliance {__version__}")
         return 0
+    if args.command == "serve":
+        gc.disable()  # start-up builds objects that live as long as the process: runner.serve freezes them
     # Imported here, not at the top: building the pydantic models costs ~0.2 s that --help and version
     # need not pay (nor, from source, Sanic's SyncManager child, which re-imports appliance.__main__).
     from appliance.common.config import ConfigError
@@ -185,7 +187,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    gc.disable()  # start-up builds objects that live as long as the process: runner.serve freezes them
     from appliance.observe import metricsdir
 
     try:
